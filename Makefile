@@ -1,0 +1,36 @@
+# Every target does its own set-up: a fresh clone needs only `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test check lint typecheck pytest demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check app trainer tests bench
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+check: lint typecheck
+
+test: check pytest
+
+# Train both ring presets headless and leave their samples in runs/.
+demo: $(STAMP)
+	$(VENV)/bin/gradwatch train --preset ring8-saturating --out runs/ring8-saturating
+	$(VENV)/bin/gradwatch train --preset ring8-non-saturating --out runs/ring8-non-saturating
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

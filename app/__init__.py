@@ -1,0 +1,1 @@
+"""gradwatch's server side and command line."""

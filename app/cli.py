@@ -1,0 +1,101 @@
+"""The ``gradwatch`` command.
+
+Kept free of heavy imports at module level so ``gradwatch --help`` is instant;
+each subcommand imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "config"
+        lines.append(f"  {where}: {err['msg']}")
+    return "invalid run config:\n" + "\n".join(lines)
+
+
+def _load_config(args: argparse.Namespace) -> object:
+    from trainer.config import RunConfig
+    from trainer.presets import get_preset, preset_names
+
+    if args.preset:
+        if args.preset not in preset_names():
+            raise SystemExit(f"unknown preset {args.preset!r}; choose from: {', '.join(preset_names())}")
+        raw = get_preset(args.preset).model_dump(mode="json")
+    else:
+        try:
+            raw = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"cannot read config {args.config}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SystemExit("the config file must hold one JSON object")
+    overrides = {"steps": args.steps, "seed": args.seed, "device": args.device}
+    for key, value in overrides.items():
+        if value is not None:
+            raw.setdefault("train", {})[key] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SystemExit(_format_validation_error(exc)) from exc
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import RunConfig
+    from trainer.headless import run_headless
+    from trainer.loop import TrainingError
+
+    cfg = _load_config(args)
+    assert isinstance(cfg, RunConfig)
+    try:
+        status = run_headless(cfg, Path(args.out), resume_from=Path(args.resume) if args.resume else None,
+                              progress=not args.no_progress)
+    except TrainingError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stderr.write(f"run {status}; frames in {Path(args.out) / 'events.jsonl'}\n")
+    return 0 if status in ("completed", "stopped") else 1
+
+
+def _presets(_args: argparse.Namespace) -> int:
+    from trainer.presets import all_presets
+
+    sys.stdout.write(json.dumps({k: v.model_dump(mode="json") for k, v in all_presets().items()}, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradwatch", description="Live GAN and VAE training dashboard.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run one training run headless (no server)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("config", nargs="?", help="run config as a JSON file")
+    source.add_argument("--preset", help="a shipped preset, e.g. ring8-saturating")
+    train.add_argument("--out", required=True, help="output folder (events.jsonl, samples/, checkpoints/)")
+    train.add_argument("--steps", type=int, help="override train.steps")
+    train.add_argument("--seed", type=int, help="override train.seed")
+    train.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N)")
+    train.add_argument("--resume", help="continue from this checkpoint file")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    presets = sub.add_parser("presets", help="print the shipped presets as JSON")
+    presets.set_defaults(func=_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

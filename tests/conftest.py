@@ -1,0 +1,26 @@
+"""Shared test set-up.
+
+Torch's intra-op threads are pinned to one per test process: the suite runs
+under pytest-xdist on a 2-core machine, and oversubscribed threads make small
+models slower, not faster.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def classifier_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp().parent / "classifier-cache"
+
+
+def read_frames(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -1,0 +1,101 @@
+"""Telemetry buffering, histogram packing and alert detection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from trainer.telemetry import (
+    CollapseDetector,
+    FrameEmitter,
+    ScalarBuffer,
+    grad_norms,
+    hist_frames_fields,
+    logit_histogram,
+    metrics_frame_fields,
+    total_norm,
+)
+
+
+def test_grad_norms_match_per_tensor_and_global_norms() -> None:
+    grads = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
+    layers = grad_norms(grads)
+    assert torch.allclose(layers, torch.stack([g.norm() for g in grads]))
+    assert torch.allclose(total_norm(layers), torch.cat([g.flatten() for g in grads]).norm())
+
+
+def test_buffer_flushes_everything_in_order_with_one_table() -> None:
+    buf = ScalarBuffer(["a", "b"], flush_steps=3, flush_ms=60_000)
+    assert not buf.due()
+    for step in range(1, 4):
+        buf.append(step, torch.tensor([float(step), -float(step)]))
+    buf.append_hist(2, logit_histogram(torch.tensor([0.0, 1.0]), torch.tensor([-1.0])))
+    assert buf.due()
+    steps, times, table, hists = buf.flush()
+    assert steps == [1, 2, 3]
+    assert times == sorted(times)
+    np.testing.assert_array_equal(table, [[1, -1], [2, -2], [3, -3]])
+    assert hists[0][0] == 2 and hists[0][1].sum() - hists[0][1][:2].sum() == 3
+    assert buf.flush()[0] == []
+
+
+def test_buffer_is_due_after_flush_ms() -> None:
+    buf = ScalarBuffer(["a"], flush_steps=1000, flush_ms=1)
+    buf.append(1, torch.tensor([1.0]))
+    buf._last_flush -= 1.0
+    assert buf.due()
+
+
+def test_non_finite_values_travel_as_null() -> None:
+    table = np.array([[1.0, math.nan], [math.inf, 2.0]])
+    fields = metrics_frame_fields(["a", "b"], [1, 2], [10.0, 11.0], table)
+    assert fields["data"] == {"a": [1.0, None], "b": [None, 2.0]}
+
+
+def test_histogram_counts_every_logit_over_shared_edges() -> None:
+    real = torch.tensor([0.0, 0.5, 1.0, 1.0])
+    fake = torch.tensor([-2.0, -1.0])
+    packed = logit_histogram(real, fake, bins=4).numpy()
+    frames = hist_frames_fields(7, packed, ["hist/real_logit", "hist/fake_logit"])
+    assert [f["key"] for f in frames] == ["hist/real_logit", "hist/fake_logit"]
+    assert frames[0]["edges"] == frames[1]["edges"]
+    assert frames[0]["edges"][0] == -2.0 and frames[0]["edges"][-1] == 1.0
+    assert sum(frames[0]["counts"]) == 4 and sum(frames[1]["counts"]) == 2
+    assert frames[1]["counts"][0] == 1  # -2 lands in the first bin
+    # edges -2, -1.25, -0.5, 0.25, 1: 0.5 and both 1.0s (right edge included) share the last bin
+    assert frames[0]["counts"] == [0, 0, 1, 3]
+
+
+def test_histogram_of_identical_values_does_not_divide_by_zero() -> None:
+    packed = logit_histogram(torch.zeros(3), torch.zeros(2), bins=5)
+    assert torch.isfinite(packed).all() and packed[2:].sum() == 5
+
+
+def test_emitter_numbers_frames_without_gaps() -> None:
+    seen: list[dict] = []
+    emitter = FrameEmitter("r1", seen.append)
+    for _ in range(5):
+        emitter.emit("status", status="running")
+    assert [f["seq"] for f in seen] == [1, 2, 3, 4, 5]
+    assert all(f["run"] == "r1" and f["type"] == "status" for f in seen)
+
+
+def test_collapse_detector_fires_once_per_episode_and_rearms() -> None:
+    det = CollapseDetector(ratio=0.01, patience=3, ref_steps=2)
+    fired = [det.update(v) for v in [1.0, 1.0, 0.5, 1e-3, 1e-3, 1e-3, 1e-3, 1e-4]]
+    assert fired == [False, False, False, False, False, True, False, False]
+    assert det.reference == 1.0
+    assert not det.update(1.0)  # recovered: re-armed
+    fired = [det.update(1e-5) for _ in range(3)]
+    assert fired == [False, False, True]
+    clone = CollapseDetector(ratio=0.01, patience=3)
+    clone.load_state_dict(det.state_dict())
+    assert clone.state_dict() == det.state_dict()
+
+
+def test_collapse_detector_ignores_non_finite_values() -> None:
+    det = CollapseDetector(ratio=0.5, patience=1, ref_steps=1)
+    assert not det.update(math.nan)
+    assert det.reference is None

@@ -1,0 +1,1 @@
+"""gradwatch's training core: pure PyTorch and NumPy, no web imports."""

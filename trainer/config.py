@@ -1,0 +1,204 @@
+"""The run configuration: one pydantic model shared by the server and the worker.
+
+Every field has a default and bounds, unknown keys are refused and non-finite
+numbers are refused, so that a config that validates can neither crash a worker
+nor exhaust the machine. Validation errors name the offending field by its
+dotted path (pydantic's ``loc``), which the API passes through as a 422.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GLoss = Literal["saturating", "non_saturating", "hinge", "least_squares", "wasserstein"]
+DatasetName = Literal["ring8", "grid25", "spiral", "moons", "digits", "mnist_idx", "image_folder"]
+
+#: Datasets whose samples are points in the plane; the rest are images.
+TWO_D_DATASETS: frozenset[str] = frozenset({"ring8", "grid25", "spiral", "moons"})
+#: Datasets read from a user's local folder (``data.path``).
+FOLDER_DATASETS: frozenset[str] = frozenset({"mnist_idx", "image_folder"})
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
+
+PositiveRate = Annotated[float, Field(gt=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Section(BaseModel):
+    """Base for every config section: strict about keys and numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+class DataConfig(_Section):
+    name: DatasetName = Field("ring8", description="Training data.")
+    scale: float = Field(
+        1.0,
+        ge=0.1,
+        le=100.0,
+        description="Multiplies the 2-D toy data (mode centres and spreads alike).",
+    )
+    path: str | None = Field(
+        None,
+        max_length=4096,
+        description="Local folder for mnist_idx (standard IDX files) or image_folder.",
+    )
+    image_size: Literal[8, 28, 32] | None = Field(
+        None,
+        description="Side of the square images in pixels; defaults to the dataset's own "
+        "(digits 8, mnist_idx 28, image_folder 32).",
+    )
+    channels: Literal[1, 3] = Field(
+        1, description="Colour channels for image_folder (1 = greyscale, 3 = RGB)."
+    )
+
+    @model_validator(mode="after")
+    def _check_path(self) -> DataConfig:
+        if self.name in FOLDER_DATASETS and not self.path:
+            raise ValueError(f"data.path is required for dataset {self.name!r}")
+        if self.name not in FOLDER_DATASETS and self.path:
+            raise ValueError(f"data.path only applies to mnist_idx and image_folder, not {self.name!r}")
+        if self.name in TWO_D_DATASETS and self.image_size is not None:
+            raise ValueError("data.image_size does not apply to 2-D datasets")
+        if self.name == "digits" and self.image_size not in (None, 8):
+            raise ValueError("data.image_size must be 8 for digits")
+        return self
+
+    @property
+    def is_2d(self) -> bool:
+        return self.name in TWO_D_DATASETS
+
+    @property
+    def resolved_image_size(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        return {"digits": 8, "mnist_idx": 28}.get(self.name, 32)
+
+    @property
+    def resolved_channels(self) -> int:
+        return self.channels if self.name == "image_folder" else 1
+
+
+class ModelConfig(_Section):
+    arch: Literal["mlp", "conv"] = Field("mlp", description="Multi-layer perceptron or DCGAN-style convnet.")
+    width: int = Field(128, ge=4, le=1024, description="Hidden units per layer (mlp) or base channels (conv).")
+    depth: int = Field(3, ge=1, le=8, description="Hidden layers (mlp); ignored by conv.")
+    latent_dim: int = Field(16, ge=1, le=512, description="Dimension of z.")
+
+
+class GanConfig(_Section):
+    g_loss: GLoss = Field(
+        "non_saturating",
+        description="Generator loss. saturating/non_saturating share the standard "
+        "discriminator loss; hinge, least_squares and wasserstein bring their own.",
+    )
+    d_steps: int = Field(1, ge=1, le=20, description="Discriminator steps per generator step.")
+    lr_g: PositiveRate = Field(2e-4, description="Generator learning rate (Adam).")
+    lr_d: PositiveRate = Field(2e-4, description="Discriminator learning rate (Adam).")
+    beta1: Beta = Field(0.5, description="Adam beta1 for both networks.")
+    beta2: Beta = Field(0.999, description="Adam beta2 for both networks.")
+    d_head_start: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Steps that train D alone before G moves: the way to provoke saturation.",
+    )
+    gp_weight: float = Field(10.0, ge=0.0, le=1000.0, description="Gradient-penalty weight (wasserstein).")
+    collapse_ratio: float = Field(
+        1e-2,
+        gt=0.0,
+        lt=1.0,
+        description="gradient_collapse fires when grad/g_norm stays below this fraction of its early value.",
+    )
+    collapse_patience: int = Field(
+        20, ge=1, le=100_000, description="Logged steps the norm must stay low before the alert fires."
+    )
+
+
+class VaeConfig(_Section):
+    beta: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the KL term (β-VAE).")
+    mc_samples: int = Field(
+        1, ge=1, le=64, description="Monte-Carlo samples of z per input (reconstruction and kl/mc)."
+    )
+    lr: PositiveRate = Field(1e-3, description="Learning rate (Adam).")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(3000, ge=1, le=10_000_000, description="Generator (or VAE) optimiser steps.")
+    batch_size: int = Field(256, ge=2, le=4096, description="Samples per batch.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, data and noise.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+
+class IntervalConfig(_Section):
+    log_every: int = Field(1, ge=1, le=100_000, description="Steps between scalar reports.")
+    hist_every: int = Field(50, ge=1, le=1_000_000, description="Steps between logit histograms.")
+    sample_every: int = Field(500, ge=1, le=1_000_000, description="Steps between sample images.")
+    checkpoint_every: int = Field(1000, ge=1, le=10_000_000, description="Steps between checkpoints.")
+    eval_every: int = Field(1000, ge=1, le=10_000_000, description="Steps between evaluations.")
+    flush_ms: int = Field(
+        50, ge=1, le=60_000, description="Telemetry reaches the host at most this often (one copy per flush)."
+    )
+    flush_steps: int = Field(256, ge=1, le=100_000, description="...or after this many buffered steps.")
+    keep_checkpoints: int = Field(5, ge=1, le=1000, description="Periodic checkpoints kept (oldest removed).")
+
+
+class RunConfig(_Section):
+    """A complete, self-contained description of one training run."""
+
+    name: str = Field("", max_length=200, description="Free text shown in the dashboard.")
+    kind: Literal["gan", "vae"] = Field("gan", description="Generative adversarial network or variational autoencoder.")
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    gan: GanConfig = Field(default_factory=GanConfig)  # type: ignore[arg-type]
+    vae: VaeConfig = Field(default_factory=VaeConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    intervals: IntervalConfig = Field(default_factory=IntervalConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> RunConfig:
+        if self.model.arch == "conv" and self.data.is_2d:
+            raise ValueError("model.arch 'conv' needs image data; use 'mlp' for 2-D datasets")
+        return self
+
+    def with_overrides(self, dotted: dict[str, Any]) -> RunConfig:
+        """Copy with ``{"gan.g_loss": "saturating", ...}`` applied, validated again."""
+        raw = self.model_dump(mode="json")
+        for key, value in dotted.items():
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise KeyError(key)
+                node = node[part]
+            if parts[-1] not in node:
+                raise KeyError(key)
+            node[parts[-1]] = value
+        return RunConfig.model_validate(raw)
+
+
+class ControlRequest(_Section):
+    """A live change to a running GAN: applied between two steps."""
+
+    g_loss: GLoss | None = Field(None, description="Switch the generator loss.")
+    lr_g: PositiveRate | None = Field(None, description="New generator learning rate.")
+    lr_d: PositiveRate | None = Field(None, description="New discriminator learning rate.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ControlRequest:
+        if self.g_loss is None and self.lr_g is None and self.lr_d is None:
+            raise ValueError("give at least one of g_loss, lr_g, lr_d")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)

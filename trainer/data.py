@@ -1,0 +1,204 @@
+"""Training data: seeded 2-D toy distributions and small image sets.
+
+Every dataset draws batches from a caller-owned ``torch.Generator`` and keeps
+no random state of its own, so the generator's state *is* the data stream:
+same seed ⇒ same batches, and a checkpoint that saves the generator state
+resumes the exact same stream.
+
+Images are scaled to [-1, 1] (the range of a tanh generator). 2-D mixtures
+carry their mode centres and spread for the PacGAN/VEEGAN evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainer.config import DataConfig
+
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+#: Upper bound on images read from a user folder, so a huge folder cannot exhaust memory.
+MAX_FOLDER_IMAGES = 200_000
+
+
+class DataError(ValueError):
+    """The data named by a config cannot be read; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Modes:
+    """Mode centres and per-mode standard deviation of a Gaussian mixture."""
+
+    centres: Tensor  # (K, 2), on the CPU
+    std: float
+
+
+@dataclass
+class Dataset:
+    """A source of training batches.
+
+    ``points`` is set for finite datasets (images), ``None`` for 2-D mixtures
+    that are sampled afresh each batch.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    device: torch.device
+    points: Tensor | None = None
+    labels: Tensor | None = None
+    modes: Modes | None = None
+    scale: float = 1.0
+
+    @property
+    def is_2d(self) -> bool:
+        return self.shape == (2,)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """A batch of ``n`` samples on ``self.device``, drawn with ``generator``."""
+        if self.points is not None:
+            idx = torch.randint(0, self.points.shape[0], (n,), device=self.device, generator=generator)
+            return self.points[idx]
+        return _sample_2d(self.name, n, self.scale, self.device, generator)
+
+
+def ring8_modes(scale: float = 1.0) -> Modes:
+    """PacGAN's ring: 8 modes on a circle of radius 1, std 0.01."""
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    centres = torch.stack([angles.cos(), angles.sin()], dim=1) * scale
+    return Modes(centres.float(), 0.01 * scale)
+
+
+def grid25_modes(scale: float = 1.0) -> Modes:
+    """PacGAN's grid: 5×5 modes at spacing 2 (−4 … 4), std 0.05."""
+    axis = torch.arange(-4.0, 5.0, 2.0, dtype=torch.float64)
+    gx, gy = torch.meshgrid(axis, axis, indexing="ij")
+    centres = torch.stack([gx.flatten(), gy.flatten()], dim=1) * scale
+    return Modes(centres.float(), 0.05 * scale)
+
+
+def _sample_2d(name: str, n: int, scale: float, device: torch.device, gen: torch.Generator) -> Tensor:
+    if name in ("ring8", "grid25"):
+        modes = ring8_modes(scale) if name == "ring8" else grid25_modes(scale)
+        centres = modes.centres.to(device)
+        pick = torch.randint(0, centres.shape[0], (n,), device=device, generator=gen)
+        noise = torch.randn(n, 2, device=device, generator=gen)
+        return centres[pick] + modes.std * noise
+    if name == "spiral":
+        # One arm of an Archimedean spiral, radius growing with the angle.
+        t = torch.rand(n, device=device, generator=gen) * (3 * math.pi) + 0.5 * math.pi
+        r = t / (3.5 * math.pi)
+        noise = torch.randn(n, 2, device=device, generator=gen) * 0.02
+        return (torch.stack([r * t.cos(), r * t.sin()], dim=1) + noise) * scale
+    if name == "moons":
+        # scikit-learn's two interleaving half circles, centred on the origin.
+        upper = torch.rand(n, device=device, generator=gen) < 0.5
+        t = torch.rand(n, device=device, generator=gen) * math.pi
+        x = torch.where(upper, t.cos(), 1.0 - t.cos()) - 0.5
+        y = torch.where(upper, t.sin(), 0.5 - t.sin()) - 0.25
+        noise = torch.randn(n, 2, device=device, generator=gen) * 0.05
+        return (torch.stack([x, y], dim=1) + noise) * scale
+    raise DataError(f"data.name: unknown 2-D dataset {name!r}")
+
+
+def load_dataset(cfg: DataConfig, device: torch.device) -> Dataset:
+    """Build the dataset a config names, on ``device``."""
+    if cfg.is_2d:
+        modes = {"ring8": ring8_modes, "grid25": grid25_modes}.get(cfg.name)
+        return Dataset(cfg.name, (2,), device, modes=modes(cfg.scale) if modes else None, scale=cfg.scale)
+    if cfg.name == "digits":
+        images, labels = _load_digits()
+    elif cfg.name == "mnist_idx":
+        images, labels = _load_mnist_idx(Path(cfg.path or ""))
+    else:
+        images, labels = _load_image_folder(Path(cfg.path or ""), cfg.resolved_channels)
+    size = cfg.resolved_image_size
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    points = (images.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+    return Dataset(cfg.name, tuple(points.shape[1:]), device, points=points.to(device), labels=labels.to(device))
+
+
+def _load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 8×8 handwritten digits (grey levels 0–16), shipped in the wheel."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0).unsqueeze(1)
+    return images, torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        header = fh.read(4)
+        if len(header) != 4 or header[0] != 0 or header[1] != 0:
+            raise DataError(f"data.path: {path.name} is not an IDX file")
+        dtype_code, ndim = header[2], header[3]
+        if dtype_code != 0x08:
+            raise DataError(f"data.path: {path.name} holds type 0x{dtype_code:02x}; only unsigned bytes are read")
+        dims = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
+        count = int(np.prod(dims))
+        data = np.frombuffer(fh.read(count), dtype=np.uint8)
+    if data.size != count:
+        raise DataError(f"data.path: {path.name} is truncated")
+    return data.reshape(dims)
+
+
+def _load_mnist_idx(folder: Path) -> tuple[Tensor, Tensor]:
+    """MNIST-format IDX files (``train-images-idx3-ubyte`` and labels, optionally gzipped)."""
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    images_file = _find_one(folder, "*images*idx3*")
+    labels_file = _find_one(folder, "*labels*idx1*")
+    images = _read_idx(images_file)
+    if images.ndim != 3:
+        raise DataError(f"data.path: {images_file.name} is not a stack of 2-D images")
+    labels = _read_idx(labels_file)
+    if labels.shape[0] != images.shape[0]:
+        raise DataError("data.path: image and label files disagree on the number of items")
+    tensor = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return tensor, torch.from_numpy(labels.astype(np.int64))
+
+
+def _find_one(folder: Path, pattern: str) -> Path:
+    # Prefer the training split when both train and t10k files are present.
+    found = sorted(folder.glob(pattern), key=lambda p: ("t10k" in p.name, p.name))
+    if not found:
+        raise DataError(f"data.path: no file matching {pattern!r} in {folder}")
+    return found[0]
+
+
+def _load_image_folder(folder: Path, channels: int) -> tuple[Tensor, Tensor]:
+    """Every image under ``folder``; the first-level subfolder names become class labels."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"data.path: no images in {folder}")
+    files = files[:MAX_FOLDER_IMAGES]
+    classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
+    index = {name: i for i, name in enumerate(classes)}
+    mode = "L" if channels == 1 else "RGB"
+    arrays, labels = [], []
+    side = None
+    for path in files:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if side is None:
+                side = min(img.size)
+            img = img.resize((side, side))
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+        arrays.append(arr if arr.ndim == 3 else arr[..., None])
+        parts = path.relative_to(folder).parts
+        labels.append(index[parts[0]] if len(parts) > 1 else 0)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(labels, dtype=torch.int64)

@@ -1,0 +1,650 @@
+"""The training loops: one GAN step and one VAE step, instrumented.
+
+Read :meth:`GanTrainer.train_step` like the algorithm box of a paper: the
+discriminator steps, then the generator step. The only extra work telemetry
+adds on a logged step is a second row in one batched vector–Jacobian product
+(the shadow gradient under the loss that is not training) and a handful of
+reductions that stay on the device; values reach the host in bulk through
+:class:`~trainer.telemetry.ScalarBuffer`.
+
+Everything random is drawn from two generators owned by the trainer (data and
+noise) whose states go into every checkpoint, so a resumed run continues the
+exact stream of the uninterrupted one. Samples and evaluations draw from their
+own generators and never perturb that stream.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer import evaluation, samples
+from trainer.checkpoint import load_checkpoint, save_checkpoint, sweep_temp_files
+from trainer.config import ControlRequest, GLoss, RunConfig
+from trainer.data import Dataset, load_dataset
+from trainer.losses import (
+    SHADOW_PAIR,
+    d_loss_terms,
+    dloss_dh,
+    g_loss_per_sample,
+    gaussian_kl,
+    gaussian_kl_mc,
+    gradient_penalty,
+)
+from trainer.models import build_gan, build_vae
+from trainer.telemetry import (
+    CollapseDetector,
+    FrameEmitter,
+    FrameSink,
+    ScalarBuffer,
+    grad_norms,
+    hist_frames_fields,
+    logit_histogram,
+    metrics_frame_fields,
+    total_norm,
+)
+
+GAN_KEYS = [
+    "loss/d",
+    "loss/d_real",
+    "loss/d_fake",
+    "loss/g",
+    "d/real_prob",
+    "d/fake_prob",
+    "d/real_logit",
+    "d/fake_logit",
+    "grad/d_norm",
+    "grad/g_norm",
+    "grad/g_norm_saturating",
+    "grad/g_norm_non_saturating",
+    "dldh/saturating",
+    "dldh/non_saturating",
+]
+VAE_KEYS = [
+    "loss/elbo",
+    "loss/recon",
+    "loss/kl",
+    "kl/mc",
+    "vae/active_units",
+    "grad/enc_norm",
+    "grad/dec_norm",
+]
+HIST_KEYS = ("hist/real_logit", "hist/fake_logit")
+#: Burda et al. 2016: a latent unit is active when Cov_x(E_q[z_i]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 0.01
+SAMPLE_GRID = 64
+FIELD_POINTS = 512
+IMAGE_EVAL_SAMPLES = 1000
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (non-finite loss, unusable resume checkpoint, ...)."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainingError(f"train.device: there is no {spec} (found {torch.cuda.device_count()} GPUs)")
+    return device
+
+
+def generator_gradients(
+    h: Tensor, params: tuple[Tensor, ...], losses: list[GLoss]
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """∂loss/∂h per sample and the generator gradient, for several losses at once.
+
+    ∇θ L = (1/B) Σ_i ∂loss/∂h_i · ∇θ h_i: the losses differ only in the
+    per-sample weight, so one batched vector–Jacobian product through D and G
+    gives every loss's gradient in a single graph traversal. Returns the
+    weights (len(losses), B) and, per parameter, a tensor (len(losses), *shape).
+    """
+    dldh = torch.stack([dloss_dh(name, h) for name in losses])
+    grads = torch.autograd.grad(h, params, grad_outputs=dldh / h.shape[0], is_grads_batched=True)
+    return dldh, grads
+
+
+def active_units(mu: Tensor) -> Tensor:
+    """Latent dimensions whose encoder mean varies across inputs (Burda et al. 2016)."""
+    return (mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().float()
+
+
+def _relative_url(kind: str, name: str) -> str:
+    return f"{kind}/{name}"
+
+
+@dataclass
+class RunOptions:
+    """Where a run writes and whom it tells; not part of the run's config."""
+
+    out_dir: Path
+    sink: FrameSink
+    run_id: str = "local"
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "gradwatch")
+    resume_from: Path | None = None
+    artifact_url: Callable[[str, str], str] = _relative_url
+
+
+class Trainer(ABC):
+    """The parts of a run that do not depend on the model family."""
+
+    keys: list[str]
+
+    def __init__(self, cfg: RunConfig, options: RunOptions) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.device = resolve_device(cfg.train.device)
+        self.data: Dataset = load_dataset(cfg.data, self.device)
+        self.emitter = FrameEmitter(options.run_id, options.sink)
+        self.samples_dir = options.out_dir / "samples"
+        self.checkpoints_dir = options.out_dir / "checkpoints"
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(self.checkpoints_dir)
+        sweep_temp_files(self.samples_dir)
+        self.step = 0
+        self._stop = threading.Event()
+        self._controls: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        seed = cfg.train.seed
+        self.data_gen = self._generator(seed)
+        self.noise_gen = self._generator(seed + 1)
+        # Same seed ⇒ same initial weights, without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.build_models()
+        self.fixed_noise = torch.randn(SAMPLE_GRID, cfg.model.latent_dim, device=self.device,
+                                       generator=self._generator(seed + 2))
+        self.buffer = ScalarBuffer(self.keys, cfg.intervals.flush_steps, cfg.intervals.flush_ms)
+        self._kept_checkpoints: list[Path] = []
+
+    def _generator(self, seed: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        return gen
+
+    # -- family-specific parts ------------------------------------------------
+    @abstractmethod
+    def build_models(self) -> None: ...
+
+    @abstractmethod
+    def train_step(self, step: int, log: bool) -> None: ...
+
+    @abstractmethod
+    def model_state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_model_state(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def write_sample(self, step: int) -> list[str]: ...
+
+    @abstractmethod
+    def evaluate(self, step: int) -> dict[str, float]: ...
+
+    @abstractmethod
+    def apply_control(self, changes: dict[str, Any]) -> None: ...
+
+    def on_flush(self, steps: list[int], table: np.ndarray) -> None:
+        """Host-side checks on freshly copied values; raise TrainingError to fail the run."""
+
+    # -- requests from outside (thread-safe) ----------------------------------
+    def request_stop(self) -> None:
+        """Finish the current step, write a final checkpoint, end as ``stopped``."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def control(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Validate a live change now (raising ValueError); apply it between two steps."""
+        if self.cfg.kind != "gan":
+            raise ValueError("control: live changes apply to GAN runs only")
+        request = ControlRequest.model_validate(changes)
+        self._controls.put(request.changes())
+        return request.changes()
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> str:
+        """Train to the end (or a stop request); returns the final status."""
+        iv = self.cfg.intervals
+        try:
+            if self.options.resume_from is not None:
+                self._resume(self.options.resume_from)
+            self.emitter.emit("status", status="running", error=None, step=self.step)
+            while self.step < self.cfg.train.steps and not self._stop.is_set():
+                self._drain_controls()
+                self.step += 1
+                step = self.step
+                self.train_step(step, log=step % iv.log_every == 0)
+                if self.buffer.due():
+                    self.flush()
+                periodic = (
+                    step % iv.sample_every == 0,
+                    step % iv.eval_every == 0,
+                    step % iv.checkpoint_every == 0,
+                )
+                if any(periodic):
+                    self.flush()
+                    if periodic[0]:
+                        self._sample(step)
+                    if periodic[1]:
+                        self._evaluate(step)
+                    if periodic[2]:
+                        self._checkpoint(step, keep=True)
+            self.flush()
+            status = "stopped" if self._stop.is_set() and self.step < self.cfg.train.steps else "completed"
+            self._finish_artifacts()
+            self.emitter.emit("status", status=status, error=None, step=self.step)
+            return status
+        except TrainingError as exc:
+            self.emitter.emit("status", status="failed", error=str(exc), step=self.step)
+            return "failed"
+        except Exception as exc:
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self.emitter.emit("status", status="failed", error=detail, step=self.step)
+            raise
+
+    def _finish_artifacts(self) -> None:
+        """Every run ends with a checkpoint and a sample of its final state."""
+        iv = self.cfg.intervals
+        if self.step == 0:
+            return
+        if self.step % iv.sample_every:
+            self._sample(self.step)
+        if self.step % iv.eval_every:
+            self._evaluate(self.step)
+        self._checkpoint(self.step, keep=False)
+
+    def flush(self) -> None:
+        steps, times, table, hists = self.buffer.flush()
+        if steps:
+            self.emitter.emit("metrics", **metrics_frame_fields(self.keys, steps, times, table))
+        for step, packed in hists:
+            for fields in hist_frames_fields(step, packed, HIST_KEYS):
+                self.emitter.emit("hist", **fields)
+        if steps:
+            self.on_flush(steps, table)
+
+    def alert(self, step: int, kind: str, message: str) -> None:
+        self.emitter.emit("alert", step=step, kind=kind, message=message)
+
+    def _drain_controls(self) -> None:
+        while True:
+            try:
+                changes = self._controls.get_nowait()
+            except queue.Empty:
+                return
+            self.apply_control(changes)
+            self.emitter.emit("control", step=self.step, changes=changes)
+
+    # -- artifacts ------------------------------------------------------------
+    def _sample(self, step: int) -> None:
+        for name in self.write_sample(step):
+            self.emitter.emit("sample", step=step, name=name, url=self.options.artifact_url("samples", name))
+
+    def _evaluate(self, step: int) -> None:
+        results = self.evaluate(step)
+        if results:
+            # Evaluation is rare and already synchronous, so it goes out as its own frame.
+            table = np.array([[results[k] for k in results]], dtype=np.float64)
+            self.emitter.emit("metrics", **metrics_frame_fields(list(results), [step], [time.time()], table))
+
+    def _checkpoint(self, step: int, keep: bool) -> None:
+        name = f"step_{step:08d}.pt"
+        path = self.checkpoints_dir / name
+        state = {
+            "kind": self.cfg.kind,
+            "step": step,
+            "config": self.cfg.model_dump(mode="json"),
+            "rng": {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state()},
+            **self.model_state(),
+        }
+        save_checkpoint(state, path)
+        if keep and path not in self._kept_checkpoints:
+            self._kept_checkpoints.append(path)
+            while len(self._kept_checkpoints) > self.cfg.intervals.keep_checkpoints:
+                self._kept_checkpoints.pop(0).unlink(missing_ok=True)
+        self.emitter.emit("checkpoint", step=step, name=name, url=self.options.artifact_url("checkpoints", name))
+
+    def _resume(self, path: Path) -> None:
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise TrainingError(f"resume_from: cannot load checkpoint: {exc}") from exc
+        if state.get("kind") != self.cfg.kind:
+            raise TrainingError(f"resume_from: checkpoint is a {state.get('kind')} run, config is {self.cfg.kind}")
+        if int(state["step"]) >= self.cfg.train.steps:
+            raise TrainingError(f"train.steps: must exceed the checkpoint's step {int(state['step'])}")
+        try:
+            self.load_model_state(state)
+        except (KeyError, RuntimeError) as exc:
+            raise TrainingError(f"resume_from: checkpoint does not fit this model config: {exc}") from exc
+        self.data_gen.set_state(state["rng"]["data"].cpu())
+        self.noise_gen.set_state(state["rng"]["noise"].cpu())
+        self.step = int(state["step"])
+
+
+@dataclass
+class GanLive:
+    """Settings a user may change while the run goes on."""
+
+    g_loss: GLoss
+    lr_g: float
+    lr_d: float
+
+
+class GanTrainer(Trainer):
+    def build_models(self) -> None:
+        cfg = self.cfg
+        self.g, self.d = build_gan(cfg.model, self.data.shape)
+        self.g.to(self.device)
+        self.d.to(self.device)
+        gan = cfg.gan
+        self.live = GanLive(gan.g_loss, gan.lr_g, gan.lr_d)
+        betas = (gan.beta1, gan.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=gan.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=gan.lr_d, betas=betas)
+        self.g_names, self.g_params = zip(*[(n, p) for n, p in self.g.named_parameters()], strict=True)
+        self.d_names, self.d_params = zip(*[(n, p) for n, p in self.d.named_parameters()], strict=True)
+        self.keys = (
+            GAN_KEYS
+            + [f"grad/g_layer/{n}" for n in self.g_names]
+            + [f"grad/d_layer/{n}" for n in self.d_names]
+        )
+        self.collapse = CollapseDetector(gan.collapse_ratio, gan.collapse_patience)
+
+    def train_step(self, step: int, log: bool) -> None:
+        cfg, live = self.cfg, self.live
+        batch, latent = cfg.train.batch_size, cfg.model.latent_dim
+        g, d = self.g, self.d
+
+        # 1. Discriminator: d_steps updates on fresh real and fake batches.
+        for _ in range(cfg.gan.d_steps):
+            real = self.data.sample(batch, self.data_gen)
+            z = torch.randn(batch, latent, device=self.device, generator=self.noise_gen)
+            fake = g(z)
+            h_real, h_fake_d = d(real), d(fake.detach())
+            loss_real, loss_fake = d_loss_terms(live.g_loss, h_real, h_fake_d)
+            loss_d = loss_real + loss_fake
+            if live.g_loss == "wasserstein" and cfg.gan.gp_weight > 0:
+                loss_d = loss_d + cfg.gan.gp_weight * gradient_penalty(d, real, fake.detach(), self.noise_gen)
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            d_layers = grad_norms([p.grad for p in self.d_params]) if log else None
+            self.opt_d.step()
+
+        # 2. Generator: one step on the last fake batch, against the updated D.
+        #    Row 0 is the applied gradient; on logged steps the shadow
+        #    gradient(s) come out of the same backward pass beside it.
+        h = d(fake)
+        rows: list[GLoss] = [live.g_loss]
+        if log:
+            rows += [name for name in SHADOW_PAIR if name != live.g_loss]
+        dldh, grads = generator_gradients(h, self.g_params, rows)
+        if step > cfg.gan.d_head_start:
+            for param, grad in zip(self.g_params, grads, strict=True):
+                param.grad = grad[0]
+            self.opt_g.step()
+
+        if log:
+            assert d_layers is not None
+            self._log_gan(step, rows, grads, dldh, h.detach(), h_real.detach(), d_layers,
+                          (loss_d.detach(), loss_real.detach(), loss_fake.detach()))
+        if step % cfg.intervals.hist_every == 0:
+            self.buffer.append_hist(step, logit_histogram(h_real, h))
+
+    def _log_gan(
+        self,
+        step: int,
+        rows: list[GLoss],
+        grads: tuple[Tensor, ...],
+        dldh: Tensor,
+        h: Tensor,
+        h_real: Tensor,
+        d_layers: Tensor,
+        d_losses: tuple[Tensor, Tensor, Tensor],
+    ) -> None:
+        g_layers = [grad_norms([gr[i] for gr in grads]) for i in range(len(rows))]
+        norm_of = {name: total_norm(layers) for name, layers in zip(rows, g_layers, strict=True)}
+        dldh_of = {name: dldh[i].abs().mean() for i, name in enumerate(rows)}
+        fake_prob = torch.sigmoid(h).mean()
+        values = torch.stack([
+            *d_losses,
+            g_loss_per_sample(rows[0], h).mean(),
+            torch.sigmoid(h_real).mean(),
+            fake_prob,
+            h_real.mean(),
+            h.mean(),
+            total_norm(d_layers),
+            norm_of[rows[0]],
+            norm_of["saturating"],
+            norm_of["non_saturating"],
+            dldh_of["saturating"],
+            dldh_of["non_saturating"],
+        ])
+        self.buffer.append(step, torch.cat([values, g_layers[0], d_layers]))
+
+    def on_flush(self, steps: list[int], table: np.ndarray) -> None:
+        losses = table[:, [self.keys.index("loss/d"), self.keys.index("loss/g")]]
+        bad = ~np.isfinite(losses).all(axis=1)
+        if bad.any():
+            step = steps[int(np.argmax(bad))]
+            self.alert(step, "diverged", f"non-finite loss at step {step}")
+            raise TrainingError(f"diverged: non-finite loss at step {step}")
+        g_norm = table[:, self.keys.index("grad/g_norm")]
+        for step, value in zip(steps, g_norm, strict=True):
+            if self.collapse.update(float(value)):
+                ref = self.collapse.reference or 0.0
+                self.alert(
+                    step,
+                    "gradient_collapse",
+                    f"generator gradient norm {value:.2e} has stayed below "
+                    f"{self.cfg.gan.collapse_ratio:g} × its early value {ref:.2e} "
+                    f"for {self.collapse.patience} logged steps ({self.live.g_loss} loss)",
+                )
+
+    def apply_control(self, changes: dict[str, Any]) -> None:
+        if "g_loss" in changes:
+            self.live.g_loss = changes["g_loss"]
+        for key, opt in (("lr_g", self.opt_g), ("lr_d", self.opt_d)):
+            if key in changes:
+                setattr(self.live, key, float(changes[key]))
+                for group in opt.param_groups:
+                    group["lr"] = float(changes[key])
+
+    def model_state(self) -> dict[str, Any]:
+        return {
+            "models": {"generator": self.g.state_dict(), "discriminator": self.d.state_dict()},
+            "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+            "live": asdict(self.live),
+            "alerts": {"collapse": self.collapse.state_dict()},
+        }
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.g.load_state_dict(state["models"]["generator"])
+        self.d.load_state_dict(state["models"]["discriminator"])
+        self.opt_g.load_state_dict(state["optimizers"]["generator"])
+        self.opt_d.load_state_dict(state["optimizers"]["discriminator"])
+        self.live = GanLive(**state["live"])
+        self.collapse.load_state_dict(state["alerts"]["collapse"])
+
+    @torch.no_grad()
+    def _generate(self, z: Tensor) -> Tensor:
+        was_training = self.g.training
+        self.g.eval()
+        try:
+            return self.g(z)
+        finally:
+            self.g.train(was_training)
+
+    def write_sample(self, step: int) -> list[str]:
+        base = f"step_{step:08d}"
+        if self.data.is_2d:
+            gen = self._generator(self.cfg.train.seed + 3)
+            real = self.data.sample(FIELD_POINTS, gen)
+            z = torch.randn(FIELD_POINTS, self.cfg.model.latent_dim, device=self.device, generator=gen)
+            snapshot = samples.field_snapshot(self.d, real, self._generate(z))
+            snapshot["step"] = step
+            snapshot["g_loss"] = self.live.g_loss
+            samples.save_field_plot(snapshot, self.samples_dir / f"{base}.png", self.samples_dir / f"{base}.json",
+                                    title=f"step {step} · training loss: {self.live.g_loss}")
+            return [f"{base}.png", f"{base}.json"]
+        samples.save_image_grid(self._generate(self.fixed_noise), self.samples_dir / f"{base}.png")
+        return [f"{base}.png"]
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        gen = self._generator(self.cfg.train.seed + 4)
+        latent = self.cfg.model.latent_dim
+        if self.data.modes is not None:
+            z = torch.randn(evaluation.MODE_EVAL_SAMPLES, latent, device=self.device, generator=gen)
+            return evaluation.mode_metrics(self._generate(z), self.data.modes)
+        if self.data.points is None or self.data.labels is None:
+            return {}
+        classifier = self._classifier()
+        n = min(IMAGE_EVAL_SAMPLES, self.data.points.shape[0])
+        z = torch.randn(n, latent, device=self.device, generator=gen)
+        idx = torch.randperm(self.data.points.shape[0], device=self.device, generator=gen)[:n]
+        return evaluation.image_metrics(self._generate(z), self.data.points[idx], classifier)
+
+    def _classifier(self) -> evaluation.FeatureClassifier:
+        if not hasattr(self, "_cached_classifier"):
+            assert self.data.points is not None and self.data.labels is not None
+            clf = evaluation.load_or_train_classifier(self.data.points.cpu(), self.data.labels.cpu(),
+                                                      self.options.cache_dir)
+            self._cached_classifier = clf.to(self.device)
+        return self._cached_classifier
+
+
+class VaeTrainer(Trainer):
+    def build_models(self) -> None:
+        cfg = self.cfg
+        self.vae = build_vae(cfg.model, self.data.shape).to(self.device)
+        self.opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae.lr)
+        self.enc_params = list(self.vae.encoder.parameters())
+        self.dec_params = list(self.vae.decoder.parameters())
+        self.keys = VAE_KEYS + [f"kl/dim/{i}" for i in range(cfg.model.latent_dim)]
+        self.peak_active = 0.0
+        self._collapsed = False
+
+    def _nll(self, out: Tensor, x: Tensor) -> Tensor:
+        """−log p(x|z) per (sample, input), summed over data dimensions."""
+        target = x.unsqueeze(0).expand_as(out)
+        if self.data.is_2d:
+            # Gaussian decoder with a fixed spread proportional to the data's scale.
+            sigma = 0.1 * self.data.scale
+            per = 0.5 * ((target - out) / sigma) ** 2 + math.log(sigma) + 0.5 * math.log(2 * math.pi)
+        else:
+            # Bernoulli decoder on grey levels in [0, 1] (the data lives in [-1, 1]).
+            per = F.binary_cross_entropy_with_logits(out, (target + 1.0) / 2.0, reduction="none")
+        return per.flatten(2).sum(-1)
+
+    def train_step(self, step: int, log: bool) -> None:
+        cfg = self.cfg
+        batch, latent, mc = cfg.train.batch_size, cfg.model.latent_dim, cfg.vae.mc_samples
+        x = self.data.sample(batch, self.data_gen)
+        mu, logvar = self.vae.encode(x)
+        eps = torch.randn(mc, batch, latent, device=self.device, generator=self.noise_gen)
+        z = mu + eps * (0.5 * logvar).exp()  # reparameterisation: z ~ q(z|x), differentiable in μ, σ
+        out = self.vae.decode(z.reshape(mc * batch, latent)).view(mc, batch, *self.data.shape)
+        recon = self._nll(out, x).mean()
+        kl_dims = gaussian_kl(mu, logvar).mean(0)
+        kl = kl_dims.sum()
+        loss = recon + cfg.vae.beta * kl
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if log:
+            enc = total_norm(grad_norms([p.grad for p in self.enc_params]))
+            dec = total_norm(grad_norms([p.grad for p in self.dec_params]))
+        self.opt.step()
+        if log:
+            kl_mc = gaussian_kl_mc(mu.detach(), logvar.detach(), z.detach()).mean()
+            active = active_units(mu.detach())
+            values = torch.stack([-loss.detach(), recon.detach(), kl.detach(), kl_mc, active, enc, dec])
+            self.buffer.append(step, torch.cat([values, kl_dims.detach()]))
+
+    def on_flush(self, steps: list[int], table: np.ndarray) -> None:
+        elbo = table[:, self.keys.index("loss/elbo")]
+        bad = ~np.isfinite(elbo)
+        if bad.any():
+            step = steps[int(np.argmax(bad))]
+            self.alert(step, "diverged", f"non-finite ELBO at step {step}")
+            raise TrainingError(f"diverged: non-finite ELBO at step {step}")
+        for step, active in zip(steps, table[:, self.keys.index("vae/active_units")], strict=True):
+            self.peak_active = max(self.peak_active, float(active))
+            collapsed = self.peak_active >= 2 and active <= self.peak_active / 2
+            if collapsed and not self._collapsed:
+                self.alert(step, "posterior_collapse",
+                           f"active latent units fell to {int(active)} from a peak of {int(self.peak_active)}")
+            self._collapsed = collapsed
+
+    def apply_control(self, changes: dict[str, Any]) -> None:
+        raise AssertionError("Trainer.control refuses changes for VAE runs before they are queued")
+
+    def model_state(self) -> dict[str, Any]:
+        return {
+            "models": {"encoder": self.vae.encoder.state_dict(), "decoder": self.vae.decoder.state_dict()},
+            "optimizers": {"vae": self.opt.state_dict()},
+        }
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.vae.encoder.load_state_dict(state["models"]["encoder"])
+        self.vae.decoder.load_state_dict(state["models"]["decoder"])
+        self.opt.load_state_dict(state["optimizers"]["vae"])
+
+    @torch.no_grad()
+    def _decode(self, z: Tensor) -> Tensor:
+        was_training = self.vae.training
+        self.vae.eval()
+        try:
+            return self.vae.decode(z)
+        finally:
+            self.vae.train(was_training)
+
+    def write_sample(self, step: int) -> list[str]:
+        if self.data.is_2d:
+            return []
+        base = f"step_{step:08d}"
+        images = torch.sigmoid(self._decode(self.fixed_noise)) * 2.0 - 1.0
+        samples.save_image_grid(images, self.samples_dir / f"{base}.png")
+        return [f"{base}.png"]
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Active units over up to 2,000 inputs: the dataset-level form of Burda et al.'s statistic."""
+        if self.data.points is None:
+            gen = self._generator(self.cfg.train.seed + 4)
+            x = self.data.sample(2000, gen)
+        else:
+            x = self.data.points[:2000]
+        was_training = self.vae.training
+        self.vae.eval()
+        try:
+            mu, _ = self.vae.encode(x)
+        finally:
+            self.vae.train(was_training)
+        return {"eval/active_units": float(active_units(mu))}
+
+
+def make_trainer(cfg: RunConfig, options: RunOptions) -> Trainer:
+    """The trainer for a config's model family."""
+    trainer_cls: type[Trainer] = GanTrainer if cfg.kind == "gan" else VaeTrainer
+    return trainer_cls(cfg, options)

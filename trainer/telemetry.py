@@ -1,0 +1,199 @@
+"""Telemetry: keep per-step values on the device, move them to the host in bulk.
+
+A ``.item()`` per metric per step would force a GPU→CPU sync every step and
+stall the training pipeline. Instead each logged step contributes one small
+device tensor (all its scalars stacked) to a buffer, and the buffer reaches the
+host with a single ``torch.stack(...).cpu()`` when it is due: every
+``flush_steps`` buffered steps or every ``flush_ms`` milliseconds, whichever
+comes first. Checks that need host values (non-finite losses, gradient
+collapse) run at flush time on the copied numbers.
+
+Frames follow SPEC §4: JSON objects with ``type``, ``run`` and a per-run
+``seq`` that increases by one with every frame emitted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Frame = dict[str, Any]
+FrameSink = Callable[[Frame], None]
+
+HIST_BINS = 40
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: non-finite values travel as ``null``."""
+    return value if math.isfinite(value) else None
+
+
+def grad_norms(grads: Sequence[Tensor]) -> Tensor:
+    """Per-tensor L2 norms, stacked, without leaving the device.
+
+    ``torch._foreach_norm`` is what ``clip_grad_norm_`` uses: one fused kernel
+    for all tensors instead of one launch per parameter.
+    """
+    return torch.stack(torch._foreach_norm(list(grads)))
+
+
+def total_norm(layer_norms: Tensor) -> Tensor:
+    """Global L2 norm from per-tensor norms: sqrt(Σ ‖g_i‖²)."""
+    return torch.linalg.vector_norm(layer_norms)
+
+
+def logit_histogram(real: Tensor, fake: Tensor, bins: int = HIST_BINS) -> Tensor:
+    """Counts of real and fake logits over shared edges, as one device tensor.
+
+    Layout: ``[lo, hi, counts_real (bins), counts_fake (bins)]``. Built with
+    ``scatter_add_`` into a fixed-size buffer because ``torch.histc`` needs the
+    range as Python floats and ``bincount`` sizes its output from the data:
+    either would force a device sync.
+    """
+    real = real.detach().float().flatten()
+    fake = fake.detach().float().flatten()
+    both = torch.cat([real, fake])
+    lo = both.min()
+    hi = torch.maximum(both.max(), lo + 1e-6)
+
+    def counts(x: Tensor) -> Tensor:
+        idx = ((x - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
+        out = torch.zeros(bins, device=x.device)
+        return out.scatter_add_(0, idx, torch.ones_like(x))
+
+    return torch.cat([lo.view(1), hi.view(1), counts(real), counts(fake)])
+
+
+@dataclass
+class FrameEmitter:
+    """Stamps frames with the run id and a gapless per-run sequence number."""
+
+    run: str
+    sink: FrameSink
+    seq: int = 0
+
+    def emit(self, frame_type: str, **fields: Any) -> Frame:
+        self.seq += 1
+        frame: Frame = {"type": frame_type, "run": self.run, "seq": self.seq, **fields}
+        self.sink(frame)
+        return frame
+
+
+@dataclass
+class ScalarBuffer:
+    """Buffered scalar telemetry for one fixed, ordered set of keys."""
+
+    keys: list[str]
+    flush_steps: int
+    flush_ms: int
+    _steps: list[int] = field(default_factory=list)
+    _times: list[float] = field(default_factory=list)
+    _rows: list[Tensor] = field(default_factory=list)
+    _hists: list[tuple[int, Tensor]] = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.monotonic)
+
+    def append(self, step: int, values: Tensor) -> None:
+        """Buffer one step's scalars (a 1-D device tensor aligned with ``keys``)."""
+        self._steps.append(step)
+        self._times.append(time.time())
+        self._rows.append(values.detach().float())
+
+    def append_hist(self, step: int, packed: Tensor) -> None:
+        self._hists.append((step, packed.detach()))
+
+    def due(self) -> bool:
+        if not self._rows and not self._hists:
+            return False
+        if len(self._rows) >= self.flush_steps:
+            return True
+        return (time.monotonic() - self._last_flush) * 1000.0 >= self.flush_ms
+
+    def flush(self) -> tuple[list[int], list[float], np.ndarray, list[tuple[int, np.ndarray]]]:
+        """Everything buffered, on the host, with one device→host copy."""
+        self._last_flush = time.monotonic()
+        steps, times, rows, hists = self._steps, self._times, self._rows, self._hists
+        self._steps, self._times, self._rows, self._hists = [], [], [], []
+        if not rows and not hists:
+            return [], [], np.zeros((0, len(self.keys)), dtype=np.float32), []
+        # One copy for scalars and histograms alike: pad into a single flat tensor.
+        parts = ([torch.stack(rows).flatten()] if rows else []) + [h for _, h in hists]
+        flat = torch.cat(parts).cpu().numpy()
+        n_scalar = len(rows) * len(self.keys)
+        table = flat[:n_scalar].reshape(len(rows), len(self.keys))
+        out_hists = []
+        offset = n_scalar
+        for step, packed in hists:
+            out_hists.append((step, flat[offset : offset + packed.numel()]))
+            offset += packed.numel()
+        return steps, times, table, out_hists
+
+
+def metrics_frame_fields(keys: Sequence[str], steps: list[int], times: list[float], table: np.ndarray) -> dict[str, Any]:
+    """Columnar ``metrics`` payload with non-finite values as ``None``."""
+    data = {key: [finite_or_none(float(v)) for v in table[:, i]] for i, key in enumerate(keys)}
+    return {"step": steps, "time": [round(t, 6) for t in times], "data": data}
+
+
+def hist_frames_fields(step: int, packed: np.ndarray, keys: Iterable[str]) -> list[dict[str, Any]]:
+    """Unpack :func:`logit_histogram` into one ``hist`` payload per key."""
+    lo, hi = float(packed[0]), float(packed[1])
+    bins = (packed.size - 2) // 2
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    out = []
+    for i, key in enumerate(keys):
+        counts = packed[2 + i * bins : 2 + (i + 1) * bins]
+        out.append({"step": step, "key": key, "edges": edges, "counts": [int(c) for c in counts]})
+    return out
+
+
+@dataclass
+class CollapseDetector:
+    """Flags a generator gradient that stays far below its early value.
+
+    The reference is the mean of the first ``ref_steps`` finite norms seen;
+    the alert fires once ``patience`` consecutive values fall below
+    ``ratio × reference`` and re-arms when the norm climbs back above it.
+    """
+
+    ratio: float
+    patience: int
+    ref_steps: int = 10
+    reference: float | None = None
+    _early: list[float] = field(default_factory=list)
+    _low_run: int = 0
+    _fired: bool = False
+
+    def update(self, value: float) -> bool:
+        """Feed one logged norm; True exactly when the alert should fire."""
+        if not math.isfinite(value):
+            return False
+        if self.reference is None:
+            self._early.append(value)
+            if len(self._early) >= self.ref_steps:
+                self.reference = float(np.mean(self._early))
+            return False
+        if value < self.ratio * self.reference:
+            self._low_run += 1
+            if self._low_run >= self.patience and not self._fired:
+                self._fired = True
+                return True
+        else:
+            self._low_run = 0
+            self._fired = False
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "early": list(self._early), "low_run": self._low_run, "fired": self._fired}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = state["reference"]
+        self._early = list(state["early"])
+        self._low_run = int(state["low_run"])
+        self._fired = bool(state["fired"])
