@@ -45,9 +45,9 @@ def test_bad_field_is_named(raw: dict, field: str) -> None:
 
 
 def test_cross_field_rules_explain_themselves() -> None:
-    with pytest.raises(ValidationError, match="data.path is required"):
+    with pytest.raises(ValidationError, match=r"data\.path is required"):
         RunConfig.model_validate({"data": {"name": "mnist_idx"}})
-    with pytest.raises(ValidationError, match="model.arch 'conv' needs image data"):
+    with pytest.raises(ValidationError, match=r"model\.arch 'conv' needs image data"):
         RunConfig.model_validate({"model": {"arch": "conv"}})
 
 

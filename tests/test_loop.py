@@ -264,6 +264,6 @@ def test_resume_refuses_mismatched_or_finished_checkpoints(tmp_path: Path) -> No
 def test_cuda_request_without_cuda_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(TrainingError, match="train.device"):
+    with pytest.raises(TrainingError, match=r"train\.device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"

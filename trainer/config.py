@@ -158,12 +158,12 @@ class RunConfig(_Section):
 
     name: str = Field("", max_length=200, description="Free text shown in the dashboard.")
     kind: Literal["gan", "vae"] = Field("gan", description="Generative adversarial network or variational autoencoder.")
-    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
-    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
-    gan: GanConfig = Field(default_factory=GanConfig)  # type: ignore[arg-type]
-    vae: VaeConfig = Field(default_factory=VaeConfig)  # type: ignore[arg-type]
-    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
-    intervals: IntervalConfig = Field(default_factory=IntervalConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    gan: GanConfig = Field(default_factory=GanConfig)
+    vae: VaeConfig = Field(default_factory=VaeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    intervals: IntervalConfig = Field(default_factory=IntervalConfig)
 
     @model_validator(mode="after")
     def _check_combination(self) -> RunConfig:

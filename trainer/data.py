@@ -191,12 +191,11 @@ def _load_image_folder(folder: Path, channels: int) -> tuple[Tensor, Tensor]:
     arrays, labels = [], []
     side = None
     for path in files:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            if side is None:
-                side = min(img.size)
-            img = img.resize((side, side))
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+        with Image.open(path) as opened:
+            img = opened.convert(mode)
+        if side is None:
+            side = min(img.size)
+        arr = np.asarray(img.resize((side, side)), dtype=np.float32) / 255.0
         arrays.append(arr if arr.ndim == 3 else arr[..., None])
         parts = path.relative_to(folder).parts
         labels.append(index[parts[0]] if len(parts) > 1 else 0)

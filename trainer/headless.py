@@ -43,7 +43,8 @@ class JsonlSink:
             return
         if frame["type"] == "metrics" and frame["step"]:
             self.bar.n = frame["step"][-1]
-            shown = {k.split("/")[-1]: v[-1] for k, v in frame["data"].items() if k in PROGRESS_KEYS and v[-1] is not None}
+            data = frame["data"]
+            shown = {k.split("/")[-1]: data[k][-1] for k in PROGRESS_KEYS if k in data and data[k][-1] is not None}
             if shown:
                 self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self.bar.refresh()

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,14 @@ def active_units(mu: Tensor) -> Tensor:
     return (mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().float()
 
 
+def _grads(params: Iterable[Tensor]) -> list[Tensor]:
+    """Gradients just computed by backward(); a parameter without one is a wiring bug."""
+    grads = [p.grad for p in params]
+    if any(g is None for g in grads):
+        raise RuntimeError("a parameter received no gradient")
+    return grads  # type: ignore[return-value]
+
+
 def _relative_url(kind: str, name: str) -> str:
     return f"{kind}/{name}"
 
@@ -202,6 +210,7 @@ class Trainer(ABC):
     @abstractmethod
     def apply_control(self, changes: dict[str, Any]) -> None: ...
 
+    @abstractmethod
     def on_flush(self, steps: list[int], table: np.ndarray) -> None:
         """Host-side checks on freshly copied values; raise TrainingError to fail the run."""
 
@@ -389,7 +398,7 @@ class GanTrainer(Trainer):
                 loss_d = loss_d + cfg.gan.gp_weight * gradient_penalty(d, real, fake.detach(), self.noise_gen)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
-            d_layers = grad_norms([p.grad for p in self.d_params]) if log else None
+            d_layers = grad_norms(_grads(self.d_params)) if log else None
             self.opt_d.step()
 
         # 2. Generator: one step on the last fake batch, against the updated D.
@@ -572,8 +581,8 @@ class VaeTrainer(Trainer):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if log:
-            enc = total_norm(grad_norms([p.grad for p in self.enc_params]))
-            dec = total_norm(grad_norms([p.grad for p in self.dec_params]))
+            enc = total_norm(grad_norms(_grads(self.enc_params)))
+            dec = total_norm(grad_norms(_grads(self.dec_params)))
         self.opt.step()
         if log:
             kl_mc = gaussian_kl_mc(mu.detach(), logvar.detach(), z.detach()).mean()

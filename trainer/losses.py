@@ -59,7 +59,9 @@ def d_loss_terms(name: GLoss, h_real: Tensor, h_fake: Tensor) -> tuple[Tensor, T
     raise ValueError(f"unknown generator loss {name!r}")
 
 
-def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, generator: torch.Generator) -> Tensor:
+def gradient_penalty(
+    critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, generator: torch.Generator
+) -> Tensor:
     """WGAN-GP penalty E[(‖∇ₓ h(x̂)‖ − 1)²] on random interpolates (Gulrajani et al. 2017)."""
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
     alpha = torch.rand(shape, device=real.device, generator=generator)

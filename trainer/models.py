@@ -12,6 +12,7 @@ saturation telemetry measures.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -22,7 +23,7 @@ from trainer.config import ModelConfig
 
 def _mlp(sizes: list[int], act: type[nn.Module], **act_kwargs: float) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < len(sizes) - 2:
             layers.append(act(**act_kwargs))

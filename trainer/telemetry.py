@@ -135,7 +135,9 @@ class ScalarBuffer:
         return steps, times, table, out_hists
 
 
-def metrics_frame_fields(keys: Sequence[str], steps: list[int], times: list[float], table: np.ndarray) -> dict[str, Any]:
+def metrics_frame_fields(
+    keys: Sequence[str], steps: list[int], times: list[float], table: np.ndarray
+) -> dict[str, Any]:
     """Columnar ``metrics`` payload with non-finite values as ``None``."""
     data = {key: [finite_or_none(float(v)) for v in table[:, i]] for i, key in enumerate(keys)}
     return {"step": steps, "time": [round(t, 6) for t in times], "data": data}
