@@ -4,11 +4,9 @@ Every GAN loss is computed from the discriminator's logit ``h`` with
 ``softplus`` rather than as the log of a probability, so it stays finite at
 any logit: ``log σ(h) = -softplus(-h)`` and ``log(1 - σ(h)) = -softplus(h)``.
 
-Generator losses are given *per sample* so that the trainer can take the
-per-sample derivative ∂loss/∂h with autograd on a detached copy of the logits
-(a tiny graph of B elements) and reuse it as the weight of every fake sample
-in one batched backward pass through G and D: that is how the applied and the
-shadow generator gradients come out of a single graph traversal.
+Generator losses are given *per sample*: the generator gradient of any of
+them is (1/B) Σ_i ∂loss/∂h_i · ∇θ h_i, so they differ only in a per-sample
+weight, which :func:`dloss_dh` exposes for telemetry (``dldh/*``).
 """
 
 from __future__ import annotations
@@ -75,8 +73,8 @@ def dloss_dh(name: GLoss, h: Tensor) -> Tensor:
     """Per-sample ∂loss/∂h, by autograd through :func:`g_loss_per_sample`.
 
     Taking it with autograd (not a hand-written formula) keeps one source of
-    truth: the weights applied to G are exactly the derivative of the loss
-    the user picked.
+    truth: the reported weights are exactly the derivative of the loss the
+    user picked, not a second formula that could drift from it.
     """
     with torch.enable_grad():
         leaf = h.detach().requires_grad_(True)
