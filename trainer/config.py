@@ -100,6 +100,12 @@ class GanConfig(_Section):
     lr_d: PositiveRate = Field(2e-4, description="Discriminator learning rate (Adam).")
     beta1: Beta = Field(0.5, description="Adam beta1 for both networks.")
     beta2: Beta = Field(0.999, description="Adam beta2 for both networks.")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam",
+        description="Optimiser for both networks. Adam divides each step by the gradient's running RMS, "
+        "so a vanishing gradient still moves G; SGD lets a vanishing gradient stall G, as the theory says.",
+    )
+    momentum: Beta = Field(0.9, description="SGD momentum (optimizer 'sgd' only).")
     d_head_start: int = Field(
         0,
         ge=0,

@@ -123,6 +123,13 @@ def generator_gradients(h: Tensor, params: tuple[Tensor, ...], losses: list[GLos
     ]
 
 
+def make_optimizer(cfg: RunConfig, params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam with the config's betas, or SGD with momentum."""
+    if cfg.gan.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.gan.momentum)
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.gan.beta1, cfg.gan.beta2))
+
+
 def active_units(mu: Tensor) -> Tensor:
     """Latent dimensions whose encoder mean varies across inputs (Burda et al. 2016)."""
     return (mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().float()
@@ -370,9 +377,8 @@ class GanTrainer(Trainer):
         self.d.to(self.device)
         gan = cfg.gan
         self.live = GanLive(gan.g_loss, gan.lr_g, gan.lr_d)
-        betas = (gan.beta1, gan.beta2)
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=gan.lr_g, betas=betas)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=gan.lr_d, betas=betas)
+        self.opt_g = make_optimizer(cfg, self.g.parameters(), gan.lr_g)
+        self.opt_d = make_optimizer(cfg, self.d.parameters(), gan.lr_d)
         self.g_names, self.g_params = zip(*[(n, p) for n, p in self.g.named_parameters()], strict=True)
         self.d_names, self.d_params = zip(*[(n, p) for n, p in self.d.named_parameters()], strict=True)
         self.keys = (
