@@ -100,12 +100,13 @@ class GanConfig(_Section):
     lr_d: PositiveRate = Field(2e-4, description="Discriminator learning rate (Adam).")
     beta1: Beta = Field(0.5, description="Adam beta1 for both networks.")
     beta2: Beta = Field(0.999, description="Adam beta2 for both networks.")
-    optimizer: Literal["adam", "sgd"] = Field(
+    g_optimizer: Literal["adam", "sgd"] = Field(
         "adam",
-        description="Optimiser for both networks. Adam divides each step by the gradient's running RMS, "
-        "so a vanishing gradient still moves G; SGD lets a vanishing gradient stall G, as the theory says.",
+        description="Generator optimiser. Adam divides each step by the gradient's running RMS, so even a "
+        "vanishing gradient moves G at full speed; with SGD a vanishing gradient stalls G, as the theory says.",
     )
-    momentum: Beta = Field(0.9, description="SGD momentum (optimizer 'sgd' only).")
+    d_optimizer: Literal["adam", "sgd"] = Field("adam", description="Discriminator optimiser.")
+    momentum: Beta = Field(0.9, description="SGD momentum (for a network whose optimiser is 'sgd').")
     d_head_start: int = Field(
         0,
         ge=0,

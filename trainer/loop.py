@@ -33,7 +33,7 @@ from torch import Tensor
 
 from trainer import evaluation, samples
 from trainer.checkpoint import load_checkpoint, save_checkpoint, sweep_temp_files
-from trainer.config import ControlRequest, GLoss, RunConfig
+from trainer.config import ControlRequest, GanConfig, GLoss, RunConfig
 from trainer.data import Dataset, load_dataset
 from trainer.losses import (
     SHADOW_PAIR,
@@ -123,11 +123,11 @@ def generator_gradients(h: Tensor, params: tuple[Tensor, ...], losses: list[GLos
     ]
 
 
-def make_optimizer(cfg: RunConfig, params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(gan: GanConfig, kind: str, params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
     """Adam with the config's betas, or SGD with momentum."""
-    if cfg.gan.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.gan.momentum)
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.gan.beta1, cfg.gan.beta2))
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=gan.momentum)
+    return torch.optim.Adam(params, lr=lr, betas=(gan.beta1, gan.beta2))
 
 
 def active_units(mu: Tensor) -> Tensor:
@@ -377,8 +377,8 @@ class GanTrainer(Trainer):
         self.d.to(self.device)
         gan = cfg.gan
         self.live = GanLive(gan.g_loss, gan.lr_g, gan.lr_d)
-        self.opt_g = make_optimizer(cfg, self.g.parameters(), gan.lr_g)
-        self.opt_d = make_optimizer(cfg, self.d.parameters(), gan.lr_d)
+        self.opt_g = make_optimizer(gan, gan.g_optimizer, self.g.parameters(), gan.lr_g)
+        self.opt_d = make_optimizer(gan, gan.d_optimizer, self.d.parameters(), gan.lr_d)
         self.g_names, self.g_params = zip(*[(n, p) for n, p in self.g.named_parameters()], strict=True)
         self.d_names, self.d_params = zip(*[(n, p) for n, p in self.d.named_parameters()], strict=True)
         self.keys = (
