@@ -9,6 +9,7 @@ import torch
 
 from trainer.telemetry import (
     CollapseDetector,
+    DropDetector,
     FrameEmitter,
     ScalarBuffer,
     grad_norms,
@@ -93,6 +94,16 @@ def test_collapse_detector_fires_once_per_episode_and_rearms() -> None:
     clone = CollapseDetector(ratio=0.01, patience=3)
     clone.load_state_dict(det.state_dict())
     assert clone.state_dict() == det.state_dict()
+
+
+def test_drop_detector_needs_a_sustained_drop_and_fires_once_per_episode() -> None:
+    det = DropDetector(fraction=0.5, rearm=0.75, patience=3, min_peak=2)
+    assert not any(det.update(v) for v in [1, 0, 0, 0, 0])  # peak below min_peak: startup noise
+    assert not any(det.update(v) for v in [8, 4, 5, 4, 4])  # flickers reset the run
+    assert det.update(4)  # third consecutive low value
+    assert not any(det.update(v) for v in [5, 4, 4, 4])  # 5 is not above 0.75 × 8: still the same episode
+    assert not det.update(7)  # recovered: re-armed
+    assert [det.update(v) for v in [3, 3, 3]] == [False, False, True]
 
 
 def test_collapse_detector_ignores_non_finite_values() -> None:

@@ -47,6 +47,7 @@ from trainer.losses import (
 from trainer.models import build_gan, build_vae
 from trainer.telemetry import (
     CollapseDetector,
+    DropDetector,
     FrameEmitter,
     FrameSink,
     ScalarBuffer,
@@ -558,8 +559,7 @@ class VaeTrainer(Trainer):
         self.enc_params = list(self.vae.encoder.parameters())
         self.dec_params = list(self.vae.decoder.parameters())
         self.keys = VAE_KEYS + [f"kl/dim/{i}" for i in range(cfg.model.latent_dim)]
-        self.peak_active = 0.0
-        self._collapsed = False
+        self.posterior = DropDetector()
 
     def _nll(self, out: Tensor, x: Tensor) -> Tensor:
         """−log p(x|z) per (sample, input), summed over data dimensions."""
@@ -605,12 +605,10 @@ class VaeTrainer(Trainer):
             self.alert(step, "diverged", f"non-finite ELBO at step {step}")
             raise TrainingError(f"diverged: non-finite ELBO at step {step}")
         for step, active in zip(steps, table[:, self.keys.index("vae/active_units")], strict=True):
-            self.peak_active = max(self.peak_active, float(active))
-            collapsed = self.peak_active >= 2 and active <= self.peak_active / 2
-            if collapsed and not self._collapsed:
+            if self.posterior.update(float(active)):
                 self.alert(step, "posterior_collapse",
-                           f"active latent units fell to {int(active)} from a peak of {int(self.peak_active)}")
-            self._collapsed = collapsed
+                           f"active latent units have stayed at or below half their peak of "
+                           f"{int(self.posterior.peak)} for {self.posterior.patience} logged steps (now {int(active)})")
 
     def apply_control(self, changes: dict[str, Any]) -> None:
         raise AssertionError("Trainer.control refuses changes for VAE runs before they are queued")

@@ -1,6 +1,6 @@
 """The demo runs that ship with gradwatch, by name (SPEC §4 ``GET /api/presets``).
 
-Each preset is a complete :class:`~trainer.config.RunConfig`. 
+Each preset is a complete :class:`~trainer.config.RunConfig`.
 ``ring8-saturating`` is built to show the saturation: D trains alone for 500
 steps so that D(G(z)) → 0, and G uses plain SGD with momentum, so a vanishing
 gradient really stalls it. (Adam divides each step by the gradient's running

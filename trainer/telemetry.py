@@ -199,3 +199,38 @@ class CollapseDetector:
         self._early = list(state["early"])
         self._low_run = int(state["low_run"])
         self._fired = bool(state["fired"])
+
+
+@dataclass
+class DropDetector:
+    """Flags a count (active latent units) that falls to ``fraction`` of its peak and stays there.
+
+    Batch estimates jitter by a unit or two, so the alert needs ``patience``
+    consecutive low values and re-arms only once the count is back above
+    ``rearm`` × peak: one alert per episode, not one per flicker.
+    """
+
+    fraction: float = 0.5
+    rearm: float = 0.75
+    patience: int = 50
+    min_peak: float = 2.0
+    peak: float = 0.0
+    _low_run: int = 0
+    _fired: bool = False
+
+    def update(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        self.peak = max(self.peak, value)
+        if self.peak < self.min_peak:
+            return False
+        if value <= self.fraction * self.peak:
+            self._low_run += 1
+            if self._low_run >= self.patience and not self._fired:
+                self._fired = True
+                return True
+        else:
+            self._low_run = 0
+            if value > self.rearm * self.peak:
+                self._fired = False
+        return False
