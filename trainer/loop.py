@@ -21,7 +21,8 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from trainer import evaluation, samples
 from trainer.checkpoint import load_checkpoint, save_checkpoint, sweep_temp_files
@@ -152,6 +153,22 @@ def _grads(params: Iterable[Tensor]) -> list[Tensor]:
     if any(g is None for g in grads):
         raise RuntimeError("a parameter received no gradient")
     return grads  # type: ignore[return-value]
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for samples and evaluations, then back to where it was.
+
+    Batch norm must use its running statistics here (not update them from a
+    sample batch), or samples would perturb the training state.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
 
 
 def _relative_url(kind: str, name: str) -> str:
@@ -513,14 +530,9 @@ class GanTrainer(Trainer):
         self.live = GanLive(**state["live"])
         self.collapse.load_state_dict(state["alerts"]["collapse"])
 
-    @torch.no_grad()
     def _generate(self, z: Tensor) -> Tensor:
-        was_training = self.g.training
-        self.g.eval()
-        try:
+        with evaluating(self.g):
             return self.g(z)
-        finally:
-            self.g.train(was_training)
 
     def write_sample(self, step: int) -> list[str]:
         base = f"step_{step:08d}"
@@ -633,14 +645,9 @@ class VaeTrainer(Trainer):
         self.vae.decoder.load_state_dict(state["models"]["decoder"])
         self.opt.load_state_dict(state["optimizers"]["vae"])
 
-    @torch.no_grad()
     def _decode(self, z: Tensor) -> Tensor:
-        was_training = self.vae.training
-        self.vae.eval()
-        try:
+        with evaluating(self.vae):
             return self.vae.decode(z)
-        finally:
-            self.vae.train(was_training)
 
     def write_sample(self, step: int) -> list[str]:
         if self.data.is_2d:
@@ -658,12 +665,8 @@ class VaeTrainer(Trainer):
             x = self.data.sample(2000, gen)
         else:
             x = self.data.points[:2000]
-        was_training = self.vae.training
-        self.vae.eval()
-        try:
+        with evaluating(self.vae):
             mu, _ = self.vae.encode(x)
-        finally:
-            self.vae.train(was_training)
         return {"eval/active_units": float(active_units(mu))}
 
 
