@@ -273,3 +273,12 @@ def test_cuda_request_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(TrainingError, match=r"train\.device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_telemetry_reaches_the_host_in_bulk_not_per_step(tmp_path: Path) -> None:
+    cfg = tiny_gan(**{"intervals.flush_steps": 10, "intervals.flush_ms": 60_000})
+    _, frames = train(cfg, tmp_path)
+    batches = [f["step"] for f in frames if f["type"] == "metrics" and "loss/d" in f["data"]]
+    # One metrics frame (one device→host copy) per ten steps; the periodic
+    # samples at steps 20 and 40 flush exactly on those boundaries too.
+    assert batches == [list(range(s, s + 10)) for s in (1, 11, 21, 31)]
