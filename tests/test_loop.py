@@ -213,8 +213,11 @@ def test_live_control_flips_the_loss_between_steps(tmp_path: Path) -> None:
         trainer.control({"lr_g": -1})
 
 
-def test_non_finite_loss_raises_diverged_alert_then_fails(tmp_path: Path) -> None:
-    trainer = make_trainer(tiny_gan(), RunOptions(out_dir=tmp_path, sink=(frames := []).append))
+@pytest.mark.parametrize("flush_steps", [1, 40])
+def test_non_finite_loss_raises_diverged_alert_then_fails(tmp_path: Path, flush_steps: int) -> None:
+    # flush_steps=40 keeps the NaNs on the device past a histogram step (10) before the host sees them.
+    cfg = tiny_gan(**{"intervals.flush_steps": flush_steps, "intervals.flush_ms": 60_000})
+    trainer = make_trainer(cfg, RunOptions(out_dir=tmp_path, sink=(frames := []).append))
     assert isinstance(trainer, GanTrainer)
     with torch.no_grad():
         next(trainer.d.parameters()).fill_(float("nan"))

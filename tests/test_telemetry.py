@@ -74,6 +74,15 @@ def test_histogram_of_identical_values_does_not_divide_by_zero() -> None:
     assert torch.isfinite(packed).all() and packed[2:].sum() == 5
 
 
+def test_histogram_leaves_out_non_finite_logits() -> None:
+    nan, inf = float("nan"), float("inf")
+    packed = logit_histogram(torch.tensor([nan, 1.0, inf, 3.0]), torch.tensor([-inf, nan]), bins=2)
+    assert packed[:2].tolist() == [1.0, 3.0]  # edges from the finite values only
+    assert packed[2:4].tolist() == [1.0, 1.0] and packed[4:].tolist() == [0.0, 0.0]
+    all_nan = logit_histogram(torch.full((3,), nan), torch.full((2,), nan), bins=2)
+    assert torch.isfinite(all_nan).all() and all_nan[2:].sum() == 0
+
+
 def test_emitter_numbers_frames_without_gaps() -> None:
     seen: list[dict] = []
     emitter = FrameEmitter("r1", seen.append)

@@ -60,13 +60,18 @@ def logit_histogram(real: Tensor, fake: Tensor, bins: int = HIST_BINS) -> Tensor
     real = real.detach().float().flatten()
     fake = fake.detach().float().flatten()
     both = torch.cat([real, fake])
-    lo = both.min()
-    hi = torch.maximum(both.max(), lo + 1e-6)
+    # A diverging run has NaN or infinite logits: they are left out of the
+    # counts (a NaN index would be out of bounds, a device-side assert on CUDA).
+    finite = torch.isfinite(both)
+    lo = torch.where(finite, both, torch.inf).min()
+    hi = torch.where(finite, both, -torch.inf).max()
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.maximum(torch.where(torch.isfinite(hi), hi, lo), lo + 1e-6)
 
     def counts(x: Tensor) -> Tensor:
-        idx = ((x - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
+        idx = ((x - lo) / (hi - lo) * bins).nan_to_num(0.0).floor().clamp(0, bins - 1).long()
         out = torch.zeros(bins, device=x.device)
-        return out.scatter_add_(0, idx, torch.ones_like(x))
+        return out.scatter_add_(0, idx, torch.isfinite(x).float())
 
     return torch.cat([lo.view(1), hi.view(1), counts(real), counts(fake)])
 
