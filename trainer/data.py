@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,13 @@ class Dataset:
     labels: Tensor | None = None
     modes: Modes | None = None
     scale: float = 1.0
+    # Mode centres copied to the device once: a host→device copy per batch
+    # would make every training step wait for the GPU.
+    _centres: Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.modes is not None:
+            self._centres = self.modes.centres.to(self.device)
 
     @property
     def is_2d(self) -> bool:
@@ -65,6 +72,10 @@ class Dataset:
         if self.points is not None:
             idx = torch.randint(0, self.points.shape[0], (n,), device=self.device, generator=generator)
             return self.points[idx]
+        if self.modes is not None and self._centres is not None:
+            pick = torch.randint(0, self._centres.shape[0], (n,), device=self.device, generator=generator)
+            noise = torch.randn(n, 2, device=self.device, generator=generator)
+            return self._centres[pick] + self.modes.std * noise
         return _sample_2d(self.name, n, self.scale, self.device, generator)
 
 
@@ -84,12 +95,6 @@ def grid25_modes(scale: float = 1.0) -> Modes:
 
 
 def _sample_2d(name: str, n: int, scale: float, device: torch.device, gen: torch.Generator) -> Tensor:
-    if name in ("ring8", "grid25"):
-        modes = ring8_modes(scale) if name == "ring8" else grid25_modes(scale)
-        centres = modes.centres.to(device)
-        pick = torch.randint(0, centres.shape[0], (n,), device=device, generator=gen)
-        noise = torch.randn(n, 2, device=device, generator=gen)
-        return centres[pick] + modes.std * noise
     if name == "spiral":
         # One arm of an Archimedean spiral, radius growing with the angle.
         t = torch.rand(n, device=device, generator=gen) * (3 * math.pi) + 0.5 * math.pi
