@@ -56,7 +56,8 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_kill_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 1, "w": torch.zeros(3)}, path)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env=env)
     try:
         deadline = time.monotonic() + 60
