@@ -14,7 +14,11 @@ RUN useradd --create-home --uid 1000 gradwatch && mkdir -p /data && chown gradwa
 USER gradwatch
 VOLUME ["/data"]
 
-# Until the server lands (issue 3) the image trains the demo ring pair headless
-# into the volume; override the command to train anything else.
+# Inside a container the server must listen on all interfaces to be reachable,
+# which gradwatch allows only with an access token: pass GRADWATCH_TOKEN (32+
+# random characters), or override the command with `--token generate` to have
+# one printed. Publish the port on the host's loopback unless you mean to share it.
+ENV GRADWATCH_DATA_DIR=/data
+EXPOSE 8000
 ENTRYPOINT ["gradwatch"]
-CMD ["train", "--preset", "ring8-saturating", "--out", "/data/runs/ring8-saturating"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test check lint typecheck pytest demo clean
+.PHONY: install serve test check lint typecheck pytest demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The dashboard on http://127.0.0.1:8000 (data in ~/.local/share/gradwatch unless GRADWATCH_DATA_DIR says otherwise).
+serve: $(STAMP)
+	$(VENV)/bin/gradwatch serve $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check app trainer tests bench

@@ -1,1 +1,8 @@
 """gradwatch's server side and command line."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("gradwatch")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+source"

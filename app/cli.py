@@ -71,6 +71,48 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import socket
+
+    import uvicorn
+
+    from app import __version__
+    from app.main import create_app
+    from app.settings import Settings, generate_token
+
+    token, generated = args.token, False
+    if token == "generate":
+        token, generated = generate_token(), True
+    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "token": token}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise SystemExit(_format_validation_error(exc).replace("invalid run config", "cannot serve")) from exc
+
+    # Bind before building the app, so that port 0 becomes a real port the workers can be told.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise SystemExit(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{settings.port}/"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lines = [f"gradwatch {__version__} serving on {url} (data in {settings.data_dir})"]
+    if generated:
+        lines.append(f"access token generated; open {url}?token={token}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+    config = uvicorn.Config(create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=15,
+                            ws_max_size=4 << 20, proxy_headers=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Live GAN and VAE training dashboard.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="continue from this checkpoint file")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    serve = sub.add_parser("serve", help="start the dashboard server")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; any other needs a token)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--data-dir", help="where runs, the database and artifacts live")
+    serve.add_argument("--token", help="access token (32+ characters), or 'generate' to have one made and printed")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
 
     presets = sub.add_parser("presets", help="print the shipped presets as JSON")
     presets.set_defaults(func=_presets)

@@ -1,0 +1,187 @@
+"""Runs, sweeps, live control, history and artifacts (SPEC §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import ValidationError
+
+from app.api.deps import ManagerDep, StoreDep
+from app.api.schemas import Artifact, ResumeFrom, RunDetail, RunRequest, RunSummary, SweepOut, SweepRequest
+from app.manager import RunError, RunManager
+from app.protocol import ARTIFACT_KINDS, valid_artifact
+from app.store import RunRecord
+from trainer.checkpoint import TEMP_PREFIX, load_checkpoint
+from trainer.config import RunConfig
+
+router = APIRouter(prefix="/api", tags=["runs"])
+
+_STEP = re.compile(r"step_(\d+)")
+_MEDIA = {".png": "image/png", ".json": "application/json", ".pt": "application/octet-stream"}
+
+
+def _artifacts(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
+    folder = manager.run_dir(run_id) / kind
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(TEMP_PREFIX) or not path.is_file() or not valid_artifact(kind, path.name):
+            continue
+        match = _STEP.match(path.name)
+        out.append(Artifact(name=path.name, step=int(match.group(1)) if match else None,
+                            size=path.stat().st_size, url=f"/api/runs/{run_id}/{kind}/{path.name}"))
+    return out
+
+
+async def _detail(manager: RunManager, rec: RunRecord) -> RunDetail:
+    samples, checkpoints = await asyncio.gather(
+        asyncio.to_thread(_artifacts, manager, rec.id, "samples"),
+        asyncio.to_thread(_artifacts, manager, rec.id, "checkpoints"),
+    )
+    summary = RunSummary.of(rec).model_dump()
+    return RunDetail(**summary, config=rec.config, resume_from=rec.resume_from, samples=samples,
+                     checkpoints=checkpoints)
+
+
+def _body_error(exc: ValidationError, prefix: tuple[str | int, ...]) -> RequestValidationError:
+    """Re-raise a nested model's errors as a 422 whose ``loc`` names the field from the body down."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    return RequestValidationError([{**err, "loc": ("body", *prefix, *err["loc"])} for err in errors])
+
+
+def _field_error(loc: tuple[str | int, ...], message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": message}])
+
+
+async def _check_resume(manager: RunManager, resume: ResumeFrom, cfg: RunConfig) -> None:
+    source = await asyncio.to_thread(manager.store.get_run, resume.run)
+    if source is None:
+        raise _field_error(("resume_from", "run"), f"no run {resume.run!r}")
+    path = manager.run_dir(resume.run) / "checkpoints" / resume.checkpoint
+    if not path.is_file():
+        raise _field_error(("resume_from", "checkpoint"), f"run {resume.run} has no checkpoint {resume.checkpoint!r}")
+    try:
+        state = await asyncio.to_thread(load_checkpoint, path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _field_error(("resume_from", "checkpoint"), f"cannot load it: {exc}") from exc
+    if state.get("kind") != cfg.kind:
+        raise _field_error(("kind",), f"the checkpoint is of a {state.get('kind')} run")
+    if int(state["step"]) >= cfg.train.steps:
+        raise _field_error(("train", "steps"), f"must exceed the checkpoint's step {int(state['step'])}")
+
+
+@router.post("/runs", status_code=201, response_model=RunDetail)
+async def create_run(request: RunRequest, manager: ManagerDep) -> RunDetail:
+    """Queue a run; it starts as soon as a worker slot on its device is free."""
+    cfg = request.run_config()
+    resume = None
+    if request.resume_from is not None:
+        await _check_resume(manager, request.resume_from, cfg)
+        resume = request.resume_from.model_dump()
+    rec = await manager.submit(cfg, resume_from=resume)
+    return await _detail(manager, rec)
+
+
+@router.post("/sweeps", status_code=201, response_model=SweepOut)
+async def create_sweep(request: SweepRequest, manager: ManagerDep) -> SweepOut:
+    """Launch every combination of ``vary`` over ``base``, all with the base's seed."""
+    configs = []
+    for combo in request.combinations():
+        try:
+            cfg = request.base.with_overrides(combo)
+        except KeyError as exc:
+            raise _field_error(("vary", str(exc.args[0])), "not a field of the run config") from exc
+        except ValidationError as exc:
+            key = next(iter(combo))
+            raise _body_error(exc, ("vary", key)) from exc
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items())
+        name = f"{request.base.name} · {label}" if request.base.name else label
+        configs.append(cfg.with_overrides({"name": name[:200]}))
+    sweep_id = uuid.uuid4().hex[:12]
+    runs = [await _detail(manager, await manager.submit(cfg, sweep_id=sweep_id)) for cfg in configs]
+    return SweepOut(id=sweep_id, runs=runs)
+
+
+@router.get("/runs", response_model=list[RunSummary])
+async def list_runs(store: StoreDep) -> list[RunSummary]:
+    return [RunSummary.of(rec) for rec in await asyncio.to_thread(store.list_runs)]
+
+
+@router.get("/runs/{run_id}", response_model=RunDetail)
+async def get_run(run_id: str, manager: ManagerDep) -> RunDetail:
+    return await _detail(manager, await manager.get(run_id))
+
+
+@router.post("/runs/{run_id}/stop", response_model=RunDetail, status_code=202)
+async def stop_run(run_id: str, manager: ManagerDep) -> RunDetail:
+    """Ask for a graceful stop: the worker ends the step, writes a final checkpoint, ends ``stopped``."""
+    return await _detail(manager, await manager.stop(run_id))
+
+
+@router.post("/runs/{run_id}/control")
+async def control_run(run_id: str, manager: ManagerDep,
+                      changes: Annotated[dict[str, Any], Body(examples=[{"g_loss": "non_saturating"}])]
+                      ) -> dict[str, Any]:
+    """Change ``g_loss``, ``lr_g`` or ``lr_d`` of a running GAN between two steps."""
+    try:
+        applied = await manager.control(run_id, changes)
+    except ValidationError as exc:
+        raise _body_error(exc, ()) from exc
+    return {"run": run_id, "changes": applied}
+
+
+@router.delete("/runs/{run_id}", status_code=204)
+async def delete_run(run_id: str, manager: ManagerDep) -> Response:
+    await manager.delete(run_id)
+    return Response(status_code=204)
+
+
+@router.get("/runs/{run_id}/metrics")
+async def metrics(run_id: str, manager: ManagerDep, store: StoreDep,
+                  keys: Annotated[str | None, Query(max_length=10_000, description="Comma-separated keys")] = None,
+                  max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000) -> dict[str, Any]:
+    """History per key, downsampled to at most ``max_points`` keeping extremes."""
+    await manager.get(run_id)
+    wanted = [k for k in keys.split(",") if k] if keys else None
+    history = await asyncio.to_thread(store.metric_history, run_id, wanted, max_points)
+    missing = [k for k in wanted if k not in history] if wanted else []
+    return {"run": run_id, "max_points": max_points, "metrics": history, "missing": missing}
+
+
+@router.get("/runs/{run_id}/metrics.csv")
+async def metrics_csv(run_id: str, manager: ManagerDep, store: StoreDep) -> StreamingResponse:
+    """The full, un-downsampled history: one row per step, one column per key."""
+    await manager.get(run_id)
+    return StreamingResponse(store.export_csv(run_id), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{run_id}-metrics.csv"'})
+
+
+@router.get("/runs/{run_id}/{kind}", response_model=list[Artifact])
+async def list_artifacts(run_id: str, kind: str, manager: ManagerDep) -> list[Artifact]:
+    """``samples`` (PNG grids and 2-D field data) or ``checkpoints``, oldest first."""
+    if kind not in ARTIFACT_KINDS:
+        raise RunError(404, f"no such collection {kind!r}; use samples or checkpoints")
+    await manager.get(run_id)
+    return await asyncio.to_thread(_artifacts, manager, run_id, kind)
+
+
+@router.get("/runs/{run_id}/{kind}/{name}")
+async def download(run_id: str, kind: str, name: str, manager: ManagerDep) -> FileResponse:
+    """One artifact by run and name; the resolved path must lie inside the run's own folder."""
+    if not valid_artifact(kind, name):
+        raise RunError(404, f"no {kind} file {name!r}")
+    await manager.get(run_id)
+    folder = (manager.run_dir(run_id) / kind).resolve()
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder) or not path.is_file():
+        raise RunError(404, f"run {run_id} has no {kind} file {name!r}")
+    return FileResponse(path, media_type=_MEDIA.get(Path(name).suffix, "application/octet-stream"),
+                        filename=name if kind == "checkpoints" else None)

@@ -1,0 +1,84 @@
+"""The app factory: settings in, a wired FastAPI app out.
+
+Configuration flows one way: :class:`Settings` → :func:`create_app` → app
+state → dependencies injected into thin routers. Nothing lives at module
+level, so tests build as many independent apps as they like.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.api import presets, runs, stream
+from app.hub import Hub
+from app.manager import RunError, RunManager
+from app.security import SecurityMiddleware
+from app.settings import Settings
+from app.store import Store
+
+log = logging.getLogger("gradwatch")
+
+
+def worker_url(settings: Settings) -> str:
+    """Where local workers reach this server: loopback unless bound to one specific address."""
+    host = {"0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{settings.port}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.data_dir / "gradwatch.db")
+        store.start()
+        hub = Hub(store)
+        manager = RunManager(settings, store, hub, server_url=lambda: worker_url(settings))
+        app.state.store, app.state.hub, app.state.manager = store, hub, manager
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.shutdown()
+            store.close()
+
+    app = FastAPI(
+        title="gradwatch",
+        version=__version__,
+        summary="Live GAN and VAE training: watch the saturating generator gradient vanish.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(SecurityMiddleware, settings=settings)
+    app.include_router(presets.router)
+    app.include_router(runs.router)
+    app.include_router(stream.router)
+
+    @app.exception_handler(RunError)
+    async def run_error(_request: Request, exc: RunError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back; a NaN input would then make the
+        # error response itself invalid JSON (a 500). Field, message and type are what a client needs.
+        errors = [{"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+                  for err in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> dict[str, Any]:
+        return {"name": "gradwatch", "version": __version__, "api": "/api/runs", "docs": "/docs"}
+
+    return app

@@ -1,0 +1,546 @@
+"""The run manager: queue, place, launch, watch and end worker processes.
+
+A run is a row in the store and, while it trains, one worker process. The
+manager owns the transitions ``queued → running → completed | stopped |
+failed | interrupted``; everything the worker reports arrives through
+:meth:`RunManager.attach` (the worker channel) and is accepted strictly in
+seq order, stored, and published to the hub.
+
+Placement: each GPU found gets ``gpu_run_limit`` slots, the CPU gets
+``cpu_run_limit``; a worker on GPU ``N`` sees only that GPU
+(``CUDA_VISIBLE_DEVICES=N``), a CPU worker sees none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from app.hub import Hub, frame_text
+from app.protocol import ProtocolError, decode_chunk
+from app.settings import Settings
+from app.store import TERMINAL_STATUSES, RunRecord, Store
+from trainer.checkpoint import TEMP_PREFIX, sweep_temp_files
+from trainer.config import ControlRequest, RunConfig
+
+log = logging.getLogger("gradwatch.manager")
+
+STDERR_TAIL_LINES = 20
+STOP_GRACE_S = 60.0
+
+
+class RunError(Exception):
+    """A request the current state of a run does not allow; ``status`` is the HTTP code to answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(eq=False)
+class Active:
+    """What the manager knows of a run that has (or had, before a restart) a worker."""
+
+    run_id: str
+    device: str
+    pid: int | None = None
+    process: asyncio.subprocess.Process | None = None  # None for a worker re-attached after a restart
+    ws: WebSocket | None = None
+    accepted: int = 0  # highest seq accepted (stored or queued for storing)
+    final: str | None = None  # terminal status the worker reported
+    stop_requested: bool = False
+    attached: asyncio.Event = field(default_factory=asyncio.Event)
+    uploads: dict[tuple[str, str], tuple[Path, Any]] = field(default_factory=dict)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def pid_alive(pid: int | None, started: float | None) -> bool:
+    """True if ``pid`` is the same live process (its start time guards against pid reuse)."""
+    if pid is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def _stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "worker process disappeared"
+    if code < 0:
+        try:
+            return f"worker killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"worker killed by signal {-code}"
+    return f"worker exited with code {code}"
+
+
+class RunManager:
+    def __init__(self, settings: Settings, store: Store, hub: Hub, *, server_url: Callable[[], str]) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.server_url = server_url
+        self.runs_dir = settings.data_dir / "runs"
+        self.cache_dir = settings.data_dir / "cache"
+        self.active: dict[str, Active] = {}
+        self.queue: list[str] = []
+        self.gpus = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock = asyncio.Lock()
+
+    # -- life cycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.gpus = await asyncio.to_thread(_count_gpus)
+        await asyncio.to_thread(self._sweep_temp_files)
+        for rec in await asyncio.to_thread(self.store.list_runs, ["running"]):
+            if pid_alive(rec.pid, rec.pid_started):
+                # Its worker outlived the old server: give it a while to reconnect.
+                active = Active(rec.id, rec.device or "cpu", pid=rec.pid, accepted=rec.last_seq)
+                self.active[rec.id] = active
+                self._spawn(self._await_reattach(active))
+            else:
+                await self._end(rec.id, "interrupted", "the server stopped while this run was training",
+                                accepted=rec.last_seq)
+        queued = await asyncio.to_thread(self.store.list_runs, ["queued"])
+        self.queue = [rec.id for rec in sorted(queued, key=lambda r: r.created_at)]
+        await self._schedule()
+
+    async def shutdown(self) -> None:
+        """Stop every worker (gracefully, then by force) and mark its run interrupted."""
+        for task in list(self._tasks):
+            task.cancel()
+        procs = [a for a in self.active.values() if a.pid is not None]
+        for active in procs:
+            _signal(active.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(pid_alive(a.pid, None) and not _reaped(a) for a in procs):
+            await asyncio.sleep(0.1)
+        for active in procs:
+            if pid_alive(active.pid, None) and not _reaped(active):
+                _signal(active.pid, signal.SIGKILL)
+        for run_id, active in list(self.active.items()):
+            status = active.final or "interrupted"
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.update_run, run_id, status=status, ended_at=time.time(),
+                                        error=None if active.final else "the server was shut down")
+        self.active.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _sweep_temp_files(self) -> None:
+        for run_dir in self.runs_dir.iterdir() if self.runs_dir.is_dir() else []:
+            for sub in ("samples", "checkpoints", "work/samples", "work/checkpoints"):
+                sweep_temp_files(run_dir / sub)
+
+    # -- requests -----------------------------------------------------------------
+    async def submit(self, cfg: RunConfig, *, sweep_id: str | None = None,
+                     resume_from: dict[str, Any] | None = None) -> RunRecord:
+        self._device_request(cfg)  # refuse now what could never be placed
+        run = RunRecord(
+            id=uuid.uuid4().hex[:12], name=cfg.name or f"{cfg.kind} on {cfg.data.name}", kind=cfg.kind,
+            status="queued", config=cfg.model_dump(mode="json"), created_at=time.time(), sweep_id=sweep_id,
+            resume_from=resume_from,
+        )
+        run_dir = self.runs_dir / run.id
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        await asyncio.to_thread(self.store.insert_run, run)
+        self.queue.append(run.id)
+        await self._schedule()
+        return await self.get(run.id)
+
+    async def get(self, run_id: str) -> RunRecord:
+        rec = await asyncio.to_thread(self.store.get_run, run_id)
+        if rec is None:
+            raise RunError(404, f"no run {run_id!r}")
+        return rec
+
+    async def stop(self, run_id: str) -> RunRecord:
+        rec = await self.get(run_id)
+        if rec.status == "queued" and run_id in self.queue:
+            self.queue.remove(run_id)
+            await self._end(run_id, "stopped", None, accepted=rec.last_seq)
+            return await self.get(run_id)
+        active = self.active.get(run_id)
+        if rec.status in TERMINAL_STATUSES or active is None:
+            raise RunError(409, f"run {run_id} is {rec.status}, not running")
+        active.stop_requested = True
+        if not await self._tell(active, {"type": "stop"}):
+            _signal(active.pid, signal.SIGTERM)  # the worker treats SIGTERM as a graceful stop
+        self._spawn(self._kill_after(active, STOP_GRACE_S))
+        return rec
+
+    async def control(self, run_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        rec = await self.get(run_id)
+        if rec.kind != "gan":
+            raise RunError(409, "control: live changes apply to GAN runs only")
+        request = ControlRequest.model_validate(changes)  # ValidationError → 422 naming the field
+        active = self.active.get(run_id)
+        if rec.status != "running" or active is None:
+            raise RunError(409, f"run {run_id} is {rec.status}, not running")
+        if not await self._tell(active, {"type": "control", "changes": request.changes()}):
+            raise RunError(409, f"run {run_id} has no worker connected right now; try again")
+        return request.changes()
+
+    async def delete(self, run_id: str) -> None:
+        rec = await self.get(run_id)
+        if rec.status not in TERMINAL_STATUSES:
+            raise RunError(409, f"run {run_id} is {rec.status}: stop it before deleting it")
+        self.hub.forget(run_id)
+        await asyncio.to_thread(self.store.delete_run, run_id)
+        await asyncio.to_thread(shutil.rmtree, self.runs_dir / run_id, True)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    async def _tell(self, active: Active, message: dict[str, Any]) -> bool:
+        """Send a message to the run's worker; False if none is connected."""
+        ws = active.ws
+        if ws is None:
+            return False
+        try:
+            await ws.send_text(json.dumps(message))
+        except (RuntimeError, WebSocketDisconnect, OSError):
+            return False
+        return True
+
+    # -- placement ------------------------------------------------------------------
+    def _device_request(self, cfg: RunConfig) -> str:
+        """``cpu``, ``cuda`` (any GPU) or ``cuda:N``; refuses a GPU this server does not have."""
+        spec = cfg.train.device
+        if spec == "auto":
+            return "cuda" if self.gpus else "cpu"
+        if spec.startswith("cuda"):
+            index = int(spec.split(":", 1)[1]) if ":" in spec else None
+            if self.gpus == 0:
+                raise RunError(422, "train.device: this server has no CUDA GPU")
+            if index is not None and index >= self.gpus:
+                raise RunError(422, f"train.device: this server has {self.gpus} GPU(s), no {spec}")
+        return spec
+
+    def _free_slot(self, request: str) -> str | None:
+        load: dict[str, int] = {}
+        for active in self.active.values():
+            load[active.device] = load.get(active.device, 0) + 1
+        if request == "cpu":
+            return "cpu" if load.get("cpu", 0) < self.settings.cpu_run_limit else None
+        candidates = [request] if ":" in request else [f"cuda:{i}" for i in range(self.gpus)]
+        free = [d for d in candidates if load.get(d, 0) < self.settings.gpu_run_limit]
+        return min(free, key=lambda d: load.get(d, 0)) if free else None
+
+    async def _schedule(self) -> None:
+        async with self._lock:
+            for run_id in list(self.queue):
+                rec = await asyncio.to_thread(self.store.get_run, run_id)
+                if rec is None or rec.status != "queued":
+                    self.queue.remove(run_id)
+                    continue
+                cfg = RunConfig.model_validate(rec.config)
+                try:
+                    device = self._free_slot(self._device_request(cfg))
+                except RunError as exc:
+                    self.queue.remove(run_id)
+                    await self._end(run_id, "failed", exc.detail, accepted=rec.last_seq)
+                    continue
+                if device is None:
+                    continue
+                self.queue.remove(run_id)
+                await self._launch(rec, cfg, device)
+
+    async def _launch(self, rec: RunRecord, cfg: RunConfig, device: str) -> None:
+        run_dir = self.run_dir(rec.id)
+        work = run_dir / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        worker_cfg = cfg.with_overrides({"train.device": "cuda" if device.startswith("cuda") else "cpu"})
+        (work / "config.json").write_text(worker_cfg.model_dump_json(), encoding="utf-8")
+        token = secrets.token_urlsafe(32)
+        args = [
+            sys.executable, "-m", "app.worker", "--run-id", rec.id, "--server", self.server_url(),
+            "--config", str(work / "config.json"), "--work-dir", str(work), "--cache-dir", str(self.cache_dir),
+            "--orphan-timeout", str(self.settings.worker_orphan_timeout_s),
+            "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
+        ]
+        if rec.resume_from:
+            args += ["--resume", str(self.run_dir(rec.resume_from["run"]) / "checkpoints"
+                                     / rec.resume_from["checkpoint"])]
+        env = {**os.environ, "GRADWATCH_RUN_TOKEN": token,
+               "CUDA_VISIBLE_DEVICES": device.split(":", 1)[1] if device.startswith("cuda:") else "",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                           os.environ.get("PYTHONPATH")]))}
+        active = Active(rec.id, device, accepted=rec.last_seq)
+        self.active[rec.id] = active
+        await asyncio.to_thread(self.store.update_run, rec.id, token_hash=token_hash(token), device=device)
+        with open(run_dir / "worker.log", "ab") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                start_new_session=True,  # the server decides when its workers end, not the terminal's Ctrl-C
+            )
+        active.process, active.pid = proc, proc.pid
+        started = _create_time(proc.pid)
+        await asyncio.to_thread(self.store.update_run, rec.id, pid=proc.pid, pid_started=started)
+        self._spawn(self._watch(active))
+
+    # -- worker exits -------------------------------------------------------------------
+    async def _watch(self, active: Active) -> None:
+        assert active.process is not None
+        code = await active.process.wait()
+        await self._worker_gone(active, code)
+
+    async def _await_reattach(self, active: Active) -> None:
+        """A worker from before a restart: wait for it to reconnect, watch its pid, or end it."""
+        try:
+            await asyncio.wait_for(active.attached.wait(), self.settings.reattach_grace_s)
+        except TimeoutError:
+            _signal(active.pid, signal.SIGTERM)
+            await asyncio.sleep(5.0)
+            _signal(active.pid, signal.SIGKILL)
+            if self.active.get(active.run_id) is active:
+                self.active.pop(active.run_id)
+                await self._end(active.run_id, "interrupted", "the worker did not reconnect after a server restart",
+                                accepted=active.accepted)
+                await self._schedule()
+            return
+        while pid_alive(active.pid, None):
+            await asyncio.sleep(0.5)
+        await self._worker_gone(active, None)
+
+    async def _worker_gone(self, active: Active, code: int | None) -> None:
+        if self.active.get(active.run_id) is not active:
+            return
+        # Frames the worker sent just before exiting may still be in flight on its socket.
+        if active.ws is not None and active.final is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_wait_until(lambda: active.ws is None or active.final is not None), 2.0)
+        self.active.pop(active.run_id, None)
+        for path, fh in active.uploads.values():
+            fh.close()
+            path.unlink(missing_ok=True)
+        if active.final is None:
+            reason = _describe_exit(code)
+            tail = _stderr_tail(self.run_dir(active.run_id) / "worker.log")
+            error = f"{reason}\n--- last lines of the worker's log ---\n{tail}" if tail else reason
+            await self._end(active.run_id, "failed", error, accepted=active.accepted)
+        else:
+            self.hub.close_topic(active.run_id)
+        if active.ws is not None:
+            with contextlib.suppress(Exception):
+                await active.ws.close(code=1000)
+        await self._schedule()
+
+    async def _kill_after(self, active: Active, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self.active.get(active.run_id) is active and pid_alive(active.pid, None):
+            log.warning("run %s did not stop within %.0f s; killing it", active.run_id, seconds)
+            _signal(active.pid, signal.SIGKILL)
+
+    async def _end(self, run_id: str, status: str, error: str | None, *, accepted: int) -> None:
+        """Record a terminal status the worker could not report itself, as a frame too."""
+        rec = await asyncio.to_thread(self.store.get_run, run_id)
+        if rec is None:
+            return
+        seq = max(accepted, rec.last_seq) + 1
+        frame = {"type": "status", "run": run_id, "seq": seq, "status": status, "error": error, "step": rec.step}
+        text = frame_text(frame)
+        self.hub.publish(run_id, seq, text)
+        self.store.append(run_id, [(frame, text)])
+        await asyncio.to_thread(self.store.update_run, run_id, status=status, error=error, ended_at=time.time())
+        self.hub.close_topic(run_id)
+
+    # -- the worker channel -------------------------------------------------------------------
+    async def attach(self, ws: WebSocket, run_id: str, token: str) -> None:
+        """Serve one worker connection: hello, then frames and artifacts in, acks and controls out."""
+        rec = await asyncio.to_thread(self.store.get_run, run_id)
+        active = self.active.get(run_id)
+        if (rec is None or active is None or rec.token_hash is None
+                or not hmac.compare_digest(token_hash(token), rec.token_hash)):
+            await ws.close(code=1008, reason="unknown run or wrong token")
+            return
+        await ws.accept()
+        if active.ws is not None:
+            with contextlib.suppress(Exception):
+                await active.ws.close(code=1012, reason="replaced by a new connection")
+        active.ws = ws
+        active.attached.set()
+        loop = asyncio.get_running_loop()
+        acks: asyncio.Queue[int] = asyncio.Queue()
+
+        def committed(seq: int) -> None:  # called on the store's writer thread
+            loop.call_soon_threadsafe(acks.put_nowait, seq)
+
+        await ws.send_text(json.dumps({"type": "hello", "ack": active.accepted}))
+        acker = asyncio.create_task(_send_acks(ws, acks))
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    await self._artifact(active, message["bytes"])
+                elif message.get("text") is not None:
+                    await self._frames(active, json.loads(message["text"]), committed)
+        except (ProtocolError, ValueError, KeyError, TypeError) as exc:
+            log.warning("run %s: bad message from worker: %s", run_id, exc)
+            with contextlib.suppress(Exception):
+                await ws.close(code=1002, reason=str(exc)[:120])
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        finally:
+            acker.cancel()
+            if active.ws is ws:
+                active.ws = None
+
+    async def _frames(self, active: Active, message: dict[str, Any],
+                      committed: Callable[[int], None]) -> None:
+        if message.get("type") != "frames" or not isinstance(message.get("frames"), list):
+            raise ProtocolError("expected a frames message")
+        accepted: list[tuple[dict[str, Any], str]] = []
+        for frame in message["frames"]:
+            seq = int(frame["seq"])
+            if seq <= active.accepted:
+                continue  # a resend of something already stored
+            if seq != active.accepted + 1:
+                raise ProtocolError(f"frame seq {seq} after {active.accepted}: gap")
+            frame["run"] = active.run_id
+            text = frame_text(frame)
+            active.accepted = seq
+            self.hub.publish(active.run_id, seq, text)
+            accepted.append((frame, text))
+            await self._side_effects(active, frame)
+        if accepted:
+            self.store.append(active.run_id, accepted, on_commit=committed)
+        elif message["frames"]:
+            committed(active.accepted)  # all duplicates: acknowledge again so the worker can forget them
+
+    async def _side_effects(self, active: Active, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "status":
+            status = frame["status"]
+            if status == "running":
+                await asyncio.to_thread(self.store.update_run, active.run_id, status="running",
+                                        started_at=time.time())
+            elif status in TERMINAL_STATUSES:
+                active.final = status
+                await asyncio.to_thread(self.store.update_run, active.run_id, status=status,
+                                        error=frame.get("error"), ended_at=time.time())
+        elif kind == "alert":
+            alert = {k: frame.get(k) for k in ("step", "kind", "message")}
+            await asyncio.to_thread(self.store.update_run, active.run_id, last_alert=alert)
+        elif kind == "checkpoint":
+            await asyncio.to_thread(self._prune_checkpoints, active.run_id)
+
+    def _prune_checkpoints(self, run_id: str) -> None:
+        rec = self.store.get_run(run_id)
+        if rec is None:
+            return
+        keep = int(rec.config.get("intervals", {}).get("keep_checkpoints", 5))
+        folder = self.run_dir(run_id) / "checkpoints"
+        files = sorted(p for p in folder.glob("*.pt") if not p.name.startswith(TEMP_PREFIX))
+        for old in files[:-(keep + 1)]:  # the periodic ones the trainer keeps, plus the newest (final)
+            old.unlink(missing_ok=True)
+
+    async def _artifact(self, active: Active, message: bytes) -> None:
+        chunk = decode_chunk(message)
+        if chunk.total > self.settings.max_artifact_bytes:
+            raise ProtocolError(f"artifact {chunk.name} is larger than max_artifact_bytes")
+        key = (chunk.kind, chunk.name)
+        folder = self.run_dir(active.run_id) / chunk.kind
+        if chunk.offset == 0:
+            if key in active.uploads:
+                path, fh = active.uploads.pop(key)
+                fh.close()
+                path.unlink(missing_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{chunk.name}"
+            active.uploads[key] = (tmp, open(tmp, "wb"))  # noqa: SIM115 - closed when the last chunk lands
+        if key not in active.uploads:
+            raise ProtocolError(f"artifact {chunk.name}: chunk at offset {chunk.offset} without a start")
+        path, fh = active.uploads[key]
+        if fh.tell() != chunk.offset:
+            raise ProtocolError(f"artifact {chunk.name}: chunk at {chunk.offset}, expected {fh.tell()}")
+        await asyncio.to_thread(fh.write, chunk.payload)
+        if chunk.last:
+            del active.uploads[key]
+            await asyncio.to_thread(_finish_upload, fh, path, folder / chunk.name)
+
+
+def _finish_upload(fh: Any, tmp: Path, final: Path) -> None:
+    """Same discipline as checkpoints: fsync, then an atomic rename into place."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+    os.replace(tmp, final)
+
+
+async def _send_acks(ws: WebSocket, acks: asyncio.Queue[int]) -> None:
+    with contextlib.suppress(Exception):
+        while True:
+            seq = await acks.get()
+            while not acks.empty():
+                seq = max(seq, acks.get_nowait())
+            await ws.send_text(json.dumps({"type": "ack", "seq": seq}))
+
+
+async def _wait_until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.05)
+
+
+def _reaped(active: Active) -> bool:
+    return active.process is not None and active.process.returncode is not None
+
+
+def _signal(pid: int | None, sig: signal.Signals) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _count_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,880 @@
+"""Persistence for the server: runs, every websocket frame, and columnar metric history.
+
+One SQLite file in WAL mode holds three things:
+
+* ``runs``: one row per run (:class:`RunRecord`), written synchronously. These
+  writes are rare and small, so they go through their own lock-guarded
+  connection instead of waiting behind the frame queue.
+* ``frames``: every frame of every run as its JSON text, keyed by ``(run_id, seq)``,
+  so a websocket client reconnecting with ``?since=SEQ`` can be backfilled.
+* ``metric_chunks``: the same ``metrics`` frames again, but columnar: per key, the
+  steps (int64), times (float64) and values (float64, NaN for ``null``) of a
+  stretch of steps as raw little-endian blobs. Charts and CSV export read these
+  blobs straight into numpy instead of re-parsing millions of JSON numbers.
+  Frames committed together are merged into one chunk per key, and a key's
+  newest small chunks are merged again once enough accumulate, so that a
+  million-step history is a hundred-odd rows however small the frames were.
+  ``metric_keys`` lists each run's keys so that listing them needs no scan.
+
+Frames arrive from training workers at thousands of steps per second, and the
+event loop that receives them must never wait on disk. :meth:`Store.append` only
+enqueues; one writer thread owning its own connection groups whatever is queued
+into a single transaction. WAL lets readers (per-thread connections) run while
+that thread writes. Every write transaction starts with ``BEGIN IMMEDIATE`` so
+that two writers queue on SQLite's busy handler rather than failing with a lock
+upgrade error, which is what keeps the run-table connection and the writer
+thread from ever deadlocking.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from tsdownsample import MinMaxLTTBDownsampler
+
+logger = logging.getLogger(__name__)
+
+RUN_STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
+TERMINAL_STATUSES = frozenset({"completed", "stopped", "failed", "interrupted"})
+
+#: Chunk blobs are written with an explicit byte order so a database file can move between machines.
+_STEP_DTYPE: Final = np.dtype("<i8")
+_FLOAT_DTYPE: Final = np.dtype("<f8")
+
+#: The writer commits at most this many frames in one transaction, so that one flood of frames cannot
+#: hold the write lock (and delay the first on_commit) for long.
+MAX_BATCH_FRAMES: Final = 4096
+#: ...and stops collecting queued work after this long, for the same reason.
+MAX_BATCH_SECONDS: Final = 0.05
+#: Metrics of consecutive frames committed together are merged into one chunk per key, up to this many
+#: points: fewer, larger rows make a full-history read one short query.
+CHUNK_MAX_POINTS: Final = 8192
+#: Once this many partly filled chunks have been added to one key, the writer merges the key's newest
+#: partly filled chunks: a slow run that logs a few steps per frame would otherwise spread a long
+#: history over hundreds of thousands of rows, and every chart query would pay for it.
+COMPACT_AFTER: Final = 32
+#: How many chunk rows the CSV export reads per query; bounds its memory whatever the run's length.
+EXPORT_WINDOW_CHUNKS: Final = 256
+#: CSV rows formatted per yielded text piece.
+_CSV_ROWS_PER_PIECE: Final = 2048
+_BUSY_TIMEOUT_MS: Final = 30_000
+_LOCKED_RETRIES: Final = 10
+_SCHEMA_VERSION: Final = 1
+
+_DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
+
+_INSERT_CHUNK: Final = (
+    "INSERT INTO metric_chunks (run_id, key, first_step, last_step, n, steps, times, vals)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    sweep_id TEXT,
+    device TEXT,
+    pid INTEGER,
+    pid_started REAL,
+    token_hash TEXT,
+    last_alert TEXT,
+    resume_from TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at DESC, id);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+
+CREATE TABLE IF NOT EXISTS frames (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+
+CREATE TABLE IF NOT EXISTS metric_chunks (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    first_step INTEGER NOT NULL,
+    last_step INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    steps BLOB NOT NULL,
+    times BLOB NOT NULL,
+    vals BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_key ON metric_chunks (run_id, key, first_step);
+CREATE INDEX IF NOT EXISTS chunks_by_step ON metric_chunks (run_id, first_step);
+
+CREATE TABLE IF NOT EXISTS metric_keys (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass
+class RunRecord:
+    """One run as the server tracks it; the row of the ``runs`` table."""
+
+    id: str
+    name: str
+    kind: str  # "gan" | "vae"
+    status: str  # one of RUN_STATUSES
+    config: dict[str, Any]  # the full run config as a JSON-able dict
+    created_at: float  # unix seconds
+    started_at: float | None = None
+    ended_at: float | None = None
+    step: int = 0  # last training step seen
+    error: str | None = None
+    sweep_id: str | None = None
+    device: str | None = None  # "cpu" or "cuda:N" once placed
+    pid: int | None = None
+    pid_started: float | None = None  # psutil create_time of the worker, to detect pid reuse
+    token_hash: str | None = None  # sha256 hex of the per-run worker token
+    last_alert: dict[str, Any] | None = None  # {"step", "kind", "message"} of the newest alert frame
+    resume_from: dict[str, Any] | None = None  # {"run": id, "checkpoint": name}
+    last_seq: int = 0  # highest frame seq stored for this run
+
+
+_RUN_COLUMNS: Final = tuple(f.name for f in fields(RunRecord))
+_UPDATABLE: Final = frozenset(_RUN_COLUMNS) - {"id"}
+_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from"})
+
+Float64Array = npt.NDArray[np.float64]
+Int64Array = npt.NDArray[np.int64]
+IndexArray = npt.NDArray[np.intp]
+
+
+def _to_db(column: str, value: Any) -> Any:
+    if column in _JSON_COLUMNS and value is not None:
+        # allow_nan=False: a NaN in a config would come back as invalid JSON for the browser.
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    if column == "status" and value not in RUN_STATUSES:
+        raise ValueError(f"unknown run status {value!r}; expected one of {', '.join(RUN_STATUSES)}")
+    return value
+
+
+def _record_from_row(row: sqlite3.Row) -> RunRecord:
+    values = {c: (json.loads(row[c]) if c in _JSON_COLUMNS and row[c] is not None else row[c]) for c in _RUN_COLUMNS}
+    return RunRecord(**values)
+
+
+def _nan_to_none(values: Iterable[float]) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values]
+
+
+@dataclass
+class _Append:
+    run_id: str
+    frames: list[tuple[dict[str, Any], str]]
+    on_commit: Callable[[int], None] | None
+    max_seq: int
+
+
+@dataclass
+class _Flush:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Stop:
+    """Queue sentinel: the writer commits what it collected before it, then exits."""
+
+
+_QueueItem = _Append | _Flush | _Stop
+
+
+@dataclass
+class _Series:
+    """Pieces of one key's history (steps, times, values), concatenated when they are written or emitted."""
+
+    steps: list[Int64Array] = field(default_factory=list)
+    times: list[Float64Array] = field(default_factory=list)
+    values: list[Float64Array] = field(default_factory=list)
+
+
+@dataclass
+class _RunBatch:
+    """What one write transaction learned about one run."""
+
+    last_seq: int = 0
+    step: int | None = None
+    series: dict[str, _Series] = field(default_factory=dict)
+
+    def add_metrics(self, frame: dict[str, Any]) -> None:
+        """Split a columnar ``metrics`` frame into per-key arrays; malformed keys are skipped, not fatal."""
+        try:
+            steps = np.asarray(frame.get("step"), dtype=np.int64)
+        except (TypeError, ValueError):
+            logger.warning("metrics frame seq=%s has a malformed step list; metrics not indexed", frame.get("seq"))
+            return
+        if steps.ndim != 1 or steps.size == 0:
+            return
+        try:
+            times = np.asarray(frame.get("time"), dtype=np.float64)
+        except (TypeError, ValueError):
+            times = np.empty(0)
+        if times.shape != steps.shape:
+            # Keep the values: a chart is still useful without wall-clock times.
+            times = np.full(steps.shape, np.nan)
+        data = frame.get("data")
+        if not isinstance(data, dict):
+            return
+        for key, raw in data.items():
+            try:
+                # dtype=float64 turns JSON nulls (None) into NaN.
+                values = np.asarray(raw, dtype=np.float64)
+            except (TypeError, ValueError):
+                logger.warning("metrics frame seq=%s: key %r is not numeric; skipped", frame.get("seq"), key)
+                continue
+            if values.shape != steps.shape:
+                logger.warning("metrics frame seq=%s: key %r is not aligned with step; skipped", frame.get("seq"), key)
+                continue
+            values = np.where(np.isfinite(values), values, np.nan)
+            series = self.series.setdefault(str(key), _Series())
+            series.steps.append(steps)
+            series.times.append(times)
+            series.values.append(values)
+
+
+def _chunk_rows(
+    run_id: str, key: str, steps: Int64Array, times: Float64Array, values: Float64Array
+) -> Iterator[tuple[Any, ...]]:
+    """``metric_chunks`` rows for one key's points, at most CHUNK_MAX_POINTS each."""
+    for lo in range(0, steps.size, CHUNK_MAX_POINTS):
+        s = steps[lo : lo + CHUNK_MAX_POINTS]
+        yield (
+            run_id,
+            key,
+            # min/max rather than first/last: the readers rely on no step of a chunk lying before first_step.
+            int(s.min()),
+            int(s.max()),
+            int(s.size),
+            s.astype(_STEP_DTYPE).tobytes(),
+            times[lo : lo + CHUNK_MAX_POINTS].astype(_FLOAT_DTYPE).tobytes(),
+            values[lo : lo + CHUNK_MAX_POINTS].astype(_FLOAT_DTYPE).tobytes(),
+        )
+
+
+def _concat_chunks(rows: Sequence[sqlite3.Row]) -> tuple[Int64Array, Float64Array, Float64Array]:
+    """Decode chunk rows (``steps``, ``times``, ``vals`` columns) into one series ordered by step."""
+    if not rows:
+        return np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.float64)
+    steps = np.concatenate([np.frombuffer(r["steps"], dtype=_STEP_DTYPE) for r in rows]).astype(np.int64, copy=False)
+    times = np.concatenate([np.frombuffer(r["times"], dtype=_FLOAT_DTYPE) for r in rows]).astype(float, copy=False)
+    values = np.concatenate([np.frombuffer(r["vals"], dtype=_FLOAT_DTYPE) for r in rows]).astype(float, copy=False)
+    if steps.size > 1 and bool(np.any(np.diff(steps) < 0)):
+        # Rows come ordered by their smallest step; only out-of-order steps within a run need this.
+        order = np.argsort(steps, kind="stable")
+        steps, times, values = steps[order], times[order], values[order]
+    return steps, times, values
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions. Readers then never hold a snapshot open between
+    # statements (which would stop WAL checkpoints), and writers say BEGIN IMMEDIATE themselves.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _max_step(steps: Any) -> int | None:
+    """Largest step of a metrics frame, or None when the list is empty or malformed (its row is still stored)."""
+    try:
+        return max((int(step) for step in steps), default=None)
+    except (TypeError, ValueError):
+        return None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself after some errors (SQLITE_FULL, for one); a second ROLLBACK would then
+    # raise and hide the original error.
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _select_points(steps: Int64Array, values: Float64Array, max_points: int) -> IndexArray:
+    """Indices of at most ``max_points`` points to draw, first and last always among them.
+
+    Finite points go through MinMaxLTTB, which keeps every bucket's extremes (a single spike in a
+    million points survives). The downsampler cannot rank NaNs, so gaps are handled apart: each run of
+    nulls keeps its first index (evenly thinned to a quarter of the budget when there are very many),
+    so a chart still shows that a stretch was null instead of drawing a line across it.
+    """
+    n = values.size
+    if n <= max_points:
+        return np.arange(n, dtype=np.intp)
+    finite = np.isfinite(values)
+    if bool(finite.all()):  # the common case, without copying a million points into a finite-only view
+        return np.asarray(_DOWNSAMPLER.downsample(steps, values, n_out=max_points), dtype=np.intp)
+    finite_idx = np.flatnonzero(finite)
+    null_idx = np.flatnonzero(~finite)
+    ends = np.array([i for i in (0, n - 1) if not finite[i]], dtype=np.intp)
+    if null_idx.size:
+        starts = null_idx[np.concatenate(([True], np.diff(null_idx) > 1))]
+        cap = max_points // 4
+        if starts.size > cap:
+            starts = starts[np.unique(np.linspace(0, starts.size - 1, cap).round().astype(np.intp))]
+        chosen_null = np.union1d(starts, ends).astype(np.intp)
+    else:
+        chosen_null = ends
+    budget = max_points - chosen_null.size
+    if finite_idx.size <= budget:
+        chosen_finite = finite_idx
+    elif budget >= 3:  # the Rust LTTB asserts n_out >= 3 (and panics, not raises, otherwise)
+        picked = _DOWNSAMPLER.downsample(
+            np.ascontiguousarray(steps[finite_idx]), np.ascontiguousarray(values[finite_idx]), n_out=budget
+        )
+        chosen_finite = finite_idx[np.asarray(picked, dtype=np.intp)]
+    else:
+        # Tiny budgets: the series' own end points first, then the outermost finite points.
+        candidates = [i for i in (0, n - 1) if finite[i]] + [int(finite_idx[0]), int(finite_idx[-1])]
+        chosen_finite = np.array(list(dict.fromkeys(candidates))[:budget], dtype=np.intp)
+    return np.union1d(chosen_null, chosen_finite).astype(np.intp)
+
+
+class Store:
+    """The server's SQLite store. See the module docstring for the layout and the threading model."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._runs_lock = threading.Lock()
+        self._runs_conn = _connect(self.path)
+        # journal_mode is a property of the file and persists; set it before any other connection exists.
+        mode = self._runs_conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            self._runs_conn.close()
+            raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+        with self._runs_lock:
+            version = int(self._runs_conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > _SCHEMA_VERSION:
+                self._runs_conn.close()
+                raise RuntimeError(f"{self.path} was written by a newer gradwatch (schema {version})")
+            self._runs_conn.executescript(_SCHEMA)
+            self._runs_conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._write_conn = _connect(self.path)
+        self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._drained = threading.Event()  # set once close() has committed the queue
+        # Partly filled chunks added per (run, key) since its last compaction; touched by the writer only.
+        self._small_chunks: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the writer thread; frames appended before this wait in the queue until it runs."""
+        with self._state_lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._writer_loop, name="gradwatch-store-writer", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Commit everything queued, stop the writer and close every connection. Safe to call twice."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(_Stop())
+            thread.join()
+        # Whatever is left was queued after the stop sentinel, or the writer never started: commit it here.
+        leftovers: list[_QueueItem] = []
+        while True:
+            try:
+                leftovers.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._process([item for item in leftovers if not isinstance(item, _Stop)])
+        self._drained.set()
+        self._write_conn.close()
+        with self._runs_lock:
+            self._runs_conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection: WAL readers never block the writer, nor each other."""
+        if self._closed:
+            raise RuntimeError("store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    # ------------------------------------------------------------------ runs
+
+    def insert_run(self, run: RunRecord) -> None:
+        """Add a run; ``ValueError`` if its id is taken or its status unknown."""
+        values = [_to_db(c, getattr(run, c)) for c in _RUN_COLUMNS]
+        placeholders = ", ".join("?" for _ in _RUN_COLUMNS)
+        with self._runs_lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            try:
+                self._runs_conn.execute(f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({placeholders})", values)
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(f"run {run.id!r} already exists") from exc
+
+    def update_run(self, run_id: str, **fields: Any) -> RunRecord:
+        """Set some fields of a run and return the updated record.
+
+        ``ValueError`` for a name that is not a :class:`RunRecord` field (or is ``id``), ``KeyError`` for
+        an unknown run.
+        """
+        unknown = sorted(set(fields) - _UPDATABLE)
+        if unknown:
+            raise ValueError(f"cannot update run field(s): {', '.join(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        values = [_to_db(name, value) for name, value in fields.items()]
+        with self._runs_lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            conn = self._runs_conn
+            # One transaction so the record returned is exactly the one this update produced.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if fields:
+                    conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values, run_id])
+                row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        if row is None:
+            raise KeyError(run_id)
+        return _record_from_row(row)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        row = self._reader().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else _record_from_row(row)
+
+    def list_runs(self, statuses: Iterable[str] | None = None) -> list[RunRecord]:
+        """Runs newest first (``created_at`` descending, then ``id``), optionally only those in ``statuses``."""
+        sql = "SELECT * FROM runs"
+        params: list[str] = []
+        if statuses is not None:
+            params = list(dict.fromkeys(statuses))
+            if not params:
+                return []
+            sql += f" WHERE status IN ({', '.join('?' for _ in params)})"
+        sql += " ORDER BY created_at DESC, id"
+        return [_record_from_row(row) for row in self._reader().execute(sql, params).fetchall()]
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove the run row, its frames and its metric history in one transaction (no-op if unknown)."""
+        with self._runs_lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            conn = self._runs_conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("frames", "metric_chunks", "metric_keys"):
+                    conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    # ------------------------------------------------------------------ frames
+
+    def append(
+        self,
+        run_id: str,
+        frames: Sequence[tuple[dict[str, Any], str]],
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        """Queue frames of one run (in seq order) for the writer thread; returns at once.
+
+        Each item is the frame as emitted and its JSON text; the text is what backfill replays, the dict
+        is what the metric history is built from. A seq already stored is dropped silently, together with
+        its metrics. After the transaction holding these frames commits, ``on_commit`` is called on the
+        writer thread with the highest seq of this call (not called for an empty call, nor when the run
+        does not exist: frames of an unknown or deleted run are dropped with a warning, so a run deleted
+        while its last frames were queued leaves nothing behind).
+        """
+        items = list(frames)
+        if not items:
+            return
+        max_seq = max(int(frame["seq"]) for frame, _ in items)
+        # Under the state lock so that close() either sees this item in the queue or we see it closed:
+        # nothing can slip in after close() has drained the queue.
+        with self._state_lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            self._queue.put(_Append(run_id, items, on_commit, max_seq))
+
+    def wait_flushed(self, timeout: float = 10.0) -> bool:
+        """Block until everything appended before this call is committed; ``False`` on timeout."""
+        with self._state_lock:
+            if self._closed:
+                done = self._drained  # close() commits the whole queue
+            elif self._thread is None:
+                return self._queue.empty()
+            else:
+                marker = _Flush()
+                self._queue.put(marker)
+                done = marker.done
+        return done.wait(timeout)
+
+    def frames_after(self, run_id: str, since: int, limit: int = 1000) -> list[tuple[int, str]]:
+        """Committed frames with ``seq > since`` as ``(seq, json text)``, ascending, at most ``limit``."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        rows = self._reader().execute(
+            "SELECT seq, body FROM frames WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?", (run_id, since, limit)
+        )
+        return [(int(seq), str(body)) for seq, body in rows]
+
+    def last_seq(self, run_id: str) -> int:
+        """Highest committed seq of the run (0 when none, or for an unknown run)."""
+        row = self._reader().execute("SELECT last_seq FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer_loop(self) -> None:
+        while True:
+            batch, stop = self._collect()
+            self._process(batch)
+            if stop:
+                return
+
+    def _collect(self) -> tuple[list[_QueueItem], bool]:
+        """Block for one item, then take whatever else is already queued, within the batch limits.
+
+        There is no deliberate linger: with WAL and synchronous=NORMAL a commit does not fsync, so a lone
+        frame is committed at once (low latency for live clients), while under load the queue fills during
+        each commit and batches grow by themselves.
+        """
+        batch: list[_QueueItem] = [self._queue.get()]
+        if isinstance(batch[0], _Stop):
+            return [], True
+        n_frames = len(batch[0].frames) if isinstance(batch[0], _Append) else 0
+        deadline = time.monotonic() + MAX_BATCH_SECONDS
+        while n_frames < MAX_BATCH_FRAMES and time.monotonic() < deadline:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Stop):
+                return batch, True
+            batch.append(item)
+            if isinstance(item, _Append):
+                n_frames += len(item.frames)
+        return batch, False
+
+    def _process(self, batch: list[_QueueItem]) -> None:
+        appends = [item for item in batch if isinstance(item, _Append)]
+        committed: list[_Append] = []
+        if appends:
+            try:
+                committed = self._commit_patiently(appends)
+            except Exception:
+                # One bad append must not cost everyone else their frames: retry them one by one.
+                logger.exception("store: batch of %d appends failed; retrying them one by one", len(appends))
+                for item in appends:
+                    try:
+                        committed.extend(self._commit([item]))
+                    except Exception:
+                        logger.exception("store: dropped %d frames of run %s", len(item.frames), item.run_id)
+        for item in committed:
+            if item.on_commit is not None:
+                try:
+                    item.on_commit(item.max_seq)
+                except Exception:
+                    logger.exception("store: on_commit callback for run %s failed", item.run_id)
+        for marker in batch:
+            if isinstance(marker, _Flush):
+                marker.done.set()
+
+    def _commit_patiently(self, appends: list[_Append]) -> list[_Append]:
+        """:meth:`_commit`, retried while another connection holds the write lock.
+
+        ``busy_timeout`` already waits 30 s; a run-table write that takes longer (deleting a huge run)
+        must delay frames, not lose them, so a lock timeout is retried a few more times.
+        """
+        attempt = 1
+        while True:
+            try:
+                return self._commit(appends)
+            except sqlite3.OperationalError as exc:
+                if attempt >= _LOCKED_RETRIES or "locked" not in str(exc):
+                    raise
+                attempt += 1
+                logger.warning("store: database still locked after %d s; retrying", _BUSY_TIMEOUT_MS // 1000)
+
+    def _commit(self, appends: list[_Append]) -> list[_Append]:
+        """Write the appends in one transaction; returns those whose run exists (the ones stored)."""
+        conn = self._write_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            exists: dict[str, bool] = {}
+            runs: dict[str, _RunBatch] = {}
+            stored: list[_Append] = []
+            for item in appends:
+                if item.run_id not in exists:
+                    exists[item.run_id] = (
+                        conn.execute("SELECT 1 FROM runs WHERE id = ?", (item.run_id,)).fetchone() is not None
+                    )
+                if not exists[item.run_id]:
+                    logger.warning("store: %d frames for unknown run %s dropped", len(item.frames), item.run_id)
+                    continue
+                run = runs.setdefault(item.run_id, _RunBatch())
+                for frame, text in item.frames:
+                    seq = int(frame["seq"])
+                    kind = str(frame.get("type", ""))
+                    cursor = conn.execute(
+                        "INSERT OR IGNORE INTO frames (run_id, seq, type, body) VALUES (?, ?, ?, ?)",
+                        (item.run_id, seq, kind, text),
+                    )
+                    run.last_seq = max(run.last_seq, seq)
+                    if kind != "metrics":
+                        continue
+                    top = _max_step(frame.get("step"))
+                    if top is not None:
+                        run.step = top if run.step is None else max(run.step, top)
+                    if cursor.rowcount == 1:  # only newly stored frames feed the history: no doubled points
+                        run.add_metrics(frame)
+                stored.append(item)
+            for run_id, run in runs.items():
+                for key, series in run.series.items():
+                    rows = list(
+                        _chunk_rows(
+                            run_id,
+                            key,
+                            np.concatenate(series.steps),
+                            np.concatenate(series.times),
+                            np.concatenate(series.values),
+                        )
+                    )
+                    conn.executemany(_INSERT_CHUNK, rows)
+                    small = self._small_chunks.get((run_id, key), 0) + sum(r[4] < CHUNK_MAX_POINTS for r in rows)
+                    if small >= COMPACT_AFTER:
+                        self._compact(conn, run_id, key)
+                        small = 0
+                    self._small_chunks[(run_id, key)] = small
+                conn.executemany(
+                    "INSERT OR IGNORE INTO metric_keys (run_id, key) VALUES (?, ?)", ((run_id, k) for k in run.series)
+                )
+                conn.execute(
+                    "UPDATE runs SET last_seq = MAX(last_seq, ?), step = MAX(step, COALESCE(?, step)) WHERE id = ?",
+                    (run.last_seq, run.step, run_id),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return stored
+
+    def _compact(self, conn: sqlite3.Connection, run_id: str, key: str) -> None:
+        """Merge the key's newest run of partly filled chunks into full ones (inside the caller's transaction).
+
+        Only the trailing run is touched, so merged chunks never overlap older full ones in step order.
+        """
+        # Sizes first, blobs only for the chunks that will be merged: the full chunk that ends the tail
+        # would otherwise be read for nothing.
+        meta = conn.execute(
+            "SELECT id, n FROM metric_chunks WHERE run_id = ? AND key = ? ORDER BY first_step DESC, id DESC LIMIT ?",
+            (run_id, key, 4 * COMPACT_AFTER),
+        )
+        ids: list[int] = []
+        for chunk_id, n in meta:
+            if n >= CHUNK_MAX_POINTS:
+                break
+            ids.append(int(chunk_id))
+        meta.close()
+        if len(ids) < 2:
+            return
+        marks = ", ".join("?" for _ in ids)
+        tail = conn.execute(
+            f"SELECT id, steps, times, vals FROM metric_chunks WHERE id IN ({marks}) ORDER BY first_step, id", ids
+        ).fetchall()
+        steps, times, values = _concat_chunks(tail)
+        conn.execute(f"DELETE FROM metric_chunks WHERE id IN ({marks})", ids)
+        conn.executemany(_INSERT_CHUNK, _chunk_rows(run_id, key, steps, times, values))
+
+    # ------------------------------------------------------------------ metric history
+
+    def metric_keys(self, run_id: str) -> list[str]:
+        rows = self._reader().execute("SELECT key FROM metric_keys WHERE run_id = ? ORDER BY key", (run_id,))
+        return [str(row[0]) for row in rows]
+
+    def _series(self, conn: sqlite3.Connection, run_id: str, key: str) -> tuple[Int64Array, Float64Array, Float64Array]:
+        rows = conn.execute(
+            "SELECT steps, times, vals FROM metric_chunks WHERE run_id = ? AND key = ? ORDER BY first_step, id",
+            (run_id, key),
+        ).fetchall()
+        return _concat_chunks(rows)
+
+    def metric_history(
+        self, run_id: str, keys: Sequence[str] | None, max_points: int
+    ) -> dict[str, dict[str, list[Any]]]:
+        """``{key: {"step", "time", "value"}}`` ordered by step, at most ``max_points`` points per key.
+
+        Keys that do not exist are left out (all keys when ``keys`` is None). Longer histories are
+        downsampled keeping extremes and both ends (see :func:`_select_points`); NaN comes back as None.
+        """
+        if max_points < 2:
+            raise ValueError("max_points must be at least 2")
+        existing = self.metric_keys(run_id)
+        known = set(existing)
+        wanted = existing if keys is None else [k for k in dict.fromkeys(keys) if k in known]
+        conn = self._reader()
+        out: dict[str, dict[str, list[Any]]] = {}
+        for key in wanted:
+            steps, times, values = self._series(conn, run_id, key)
+            picked = _select_points(steps, values, max_points)
+            out[key] = {
+                "step": steps[picked].tolist(),
+                "time": _nan_to_none(times[picked].tolist()),
+                "value": _nan_to_none(values[picked].tolist()),
+            }
+        return out
+
+    def export_csv(self, run_id: str, *, window_chunks: int = EXPORT_WINDOW_CHUNKS) -> Iterator[str]:
+        """The full, un-downsampled history as CSV text pieces: ``step,time,<keys sorted>``, one row per step.
+
+        A cell is empty where the key has no value at that step (evaluation keys, for instance) or the
+        value was null. ``window_chunks`` bounds how many chunk rows are held at once.
+        """
+        if window_chunks < 1:
+            raise ValueError("window_chunks must be at least 1")
+        if self._closed:
+            raise RuntimeError("store is closed")
+        return self._export(run_id, window_chunks)
+
+    def _export(self, run_id: str, window_chunks: int) -> Iterator[str]:
+        """Walk the chunks in order of their first step, ``window_chunks`` rows per query.
+
+        Once every chunk that starts before step S has been read, the rows before S are complete and are
+        emitted; later points wait for the next window, so memory is bounded by a window, not by the run.
+        The export runs in one read transaction on a connection of its own: the writer may merge chunks
+        of a live run meanwhile, and without a fixed snapshot the paging could skip or repeat points.
+        The generator may be resumed on different threads (Starlette iterates a sync body in its
+        threadpool), which is safe because only this generator ever uses that connection.
+        """
+        conn = _connect(self.path)
+        with self._readers_lock:
+            self._readers.append(conn)
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("BEGIN")
+            keys = [
+                str(r[0]) for r in conn.execute("SELECT key FROM metric_keys WHERE run_id = ? ORDER BY key", (run_id,))
+            ]
+            column = {key: i for i, key in enumerate(keys)}
+            header = io.StringIO()
+            csv.writer(header, lineterminator="\n").writerow(["step", "time", *keys])
+            yield header.getvalue()
+
+            pending: dict[int, _Series] = {}
+            after: tuple[int, int] = (-(2**63), 0)
+            while True:
+                rows = conn.execute(
+                    "SELECT id, key, first_step, steps, times, vals FROM metric_chunks"
+                    " WHERE run_id = ? AND (first_step, id) > (?, ?) ORDER BY first_step, id LIMIT ?",
+                    (run_id, after[0], after[1], window_chunks),
+                ).fetchall()
+                for row in rows:
+                    col = column.get(str(row["key"]))
+                    if col is None:  # cannot happen within one snapshot: keys and chunks commit together
+                        continue
+                    series = pending.setdefault(col, _Series())
+                    series.steps.append(np.frombuffer(row["steps"], dtype=_STEP_DTYPE).astype(np.int64))
+                    series.times.append(np.frombuffer(row["times"], dtype=_FLOAT_DTYPE).astype(np.float64))
+                    series.values.append(np.frombuffer(row["vals"], dtype=_FLOAT_DTYPE).astype(np.float64))
+                done = len(rows) < window_chunks
+                if rows:
+                    after = (int(rows[-1]["first_step"]), int(rows[-1]["id"]))
+                # Unread chunks all start at or after after[0], so every step before it is complete.
+                yield from _csv_rows(pending, len(keys), None if done else after[0])
+                if done:
+                    return
+        finally:
+            with self._readers_lock:
+                if conn in self._readers:
+                    self._readers.remove(conn)
+            conn.close()
+
+
+def _csv_rows(pending: dict[int, _Series], n_keys: int, boundary: int | None) -> Iterator[str]:
+    """Emit the rows of ``pending`` with step < ``boundary`` (all if None); keep the rest in ``pending``."""
+    ready: dict[int, tuple[Int64Array, Float64Array, Float64Array]] = {}
+    for col, series in list(pending.items()):
+        if not series.steps:
+            continue
+        steps = np.concatenate(series.steps)
+        times = np.concatenate(series.times)
+        values = np.concatenate(series.values)
+        now = np.ones(steps.shape, dtype=bool) if boundary is None else steps < boundary
+        ready[col] = (steps[now], times[now], values[now])
+        later = ~now
+        pending[col] = _Series([steps[later]], [times[later]], [values[later]]) if later.any() else _Series()
+    if not ready:
+        return
+    all_steps = np.unique(np.concatenate([steps for steps, _, _ in ready.values()]))
+    if all_steps.size == 0:
+        return
+    table = np.full((all_steps.size, n_keys), np.nan)
+    row_times = np.full(all_steps.size, np.nan)
+    for col, (steps, times, values) in ready.items():
+        at = np.searchsorted(all_steps, steps)
+        table[at, col] = values
+        # Any key's time for a step will do (they come from the same frame), as long as it is known.
+        known = ~np.isnan(times)
+        row_times[at[known]] = times[known]
+    for lo in range(0, all_steps.size, _CSV_ROWS_PER_PIECE):
+        hi = lo + _CSV_ROWS_PER_PIECE
+        columns = [
+            [str(s) for s in all_steps[lo:hi].tolist()],
+            _csv_cells(row_times[lo:hi]),
+            *(_csv_cells(table[lo:hi, col]) for col in range(n_keys)),
+        ]
+        yield "".join(",".join(cells) + "\n" for cells in zip(*columns, strict=True))
+
+
+def _csv_cells(values: Float64Array) -> list[str]:
+    # repr() is the shortest text that float() reads back to the same double.
+    return ["" if math.isnan(v) else repr(v) for v in values.tolist()]
