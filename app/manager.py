@@ -154,11 +154,10 @@ class RunManager:
             if pid_alive(active.pid, None) and not _reaped(active):
                 _signal(active.pid, signal.SIGKILL)
         for run_id, active in list(self.active.items()):
-            status = active.final or "interrupted"
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.store.update_run, run_id, status=status, ended_at=time.time(),
-                                        error=None if active.final else "the server was shut down")
-        self.active.clear()
+            self.active.pop(run_id, None)
+            if active.final is None:
+                await self._end(run_id, "interrupted", "the server was shut down while this run was training",
+                                accepted=active.accepted)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -359,6 +358,7 @@ class RunManager:
             error = f"{reason}\n--- last lines of the worker's log ---\n{tail}" if tail else reason
             await self._end(active.run_id, "failed", error, accepted=active.accepted)
         else:
+            await asyncio.to_thread(self._salvage, active.run_id)
             self.hub.close_topic(active.run_id)
         if active.ws is not None:
             with contextlib.suppress(Exception):
@@ -376,6 +376,7 @@ class RunManager:
         rec = await asyncio.to_thread(self.store.get_run, run_id)
         if rec is None:
             return
+        await asyncio.to_thread(self._salvage, run_id)
         seq = max(accepted, rec.last_seq) + 1
         frame = {"type": "status", "run": run_id, "seq": seq, "status": status, "error": error, "step": rec.step}
         text = frame_text(frame)
@@ -465,6 +466,24 @@ class RunManager:
             await asyncio.to_thread(self.store.update_run, active.run_id, last_alert=alert)
         elif kind == "checkpoint":
             await asyncio.to_thread(self._prune_checkpoints, active.run_id)
+
+    def _salvage(self, run_id: str) -> None:
+        """Keep what a local worker wrote but never got acknowledged (its final checkpoint, say).
+
+        Acknowledged artifacts were uploaded and removed from the worker's
+        scratch folder, so whatever is left there never reached the run's
+        folder: move it in, unless an upload of the same name already did.
+        """
+        run_dir = self.run_dir(run_id)
+        for kind in ("samples", "checkpoints"):
+            scratch = run_dir / "work" / kind
+            if not scratch.is_dir():
+                continue
+            (run_dir / kind).mkdir(exist_ok=True)
+            for path in scratch.iterdir():
+                target = run_dir / kind / path.name
+                if path.is_file() and not path.name.startswith(TEMP_PREFIX) and not target.exists():
+                    os.replace(path, target)
 
     def _prune_checkpoints(self, run_id: str) -> None:
         rec = self.store.get_run(run_id)

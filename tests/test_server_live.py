@@ -290,3 +290,29 @@ def test_a_client_that_never_reads_slows_nothing(server: LiveServer) -> None:
         assert received < 0.9 * sum(len(json.dumps(f)) for f in frames), "the stuck client got everything"
     finally:
         stuck.close()
+
+
+def test_a_run_that_cannot_start_fails_with_a_reason(server: LiveServer, tmp_path: Path) -> None:
+    empty = tmp_path / "no-idx-files-here"
+    empty.mkdir()
+    cfg = config(TINY_GAN, data={"name": "mnist_idx", "path": str(empty)})
+    run = launch(server, cfg)
+    with server.client() as http:
+        detail = wait_status(http, run["id"], TERMINAL)
+    assert detail["status"] == "failed" and "data.path" in detail["error"]
+
+
+def test_delete_removes_a_finished_run_and_refuses_a_live_one(server: LiveServer) -> None:
+    live = launch(server, config(TINY_GAN, train__steps=1_000_000))
+    done = launch(server, config(TINY_GAN, train__steps=10))
+    with server.client() as http:
+        wait_status(http, done["id"], TERMINAL)
+        assert http.delete(f"/api/runs/{live['id']}").status_code == 409
+        assert http.delete(f"/api/runs/{done['id']}").status_code == 204
+        assert http.get(f"/api/runs/{done['id']}").status_code == 404
+        assert http.get(f"/api/runs/{done['id']}/metrics.csv").status_code == 404
+        assert not (server.data_dir / "runs" / done["id"]).exists()
+        assert done["id"] not in {r["id"] for r in http.get("/api/runs").json()}
+        http.post(f"/api/runs/{live['id']}/stop")
+        wait_status(http, live["id"], TERMINAL)
+        assert http.delete(f"/api/runs/{live['id']}").status_code == 204

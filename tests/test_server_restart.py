@@ -101,3 +101,38 @@ def _launch(server: LiveServer) -> dict[str, Any]:
         run: dict[str, Any] = response.json()
         wait_status(http, run["id"], {"running"})
     return run
+
+
+def test_graceful_shutdown_leaves_no_worker_and_keeps_the_final_checkpoint(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path / "data").start()
+    try:
+        run = _launch(server)
+        worker = _worker_of(server, run["id"])
+        with server.client() as http:
+            wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] > 30, what="training")
+        server.stop()  # SIGTERM: workers are stopped (final checkpoint), then the server exits
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+        server.start()
+        with server.client() as http:
+            detail = http.get(f"/api/runs/{run['id']}").json()
+        assert detail["status"] == "interrupted"
+        # The checkpoint the worker wrote as it stopped was salvaged into the run's folder.
+        assert detail["checkpoints"] and detail["checkpoints"][-1]["step"] >= 30
+        _resume_completes(server, detail, detail["checkpoints"][-1])
+    finally:
+        server.stop()
+
+
+def test_runs_beyond_the_device_limit_wait_queued(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path / "data", env={"GRADWATCH_CPU_RUN_LIMIT": "1"}).start()
+    try:
+        first = _launch(server)
+        with server.client() as http:
+            second = http.post("/api/runs", json=config(TINY_GAN, train__steps=20)).json()
+            time.sleep(2.0)
+            assert http.get(f"/api/runs/{second['id']}").json()["status"] == "queued"
+            assert len(server.workers()) == 1
+            http.post(f"/api/runs/{first['id']}/stop")
+            assert wait_status(http, second["id"], TERMINAL)["status"] == "completed"
+    finally:
+        server.stop()
