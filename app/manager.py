@@ -181,6 +181,10 @@ class RunManager:
         run_dir = self.runs_dir / run.id
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        if resume_from is not None:
+            # The new run owns a copy: deleting the source run while this one waits must not break it.
+            source = self.run_dir(resume_from["run"]) / "checkpoints" / resume_from["checkpoint"]
+            await asyncio.to_thread(_link_or_copy, source, run_dir / "resume" / resume_from["checkpoint"])
         await asyncio.to_thread(self.store.insert_run, run)
         self.queue.append(run.id)
         await self._schedule()
@@ -298,8 +302,7 @@ class RunManager:
             "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
         ]
         if rec.resume_from:
-            args += ["--resume", str(self.run_dir(rec.resume_from["run"]) / "checkpoints"
-                                     / rec.resume_from["checkpoint"])]
+            args += ["--resume", str(run_dir / "resume" / rec.resume_from["checkpoint"])]
         env = {**os.environ, "GRADWATCH_RUN_TOKEN": token,
                "CUDA_VISIBLE_DEVICES": device.split(":", 1)[1] if device.startswith("cuda:") else "",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -518,6 +521,14 @@ class RunManager:
         if chunk.last:
             del active.uploads[key]
             await asyncio.to_thread(_finish_upload, fh, path, folder / chunk.name)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # checkpoints are never modified in place, so sharing the inode is safe
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _finish_upload(fh: Any, tmp: Path, final: Path) -> None:

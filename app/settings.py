@@ -111,7 +111,7 @@ class Settings(BaseSettings):
         description="extra Host header names accepted, e.g. a reverse proxy's public name; "
         'in the environment a JSON list: GRADWATCH_ALLOWED_HOSTS=\'["dash.example.org"]\'',
     )
-    cpu_run_limit: int = Field(default=2, ge=1, le=64, description="concurrent runs on the CPU")
+    cpu_run_limit: int = Field(default=4, ge=1, le=64, description="concurrent CPU runs (a twin pair and two more)")
     gpu_run_limit: int = Field(default=2, ge=1, le=64, description="concurrent runs per GPU")
     reattach_grace_s: float = Field(
         default=20.0, ge=0, le=600, allow_inf_nan=False,

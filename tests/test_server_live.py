@@ -316,3 +316,19 @@ def test_delete_removes_a_finished_run_and_refuses_a_live_one(server: LiveServer
         http.post(f"/api/runs/{live['id']}/stop")
         wait_status(http, live["id"], TERMINAL)
         assert http.delete(f"/api/runs/{live['id']}").status_code == 204
+
+
+def test_a_diverging_run_alerts_then_fails(server: LiveServer) -> None:
+    # Plain SGD at learning rate 1 with heavy momentum: the losses leave the floats within a few steps.
+    cfg = config(TINY_GAN, gan={"lr_g": 1.0, "lr_d": 1.0, "g_optimizer": "sgd", "d_optimizer": "sgd",
+                                "momentum": 0.99})
+    run = launch(server, cfg)
+    with server.stream(run["id"]) as ws:
+        frames = read_frames(ws, ended)
+    alerts = [f for f in frames if f["type"] == "alert"]
+    assert alerts and alerts[0]["kind"] == "diverged"
+    assert frames[-1]["status"] == "failed" and "diverged" in frames[-1]["error"]
+    assert any(None in values for f in frames if f["type"] == "metrics" for values in f["data"].values())
+    with server.client() as http:
+        detail = http.get(f"/api/runs/{run['id']}").json()
+    assert detail["status"] == "failed" and detail["last_alert"]["kind"] == "diverged"

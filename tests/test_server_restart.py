@@ -31,11 +31,16 @@ def _frames(server: LiveServer, run_id: str) -> list[dict[str, Any]]:
 
 
 def _resume_completes(server: LiveServer, run: dict[str, Any], ckpt: dict[str, Any]) -> None:
-    cfg = config(run["config"], train__steps=ckpt["step"] + 30)
+    # The README's form: only what changes; the rest comes from the checkpointed run.
+    body = {"train": {"steps": ckpt["step"] + 30}, "resume_from": {"run": run["id"], "checkpoint": ckpt["name"]}}
     with server.client() as http:
-        response = http.post("/api/runs", json={**cfg, "resume_from": {"run": run["id"], "checkpoint": ckpt["name"]}})
+        response = http.post("/api/runs", json=body)
         assert response.status_code == 201, response.text
         resumed = response.json()
+        assert resumed["config"]["model"] == run["config"]["model"]
+        assert f"resumed at step {ckpt['step']}" in resumed["name"]
+        # The new run holds its own copy of the checkpoint: the source can go at once.
+        assert http.delete(f"/api/runs/{run['id']}").status_code == 204
         assert wait_status(http, resumed["id"], TERMINAL)["status"] == "completed"
     steps = sorted(metric_series(_frames(server, resumed["id"]), "loss/d"))
     assert steps == list(range(ckpt["step"] + 1, ckpt["step"] + 31))  # the same curve, carried on

@@ -42,7 +42,7 @@ def test_defaults_bind_loopback_without_token(tmp_path: Path) -> None:
     assert settings.token is None
     assert settings.token_value() is None
     assert settings.allowed_hosts == []
-    assert (settings.cpu_run_limit, settings.gpu_run_limit) == (2, 2)
+    assert (settings.cpu_run_limit, settings.gpu_run_limit) == (4, 2)
     assert settings.max_artifact_bytes == 1 << 30
 
 
@@ -74,14 +74,14 @@ def test_reads_prefixed_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.setenv("GRADWATCH_PORT", "9000")
     monkeypatch.setenv("GRADWATCH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("GRADWATCH_ALLOWED_HOSTS", '["Dash.Example.org"]')
-    monkeypatch.setenv("GRADWATCH_CPU_RUN_LIMIT", "4")
+    monkeypatch.setenv("GRADWATCH_CPU_RUN_LIMIT", "6")
     settings = Settings(_env_file=None)
     assert settings.token_value() == GOOD_TOKEN
     assert settings.host == "0.0.0.0"
     assert settings.port == 9000
     assert settings.data_dir == tmp_path / "data"
     assert settings.allowed_hosts == ["dash.example.org"]
-    assert settings.cpu_run_limit == 4
+    assert settings.cpu_run_limit == 6
 
 
 # --- tokens ---------------------------------------------------------------------------------------------------------

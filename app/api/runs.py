@@ -61,7 +61,15 @@ def _field_error(loc: tuple[str | int, ...], message: str) -> RequestValidationE
     return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": message}])
 
 
-async def _check_resume(manager: RunManager, resume: ResumeFrom, cfg: RunConfig) -> None:
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+async def _resumed_config(manager: RunManager, request: RunRequest, resume: ResumeFrom) -> RunConfig:
+    """The source run's config with the fields this request sets on top, checked against the checkpoint."""
     source = await asyncio.to_thread(manager.store.get_run, resume.run)
     if source is None:
         raise _field_error(("resume_from", "run"), f"no run {resume.run!r}")
@@ -72,21 +80,35 @@ async def _check_resume(manager: RunManager, resume: ResumeFrom, cfg: RunConfig)
         state = await asyncio.to_thread(load_checkpoint, path)
     except (OSError, ValueError, RuntimeError) as exc:
         raise _field_error(("resume_from", "checkpoint"), f"cannot load it: {exc}") from exc
-    if state.get("kind") != cfg.kind:
+    step = int(state["step"])
+    changes = request.model_dump(mode="json", exclude_unset=True, exclude={"resume_from"})
+    raw = _merge(state["config"], changes)
+    if "name" not in changes:
+        raw["name"] = f"{source.name} · resumed at step {step}"[:200]
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _body_error(exc, ()) from exc
+    if cfg.kind != state.get("kind"):
         raise _field_error(("kind",), f"the checkpoint is of a {state.get('kind')} run")
-    if int(state["step"]) >= cfg.train.steps:
-        raise _field_error(("train", "steps"), f"must exceed the checkpoint's step {int(state['step'])}")
+    if cfg.train.steps <= step:
+        raise _field_error(("train", "steps"), f"must exceed the checkpoint's step {step}")
+    return cfg
 
 
 @router.post("/runs", status_code=201, response_model=RunDetail)
 async def create_run(request: RunRequest, manager: ManagerDep) -> RunDetail:
-    """Queue a run; it starts as soon as a worker slot on its device is free."""
-    cfg = request.run_config()
-    resume = None
-    if request.resume_from is not None:
-        await _check_resume(manager, request.resume_from, cfg)
-        resume = request.resume_from.model_dump()
-    rec = await manager.submit(cfg, resume_from=resume)
+    """Queue a run; it starts as soon as a worker slot on its device is free.
+
+    With ``resume_from``, the new run continues the checkpoint's run: its
+    config is the checkpointed one with the fields the body sets on top
+    (typically ``train.steps``).
+    """
+    if request.resume_from is None:
+        rec = await manager.submit(request.run_config())
+    else:
+        cfg = await _resumed_config(manager, request, request.resume_from)
+        rec = await manager.submit(cfg, resume_from=request.resume_from.model_dump())
     return await _detail(manager, rec)
 
 
