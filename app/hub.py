@@ -72,11 +72,15 @@ class Hub:
     """Topics by run id; publish from the event loop, serve clients as tasks."""
 
     def __init__(self, store: Store, *, queue_frames: int = 256, ring_bytes: int = 8 << 20,
-                 send_timeout_s: float = 10.0) -> None:
+                 send_timeout_s: float = 10.0, linger_s: float = 30.0) -> None:
         self.store = store
         self.queue_frames = queue_frames
         self.ring_bytes = ring_bytes
         self.send_timeout_s = send_timeout_s
+        # An ended run's ring is kept this long (its last frames may still be on their way to the
+        # store), then dropped: its history is served from the store, and memory stays bounded
+        # by the runs that are live, not by every run the server has ever seen.
+        self.linger_s = linger_s
         self.topics: dict[str, Topic] = {}
 
     def topic(self, run_id: str) -> Topic:
@@ -106,9 +110,15 @@ class Hub:
         for client in topic.clients:
             with contextlib.suppress(asyncio.QueueFull):
                 client.queue.put_nowait(_RESYNC)
+        self._reap_later(run_id)
 
-    def reopen_topic(self, run_id: str) -> None:
-        self.topic(run_id).closed = False
+    def _reap_later(self, run_id: str) -> None:
+        asyncio.get_running_loop().call_later(self.linger_s, self._reap, run_id)
+
+    def _reap(self, run_id: str) -> None:
+        topic = self.topics.get(run_id)
+        if topic is not None and topic.closed and not topic.clients:
+            del self.topics[run_id]
 
     def forget(self, run_id: str) -> None:
         topic = self.topics.pop(run_id, None)
@@ -156,6 +166,8 @@ class Hub:
         finally:
             topic.clients.discard(client)
             receiver.cancel()
+            if topic.closed and not topic.clients:
+                self._reap_later(run_id)
 
     async def _catch_up(self, ws: WebSocket, run_id: str, topic: Topic, last: int, upto: int) -> int:
         """Send every frame in (last, upto], from the ring when it still holds them, else the store."""

@@ -61,8 +61,7 @@ class WorkerChannel:
         self.on_stop: Callable[[], None] = lambda: None
         self._cond = threading.Condition()
         self._outbox: collections.deque[tuple[dict[str, Any], str]] = collections.deque()
-        self._sent = 0  # how many outbox entries went out on the current connection
-        self._acked = 0
+        self._send_from = 1  # seq of the first frame not yet sent on the current connection
         self._closing = False
         self._gave_up = False
         self._refused = False
@@ -138,32 +137,38 @@ class WorkerChannel:
         hello = json.loads(ws.recv(timeout=10))
         if hello.get("type") != "hello":
             raise ConnectionError(f"unexpected first message {hello!r}")
-        self._ack(int(hello["ack"]))
+        ack = int(hello["ack"])
+        self._ack(ack)
         with self._cond:
-            self._sent = 0
+            self._send_from = ack + 1  # everything after what the server has, again if need be
         receiver = threading.Thread(target=self._receive, args=(ws,), daemon=True)
         receiver.start()
         while receiver.is_alive():
             with self._cond:
-                while self._sent >= len(self._outbox) and not self._closing and receiver.is_alive():
+                while not self._unsent() and not self._closing and receiver.is_alive():
                     self._cond.wait(0.1)
                 if self._closing:
                     return
-                pending = list(self._outbox)[self._sent:]
+                pending = [item for item in self._outbox if item[0]["seq"] >= self._send_from]
             if pending:
                 self._send_pending(ws, pending)
         receiver.join()
 
+    def _unsent(self) -> bool:
+        return bool(self._outbox) and self._outbox[-1][0]["seq"] >= self._send_from
+
     def _send_pending(self, ws: ClientConnection, pending: list[tuple[dict[str, Any], str]]) -> None:
         batch: list[str] = []
         size = 0
+        last = 0
 
         def flush() -> None:
             nonlocal batch, size
             if batch:
                 ws.send('{"type":"frames","frames":[' + ",".join(batch) + "]}")
                 with self._cond:
-                    self._sent += len(batch)
+                    # By seq, not by count: acks may remove frames from the outbox meanwhile.
+                    self._send_from = max(self._send_from, last + 1)
                 batch, size = [], 0
 
         for frame, text in pending:
@@ -173,6 +178,7 @@ class WorkerChannel:
                 self._upload(ws, kind, str(frame["name"]))
             batch.append(text)
             size += len(text)
+            last = int(frame["seq"])
             if size >= MAX_BATCH_BYTES or len(batch) >= 512:
                 flush()
         flush()
@@ -213,8 +219,6 @@ class WorkerChannel:
         with self._cond:
             while self._outbox and self._outbox[0][0]["seq"] <= seq:
                 done.append(self._outbox.popleft()[0])
-                self._sent = max(0, self._sent - 1)
-            self._acked = max(self._acked, seq)
             self._cond.notify_all()
         for frame in done:
             kind = ARTIFACT_FRAMES.get(frame["type"])
