@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,11 +59,10 @@ class Topic:
 
     def after(self, since: int) -> list[tuple[int, str]] | None:
         """Frames with seq > since if the ring still holds all of them, else None."""
-        if not self.frames or since >= self.head:
+        if since >= self.head:
             return []
-        first = self.frames[0][0]
-        if first > since + 1:
-            return None
+        if not self.frames or self.frames[0][0] > since + 1:
+            return None  # the ring never held, or no longer holds, since + 1: the store has it
         return [item for item in self.frames if item[0] > since]
 
 
@@ -182,6 +180,8 @@ class Hub:
                     if not rows or rows[0][0] != last + 1:
                         return last  # a gap we cannot fill (deleted run): stop trying
                 batch = rows
+            if not batch:
+                return last  # nothing newer anywhere: never spin without awaiting
             for seq, text in batch:
                 if seq <= last:
                     continue
@@ -214,9 +214,4 @@ async def _close_quietly(ws: WebSocket, code: int, reason: str) -> None:
     if ws.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(code=code, reason=reason), 2.0)
-
-
-def frame_text(frame: dict[str, object]) -> str:
-    """Strict JSON: a NaN that slipped through raises here instead of reaching a browser."""
-    return json.dumps(frame, allow_nan=False, separators=(",", ":"))
 

@@ -34,12 +34,13 @@ from typing import Any
 import psutil
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from app.hub import Hub, frame_text
+from app.hub import Hub
 from app.protocol import ProtocolError, decode_chunk
 from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
 from trainer.checkpoint import TEMP_PREFIX, sweep_temp_files
 from trainer.config import ControlRequest, RunConfig
+from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.manager")
 
@@ -382,7 +383,7 @@ class RunManager:
         await asyncio.to_thread(self._salvage, run_id)
         seq = max(accepted, rec.last_seq) + 1
         frame = {"type": "status", "run": run_id, "seq": seq, "status": status, "error": error, "step": rec.step}
-        text = frame_text(frame)
+        text = frame_to_json(frame)
         self.hub.publish(run_id, seq, text)
         self.store.append(run_id, [(frame, text)])
         await asyncio.to_thread(self.store.update_run, run_id, status=status, error=error, ended_at=time.time())
@@ -443,7 +444,7 @@ class RunManager:
             if seq != active.accepted + 1:
                 raise ProtocolError(f"frame seq {seq} after {active.accepted}: gap")
             frame["run"] = active.run_id
-            text = frame_text(frame)
+            text = frame_to_json(frame)
             active.accepted = seq
             self.hub.publish(active.run_id, seq, text)
             accepted.append((frame, text))

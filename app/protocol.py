@@ -52,7 +52,11 @@ class ArtifactChunk:
 
 
 def valid_artifact(kind: str, name: str) -> bool:
-    return kind in ARTIFACT_KINDS and bool(ARTIFACT_NAME.match(name)) and ".." not in name
+    return kind in ARTIFACT_KINDS and bool(ARTIFACT_NAME.fullmatch(name)) and ".." not in name
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def encode_chunk(kind: str, name: str, offset: int, total: int, payload: bytes) -> bytes:
@@ -70,10 +74,12 @@ def decode_chunk(message: bytes) -> ArtifactChunk:
         raise ProtocolError("artifact chunk header is malformed")
     try:
         header: Any = json.loads(message[start:start + size])
-        chunk = ArtifactChunk(str(header["kind"]), str(header["name"]), int(header["offset"]),
-                              int(header["total"]), message[start + size:])
+        kind, name, offset, total = header["kind"], header["name"], header["offset"], header["total"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"artifact chunk header is malformed: {exc}") from exc
+    if not (isinstance(kind, str) and isinstance(name, str) and _is_int(offset) and _is_int(total)):
+        raise ProtocolError("artifact chunk header is malformed: offset and total must be integers")
+    chunk = ArtifactChunk(kind, name, offset, total, message[start + size:])
     if not valid_artifact(chunk.kind, chunk.name):
         raise ProtocolError(f"artifact {chunk.kind}/{chunk.name} is not an allowed name")
     if chunk.offset < 0 or chunk.total < 0 or chunk.offset + len(chunk.payload) > chunk.total:

@@ -41,6 +41,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from app.protocol import CHUNK_BYTES, encode_chunk
+from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.worker")
 
@@ -69,7 +70,7 @@ class WorkerChannel:
 
     # -- trainer side ------------------------------------------------------------
     def send_frame(self, frame: dict[str, Any]) -> None:
-        text = json.dumps(frame, allow_nan=False, separators=(",", ":"))
+        text = frame_to_json(frame)
         with self._cond:
             self._outbox.append((frame, text))
             self._cond.notify_all()

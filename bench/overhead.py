@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from trainer.config import RunConfig
 from trainer.data import load_dataset
-from trainer.headless import frame_to_json
 from trainer.loop import RunOptions, Trainer, make_trainer, resolve_device
 from trainer.models import build_gan, build_vae
 from trainer.presets import get_preset
+from trainer.telemetry import frame_to_json
 
 CASES = {
     "ring8 MLP GAN": "ring8-non-saturating",

@@ -23,8 +23,9 @@ from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocket
 
-from app.hub import Client, Hub, Topic, frame_text
+from app.hub import Client, Hub, Topic
 from app.store import TERMINAL_STATUSES, RunRecord, Store
+from trainer.telemetry import frame_to_json
 
 RUN = "run0"
 RESYNC = (-1, "")
@@ -36,7 +37,7 @@ FREEZE_TIMEOUT_S = 0.8
 
 def text(seq: int) -> str:
     """A frame's JSON text; the same length for every seq below 1000, so ring sizes are easy to reason about."""
-    return frame_text({"type": "metrics", "run": RUN, "seq": seq, "pad": f"{seq:03d}"})
+    return frame_to_json({"type": "metrics", "run": RUN, "seq": seq, "pad": f"{seq:03d}"})
 
 
 def make_run(status: str) -> RunRecord:
@@ -99,11 +100,6 @@ def test_after_on_a_new_topic_is_empty() -> None:
     assert Topic(ring_bytes=100).after(0) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG app/hub.py Topic.after: an empty ring returns [] even when since < head (a topic whose head was "
-    "set by Hub.serve from the store), so Hub._catch_up spins forever without awaiting",
-)
 def test_after_is_none_when_the_ring_is_empty_but_head_is_ahead() -> None:
     topic = Topic(ring_bytes=100)
     topic.head = 5  # what Hub.serve does for a run whose frames are only in the store
@@ -221,10 +217,10 @@ def test_forget_drops_the_topic_and_closes_it_for_its_subscribers(store: Store) 
     asyncio.run(scenario())
 
 
-def test_frame_text_refuses_nan() -> None:
-    assert json.loads(frame_text({"seq": 1, "v": 0.5})) == {"seq": 1, "v": 0.5}
+def test_frame_to_json_refuses_nan() -> None:
+    assert json.loads(frame_to_json({"seq": 1, "v": 0.5})) == {"seq": 1, "v": 0.5}
     with pytest.raises(ValueError):
-        frame_text({"seq": 1, "v": float("nan")})
+        frame_to_json({"seq": 1, "v": float("nan")})
 
 
 # ----------------------------------------------------------------------------- Hub.serve over a websocket
@@ -310,11 +306,6 @@ def freeze_watchdog(hub: Hub) -> Iterator[threading.Event]:
 
 
 @pytest.mark.parametrize("since", [0, 2])
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG app/hub.py Topic.after/_catch_up: with no live topic, serve sets topic.head from the store and "
-    "after() returns [] for the empty ring, so _catch_up loops forever without awaiting and freezes the event loop",
-)
 def test_ended_run_from_the_store_is_replayed_then_closed(store: Store, since: int) -> None:
     store.insert_run(make_run("completed"))
     store_frames(store, range(1, 6))
@@ -373,6 +364,26 @@ def test_live_frames_follow_the_backfill_in_order_without_duplicates(store: Stor
             assert_normal_close(ws)  # nothing (no duplicate) between the last frame and the close
         assert not frozen.is_set()
     assert received == list(range(1, 11))
+
+
+def test_a_queued_frame_after_a_gap_makes_serve_fill_the_gap_first(store: Store) -> None:
+    store.insert_run(make_run("running"))
+    hub = Hub(store)
+
+    def publish_past_the_queue() -> None:
+        topic = hub.topic(RUN)
+        for seq in (1, 2):
+            topic.add(seq, text(seq))  # in the ring, but never put in the client's queue
+        hub.publish(RUN, 3, text(3))  # the queue holds 3 alone, with no resync marker before it
+
+    with TestClient(tiny_app(hub, store)) as client, freeze_watchdog(hub) as frozen:
+        with client.websocket_connect(url(0)) as ws:
+            client.portal.call(_wait_subscribed, hub)
+            client.portal.call(publish_past_the_queue)
+            assert receive_frames(ws, 3) == [1, 2, 3]
+            client.portal.call(hub.close_topic, RUN)
+            assert_normal_close(ws)
+        assert not frozen.is_set()
 
 
 @pytest.mark.parametrize("ring", ["ring", "store"])

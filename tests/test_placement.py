@@ -282,11 +282,6 @@ def test_artifacts_parses_the_step_only_at_the_start(manager: RunManager) -> Non
     assert steps == {"grid-step_7.png": None, "step_00000500.json": 500, "step_00000500.png": 500}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG app/api/runs.py _artifacts: path.is_file() follows symlinks, so a link pointing outside the run "
-    "folder is listed (with the size of its target) although download refuses it",
-)
 def test_artifacts_does_not_list_a_symlink_leading_outside_the_run(manager: RunManager, tmp_path: Path) -> None:
     outside = tmp_path / "secret.bin"
     outside.write_bytes(b"s" * 1234)
@@ -363,12 +358,6 @@ def test_download_refuses_temp_invalid_and_missing_files(api: TestClient) -> Non
     assert api.get("/api/runs/nosuchrun/checkpoints/final.pt").status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG app/api/runs.py download: the containment check is against the *resolved* kind folder, so a "
-    "symlinked samples/ or checkpoints/ folder lets its target's files be served (docstring: the resolved path must "
-    "lie inside the run's own folder)",
-)
 def test_download_refuses_a_symlinked_kind_folder(api: TestClient, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,14 +18,9 @@ from tqdm import tqdm
 
 from trainer.config import RunConfig
 from trainer.loop import RunOptions, Trainer, make_trainer
-from trainer.telemetry import Frame
+from trainer.telemetry import Frame, frame_to_json
 
 PROGRESS_KEYS = ("loss/d", "loss/g", "grad/g_norm", "loss/elbo", "loss/kl")
-
-
-def frame_to_json(frame: Frame) -> str:
-    """Strict JSON: a NaN that slipped through raises here instead of reaching a client."""
-    return json.dumps(frame, allow_nan=False, separators=(",", ":"))
 
 
 class JsonlSink:

@@ -14,6 +14,7 @@ Frames follow SPEC §4: JSON objects with ``type``, ``run`` and a per-run
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,11 @@ Frame = dict[str, Any]
 FrameSink = Callable[[Frame], None]
 
 HIST_BINS = 40
+
+
+def frame_to_json(frame: Frame) -> str:
+    """Strict JSON: a NaN that slipped through raises here instead of reaching a client."""
+    return json.dumps(frame, allow_nan=False, separators=(",", ":"))
 
 
 def finite_or_none(value: float) -> float | None:

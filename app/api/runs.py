@@ -33,8 +33,9 @@ def _artifacts(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
         return []
     out = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(TEMP_PREFIX) or not path.is_file() or not valid_artifact(kind, path.name):
-            continue
+        if (path.name.startswith(TEMP_PREFIX) or path.is_symlink() or not path.is_file()
+                or not valid_artifact(kind, path.name)):
+            continue  # only finished files the run itself wrote: no temp files, no links out
         match = _STEP.match(path.name)
         out.append(Artifact(name=path.name, step=int(match.group(1)) if match else None,
                             size=path.stat().st_size, url=f"/api/runs/{run_id}/{kind}/{path.name}"))
@@ -201,9 +202,11 @@ async def download(run_id: str, kind: str, name: str, manager: ManagerDep) -> Fi
     if not valid_artifact(kind, name):
         raise RunError(404, f"no {kind} file {name!r}")
     await manager.get(run_id)
-    folder = (manager.run_dir(run_id) / kind).resolve()
-    path = (folder / name).resolve()
-    if not path.is_relative_to(folder) or not path.is_file():
+    # Containment on resolved paths: a link anywhere on the way (the file or its folder) that
+    # leads out of the run's own folder is refused.
+    run_dir = manager.run_dir(run_id).resolve()
+    path = (manager.run_dir(run_id) / kind / name).resolve()
+    if not path.is_relative_to(run_dir / kind) or not path.is_file():
         raise RunError(404, f"run {run_id} has no {kind} file {name!r}")
     return FileResponse(path, media_type=_MEDIA.get(Path(name).suffix, "application/octet-stream"),
                         filename=name if kind == "checkpoints" else None)
