@@ -180,8 +180,7 @@ class RunManager:
             resume_from=resume_from,
         )
         run_dir = self.runs_dir / run.id
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        await asyncio.to_thread(_write_file, run_dir / "config.json", cfg.model_dump_json(indent=2) + "\n")
         if resume_from is not None:
             # The new run owns a copy: deleting the source run while this one waits must not break it.
             source = self.run_dir(resume_from["run"]) / "checkpoints" / resume_from["checkpoint"]
@@ -292,9 +291,8 @@ class RunManager:
     async def _launch(self, rec: RunRecord, cfg: RunConfig, device: str) -> None:
         run_dir = self.run_dir(rec.id)
         work = run_dir / "work"
-        work.mkdir(parents=True, exist_ok=True)
         worker_cfg = cfg.with_overrides({"train.device": "cuda" if device.startswith("cuda") else "cpu"})
-        (work / "config.json").write_text(worker_cfg.model_dump_json(), encoding="utf-8")
+        await asyncio.to_thread(_write_file, work / "config.json", worker_cfg.model_dump_json())
         token = secrets.token_urlsafe(32)
         args = [
             sys.executable, "-m", "app.worker", "--run-id", rec.id, "--server", self.server_url(),
@@ -311,11 +309,14 @@ class RunManager:
         active = Active(rec.id, device, accepted=rec.last_seq)
         self.active[rec.id] = active
         await asyncio.to_thread(self.store.update_run, rec.id, token_hash=token_hash(token), device=device)
-        with open(run_dir / "worker.log", "ab") as stderr:
+        log_file = await asyncio.to_thread(open, run_dir / "worker.log", "ab")
+        try:
             proc = await asyncio.create_subprocess_exec(
-                *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 start_new_session=True,  # the server decides when its workers end, not the terminal's Ctrl-C
             )
+        finally:
+            log_file.close()  # the child holds its own copy of the descriptor
         active.process, active.pid = proc, proc.pid
         started = _create_time(proc.pid)
         await asyncio.to_thread(self.store.update_run, rec.id, pid=proc.pid, pid_started=started)
@@ -510,9 +511,8 @@ class RunManager:
                 path, fh = active.uploads.pop(key)
                 fh.close()
                 path.unlink(missing_ok=True)
-            folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{chunk.name}"
-            active.uploads[key] = (tmp, open(tmp, "wb"))  # noqa: SIM115 - closed when the last chunk lands
+            active.uploads[key] = (tmp, await asyncio.to_thread(_open_new, tmp))
         if key not in active.uploads:
             raise ProtocolError(f"artifact {chunk.name}: chunk at offset {chunk.offset} without a start")
         path, fh = active.uploads[key]
@@ -522,6 +522,17 @@ class RunManager:
         if chunk.last:
             del active.uploads[key]
             await asyncio.to_thread(_finish_upload, fh, path, folder / chunk.name)
+
+
+def _write_file(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _open_new(path: Path) -> Any:
+    """A temp file for an upload in progress; closed when its last chunk lands."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "wb")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
