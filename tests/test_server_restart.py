@@ -85,7 +85,11 @@ def test_run_whose_worker_died_with_the_server_is_interrupted_and_resumable(tmp_
         server.kill()
         worker.kill()
         worker.wait(10)
+        # What a writer killed mid-write leaves behind is swept at start.
+        leftover = server.data_dir / "runs" / run["id"] / "checkpoints" / ".tmp-killed-mid-write.pt"
+        leftover.write_bytes(b"half a checkpoint")
         server.start()
+        assert not leftover.exists()
         with server.client() as http:
             detail = wait_status(http, run["id"], TERMINAL, timeout=20)
             assert detail["status"] == "interrupted" and detail["error"]
