@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.api import presets, runs, stream
@@ -53,7 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await manager.shutdown()
             store.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        static_url="/static/docs",
         title="gradwatch",
         version=__version__,
         summary="Live GAN and VAE training: watch the saturating generator gradient vanish.",
