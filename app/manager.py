@@ -127,9 +127,11 @@ class RunManager:
     async def start(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.gpus = await asyncio.to_thread(_count_gpus)
-        await asyncio.to_thread(self._sweep_temp_files)
-        for rec in await asyncio.to_thread(self.store.list_runs, ["running"]):
-            if pid_alive(rec.pid, rec.pid_started):
+        running = await asyncio.to_thread(self.store.list_runs, ["running"])
+        alive = {rec.id for rec in running if pid_alive(rec.pid, rec.pid_started)}
+        await asyncio.to_thread(self._sweep_temp_files, alive)
+        for rec in running:
+            if rec.id in alive:
                 # Its worker outlived the old server: give it a while to reconnect.
                 active = Active(rec.id, rec.device or "cpu", pid=rec.pid, accepted=rec.last_seq)
                 self.active[rec.id] = active
@@ -165,9 +167,13 @@ class RunManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _sweep_temp_files(self) -> None:
+    def _sweep_temp_files(self, alive: set[str]) -> None:
+        """Remove what killed writers left; a live worker's scratch folder is its own business."""
         for run_dir in self.runs_dir.iterdir() if self.runs_dir.is_dir() else []:
-            for sub in ("samples", "checkpoints", "work/samples", "work/checkpoints"):
+            subs = ["samples", "checkpoints"]
+            if run_dir.name not in alive:
+                subs += ["work/samples", "work/checkpoints"]
+            for sub in subs:
                 sweep_temp_files(run_dir / sub)
 
     # -- requests -----------------------------------------------------------------

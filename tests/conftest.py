@@ -8,11 +8,14 @@ models slower, not faster.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from app.store import Store
 
 torch.set_num_threads(1)
 
@@ -24,3 +27,14 @@ def classifier_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_frames(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A real SQLite store in the test's folder, writer thread running, closed afterwards."""
+    store = Store(tmp_path / "gradwatch.db")
+    store.start()
+    try:
+        yield store
+    finally:
+        store.close()

@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -107,16 +106,6 @@ def test_after_is_none_when_the_ring_is_empty_but_head_is_ahead() -> None:
 
 
 # ----------------------------------------------------------------------------- publish / close
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "gradwatch.db")
-    store.start()
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def drain(queue: asyncio.Queue[tuple[int, str]]) -> list[tuple[int, str]]:

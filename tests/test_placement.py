@@ -41,16 +41,6 @@ def make_settings(data_dir: Path, **fields: object) -> Settings:
     return Settings(data_dir=data_dir, **values)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "gradwatch.db")
-    store.start()
-    try:
-        yield store
-    finally:
-        store.close()
-
-
 def make_manager(tmp_path: Path, store: Store, **fields: object) -> RunManager:
     return RunManager(make_settings(tmp_path, **fields), store, Hub(store), server_url=lambda: "ws://127.0.0.1:8000")
 

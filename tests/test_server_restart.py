@@ -49,14 +49,20 @@ def _resume_completes(server: LiveServer, run: dict[str, Any], ckpt: dict[str, A
 def test_worker_outlives_a_killed_server_and_reattaches(tmp_path: Path) -> None:
     server = LiveServer(tmp_path / "data", env={"GRADWATCH_REATTACH_GRACE_S": "60"}).start()
     try:
-        run = _launch(server)
-        worker = _worker_of(server, run["id"])
-        with server.client() as http:
-            wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["checkpoints"], what="a checkpoint")
+        run, worker = _launch_until_checkpoint(server)
         server.kill()
         time.sleep(1.0)  # the worker trains on and keeps its unacknowledged frames
         assert worker.is_running()
+        # A live worker may be mid-write in its scratch folder: the restart must leave that alone,
+        # while a half-received upload of the dead server is swept.
+        run_dir = server.data_dir / "runs" / run["id"]
+        writing = run_dir / "work" / "checkpoints" / ".tmp-being-written.pt"
+        writing.write_bytes(b"the worker's checkpoint in progress")
+        upload = run_dir / "checkpoints" / ".tmp-half-uploaded.pt"
+        upload.write_bytes(b"half an upload")
         server.start()
+        assert writing.exists() and not upload.exists()
+        writing.unlink()
         with server.client() as http:
             before = http.get(f"/api/runs/{run['id']}").json()
             assert before["status"] == "running"
@@ -78,10 +84,7 @@ def test_worker_outlives_a_killed_server_and_reattaches(tmp_path: Path) -> None:
 def test_run_whose_worker_died_with_the_server_is_interrupted_and_resumable(tmp_path: Path) -> None:
     server = LiveServer(tmp_path / "data").start()
     try:
-        run = _launch(server)
-        worker = _worker_of(server, run["id"])
-        with server.client() as http:
-            wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["checkpoints"], what="a checkpoint")
+        run, worker = _launch_until_checkpoint(server)
         server.kill()
         worker.kill()
         worker.wait(10)
@@ -145,3 +148,11 @@ def test_runs_beyond_the_device_limit_wait_queued(tmp_path: Path) -> None:
             assert wait_status(http, second["id"], TERMINAL)["status"] == "completed"
     finally:
         server.stop()
+
+
+def _launch_until_checkpoint(server: LiveServer) -> tuple[dict[str, Any], psutil.Process]:
+    run = _launch(server)
+    worker = _worker_of(server, run["id"])
+    with server.client() as http:
+        wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["checkpoints"], what="a checkpoint")
+    return run, worker
