@@ -84,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     token, generated = args.token, False
     if token == "generate":
         token, generated = generate_token(), True
-    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "token": token}
+    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "token": token,
+             "allowed_hosts": args.allowed_hosts}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -108,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
     config = uvicorn.Config(create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=15,
-                            ws_max_size=4 << 20, proxy_headers=False)
+                            ws_max_size=4 << 20)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--data-dir", help="where runs, the database and artifacts live")
     serve.add_argument("--token", help="access token (32+ characters), or 'generate' to have one made and printed")
+    serve.add_argument("--allowed-hosts", help="extra Host names to accept, comma-separated (a reverse proxy's name)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
 

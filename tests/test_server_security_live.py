@@ -79,10 +79,11 @@ def test_token_host_and_origin_guard_a_real_server(tmp_path: Path) -> None:
 
 
 def test_loopback_server_refuses_foreign_host_and_cross_site_writes(tmp_path: Path) -> None:
-    server = LiveServer(tmp_path / "data").start()
+    server = LiveServer(tmp_path / "data", "--allowed-hosts", "dash.example,other.example").start()
     try:
         with server.client() as http:
             assert http.get("/api/runs", headers={"Host": "evil.example"}).status_code == 403  # DNS rebinding
+            assert http.get("/api/runs", headers={"Host": "dash.example:8000"}).status_code == 200  # a proxy's name
             assert http.post("/api/runs", json=TINY_GAN, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
             assert http.get("/api/runs").json() == []  # nothing was launched by the refused requests
         with pytest.raises(InvalidStatus) as refused:
