@@ -62,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(SecurityMiddleware, settings=settings)
+    # Worker routes skip the user's token: they take the run's own token instead.
+    app.add_middleware(SecurityMiddleware, settings=settings,
+                       exempt_prefixes=("/ws/worker/", "/worker/", "/static/"))
     app.include_router(presets.router)
     app.include_router(runs.router)
     app.include_router(stream.router)

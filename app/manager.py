@@ -307,7 +307,7 @@ class RunManager:
             "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
         ]
         if rec.resume_from:
-            args += ["--resume", str(run_dir / "resume" / rec.resume_from["checkpoint"])]
+            args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
         env = {**os.environ, "GRADWATCH_RUN_TOKEN": token,
                "CUDA_VISIBLE_DEVICES": device.split(":", 1)[1] if device.startswith("cuda:") else "",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -397,12 +397,25 @@ class RunManager:
         self.hub.close_topic(run_id)
 
     # -- the worker channel -------------------------------------------------------------------
-    async def attach(self, ws: WebSocket, run_id: str, token: str) -> None:
-        """Serve one worker connection: hello, then frames and artifacts in, acks and controls out."""
+    async def worker_run(self, run_id: str, token: str) -> Active | None:
+        """The live run this token belongs to, or None: the only credential a worker has."""
         rec = await asyncio.to_thread(self.store.get_run, run_id)
         active = self.active.get(run_id)
         if (rec is None or active is None or rec.token_hash is None
                 or not hmac.compare_digest(token_hash(token), rec.token_hash)):
+            return None
+        return active
+
+    def resume_checkpoint(self, run_id: str) -> Path | None:
+        """The checkpoint a resumed run starts from (its own copy), if it has one."""
+        folder = self.run_dir(run_id) / "resume"
+        found = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+        return found[0] if found else None
+
+    async def attach(self, ws: WebSocket, run_id: str, token: str) -> None:
+        """Serve one worker connection: hello, then frames and artifacts in, acks and controls out."""
+        active = await self.worker_run(run_id, token)
+        if active is None:
             await ws.close(code=1008, reason="unknown run or wrong token")
             return
         await ws.accept()

@@ -28,10 +28,12 @@ import collections
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -227,6 +229,20 @@ class WorkerChannel:
                 (self.out_dir / kind / str(frame["name"])).unlink(missing_ok=True)
 
 
+def fetch_resume_checkpoint(server: str, run_id: str, token: str, target: Path) -> Path:
+    """Download the run's starting checkpoint (HTTP, run token), so a worker needs no shared disk."""
+    base = server.replace("ws://", "http://", 1).replace("wss://", "https://", 1).rstrip("/")
+    request = urllib.request.Request(f"{base}/worker/runs/{run_id}/resume",
+                                     headers={"Authorization": f"Bearer {token}"})
+    tmp = target.with_name(f".tmp-{target.name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy, like the channel
+    with opener.open(request, timeout=60) as response, open(tmp, "wb") as fh:
+        shutil.copyfileobj(response, fh)
+    os.replace(tmp, target)
+    return target
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m app.worker", description="One gradwatch training run.")
     parser.add_argument("--run-id", required=True)
@@ -234,7 +250,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, type=Path, help="run config JSON")
     parser.add_argument("--work-dir", required=True, type=Path, help="local folder for artifacts before upload")
     parser.add_argument("--cache-dir", type=Path, help="where the digits classifier is cached")
-    parser.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    parser.add_argument("--resume", type=Path, help="checkpoint to continue from (a local file)")
+    parser.add_argument("--resume-from-server", action="store_true",
+                        help="fetch the checkpoint to continue from from the server")
     parser.add_argument("--orphan-timeout", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
@@ -261,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     status = "failed"
     try:
         cfg = RunConfig.model_validate_json(args.config.read_text(encoding="utf-8"))
+        resume = args.resume
+        if args.resume_from_server:
+            resume = fetch_resume_checkpoint(args.server, args.run_id, token, args.work_dir / "resume.pt")
         options = RunOptions(out_dir=args.work_dir, sink=channel.send_frame, run_id=args.run_id,
-                             resume_from=args.resume,
+                             resume_from=resume,
                              artifact_url=lambda kind, name: f"/api/runs/{args.run_id}/{kind}/{name}")
         if args.cache_dir is not None:
             options.cache_dir = args.cache_dir

@@ -69,11 +69,13 @@ def test_token_host_and_origin_guard_a_real_server(tmp_path: Path) -> None:
         assert refused.value.response.status_code == 403
         with connect(ws_url, additional_headers=auth, proxy=None) as ws:
             assert '"seq":1' in str(ws.recv(timeout=10))
-        # The worker channel takes its run's own token, and nothing else.
+        # The worker channel and the worker's checkpoint download take their run's own token, nothing else.
         worker_url = ws_url.replace("/ws/runs/", "/ws/worker/")
         for headers in ({}, auth, {"Authorization": "Bearer " + "x" * 43}):
             with pytest.raises(InvalidStatus):
                 connect(worker_url, additional_headers=headers, proxy=None)
+            resume = httpx.get(f"{url}/worker/runs/{run.json()['id']}/resume", headers=headers)
+            assert resume.status_code == 401
     finally:
         server.stop()
 

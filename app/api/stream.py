@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import APIRouter, Query, WebSocket
+from fastapi import APIRouter, HTTPException, Query, Request, WebSocket
+from fastapi.responses import FileResponse
 
 from app.api.deps import HubDep, ManagerDep, StoreDep
 from app.hub import CLOSE_UNKNOWN_RUN
@@ -26,9 +28,23 @@ async def run_stream(ws: WebSocket, run_id: str, hub: HubDep, store: StoreDep,
     await hub.serve(ws, run_id, since, head=rec.last_seq, ended=rec.status in TERMINAL_STATUSES)
 
 
+def _bearer(headers: Mapping[str, str]) -> str:
+    auth = headers.get("authorization", "")
+    return auth[7:] if auth.lower().startswith("bearer ") else ""
+
+
 @router.websocket("/ws/worker/{run_id}")
 async def worker_channel(ws: WebSocket, run_id: str, manager: ManagerDep) -> None:
     """The authenticated channel of one run's worker (see app/protocol.py)."""
-    auth = ws.headers.get("authorization", "")
-    token = auth[7:] if auth.lower().startswith("bearer ") else ""
-    await manager.attach(ws, run_id, token)
+    await manager.attach(ws, run_id, _bearer(ws.headers))
+
+
+@router.get("/worker/runs/{run_id}/resume", include_in_schema=False)
+async def worker_resume_checkpoint(request: Request, run_id: str, manager: ManagerDep) -> FileResponse:
+    """The checkpoint a resumed run continues from, for its worker only (run token, not the user's)."""
+    if await manager.worker_run(run_id, _bearer(request.headers)) is None:
+        raise HTTPException(401, "unknown run or wrong run token", headers={"WWW-Authenticate": "Bearer"})
+    path = await asyncio.to_thread(manager.resume_checkpoint, run_id)
+    if path is None:
+        raise HTTPException(404, f"run {run_id} does not resume from a checkpoint")
+    return FileResponse(path, media_type="application/octet-stream")
