@@ -204,10 +204,10 @@ class _TooSlow(Exception):
 
 
 async def _drain_incoming(ws: WebSocket) -> None:
-    """Read (and ignore) what the client sends, so its close is noticed promptly."""
+    """Read (and ignore) whatever the client sends, text or binary, so its close is noticed promptly."""
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while True:
-            await ws.receive_text()
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass
 
 
 async def _close_quietly(ws: WebSocket, code: int, reason: str) -> None:
