@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app.store import Store
+
+log = logging.getLogger("gradwatch.hub")
 
 #: Close code for a client dropped for being too slow (4000–4999 are the application's).
 CLOSE_TOO_SLOW = 4008
@@ -158,6 +161,8 @@ class Hub:
                 last = seq
             await ws.close(code=1000, reason="run ended")
         except _TooSlow:
+            log.info("run %s: dropping a client stuck for %.0f s at seq %d (%d frames refilled for it before)",
+                     run_id, self.send_timeout_s, last, client.dropped_frames)
             await _close_quietly(ws, CLOSE_TOO_SLOW, f"client too slow: reconnect with ?since={last}")
         except (WebSocketDisconnect, RuntimeError):
             return  # closed under us

@@ -365,6 +365,8 @@ class RunManager:
             path.unlink(missing_ok=True)
         if active.final is None:
             reason = _describe_exit(code)
+            if active.stop_requested:
+                reason = f"a stop was requested, but the {reason} before reporting it"
             tail = _stderr_tail(self.run_dir(active.run_id) / "worker.log")
             error = f"{reason}\n--- last lines of the worker's log ---\n{tail}" if tail else reason
             await self._end(active.run_id, "failed", error, accepted=active.accepted)

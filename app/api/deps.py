@@ -9,13 +9,7 @@ from starlette.requests import HTTPConnection
 
 from app.hub import Hub
 from app.manager import RunManager
-from app.settings import Settings
 from app.store import Store
-
-
-def get_settings(conn: HTTPConnection) -> Settings:
-    settings: Settings = conn.app.state.settings
-    return settings
 
 
 def get_store(conn: HTTPConnection) -> Store:
@@ -33,7 +27,6 @@ def get_manager(conn: HTTPConnection) -> RunManager:
     return manager
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 ManagerDep = Annotated[RunManager, Depends(get_manager)]
