@@ -1,6 +1,6 @@
 """Persistence for the server: runs, every websocket frame, and columnar metric history.
 
-One SQLite file in WAL mode holds three things:
+One SQLite file in WAL mode holds four things:
 
 * ``runs``: one row per run (:class:`RunRecord`), written synchronously. These
   writes are rare and small, so they go through their own lock-guarded
@@ -15,6 +15,14 @@ One SQLite file in WAL mode holds three things:
   newest small chunks are merged again once enough accumulate, so that a
   million-step history is a hundred-odd rows however small the frames were.
   ``metric_keys`` lists each run's keys so that listing them needs no scan.
+* ``metric_summaries``: per chunk, the few points a downsampled chart of a long history cannot do
+  without (each block of SUMMARY_BLOCK points' finite minimum and maximum, the chunk's ends, where
+  each run of nulls starts and stops; see :func:`_summary_index`). A chart query over a long history
+  reads these instead of the full chunks, a few percent of the bytes. They live in a table of their own
+  because SQLite reaches a column stored after a row's 200 kB of chunk blobs only by walking those
+  blobs' overflow pages; a trigger drops a chunk's summary with the chunk, whoever deletes it, so a
+  file stays consistent under older gradwatch versions too. A chunk without a summary (written before
+  summaries existed) is summarized from its full blobs when read.
 
 Frames arrive from training workers at thousands of steps per second, and the
 event loop that receives them must never wait on disk. :meth:`Store.append` only
@@ -76,10 +84,25 @@ _LOCKED_RETRIES: Final = 10
 _SCHEMA_VERSION: Final = 1
 
 _DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
+#: MinMaxLTTB keeps the extremes of ``minmax_ratio * n_out`` buckets before LTTB picks (tsdownsample's default).
+_MINMAX_RATIO: Final = 4
+#: Points per block of a chunk summary: each block keeps its finite minimum and maximum.
+SUMMARY_BLOCK: Final = 64
+_SUMMARY_POINT_BYTES: Final = _STEP_DTYPE.itemsize + 2 * _FLOAT_DTYPE.itemsize
 
 _INSERT_CHUNK: Final = (
     "INSERT INTO metric_chunks (run_id, key, first_step, last_step, n, steps, times, vals)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SUMMARY: Final = "INSERT OR REPLACE INTO metric_summaries (chunk_id, summary) VALUES (?, ?)"
+#: Each chunk's summary, or (only where it has none) its full blobs: CASE leaves the blobs unread otherwise.
+_SELECT_SUMMARIES: Final = (
+    "SELECT s.summary,"
+    " CASE WHEN s.summary IS NULL THEN c.steps END AS steps,"
+    " CASE WHEN s.summary IS NULL THEN c.times END AS times,"
+    " CASE WHEN s.summary IS NULL THEN c.vals END AS vals"
+    " FROM metric_chunks AS c LEFT JOIN metric_summaries AS s ON s.chunk_id = c.id"
+    " WHERE c.run_id = ? AND c.key = ? ORDER BY c.first_step, c.id"
 )
 
 _SCHEMA = """
@@ -127,6 +150,19 @@ CREATE TABLE IF NOT EXISTS metric_chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_key ON metric_chunks (run_id, key, first_step);
 CREATE INDEX IF NOT EXISTS chunks_by_step ON metric_chunks (run_id, first_step);
+
+CREATE TABLE IF NOT EXISTS metric_summaries (
+    chunk_id INTEGER PRIMARY KEY,
+    summary BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS metric_summaries_on_delete AFTER DELETE ON metric_chunks
+BEGIN
+    DELETE FROM metric_summaries WHERE chunk_id = OLD.id;
+END;
+CREATE TRIGGER IF NOT EXISTS metric_summaries_on_update AFTER UPDATE OF steps, times, vals ON metric_chunks
+BEGIN
+    DELETE FROM metric_summaries WHERE chunk_id = OLD.id;
+END;
 
 CREATE TABLE IF NOT EXISTS metric_keys (
     run_id TEXT NOT NULL,
@@ -262,11 +298,13 @@ class _RunBatch:
 
 def _chunk_rows(
     run_id: str, key: str, steps: Int64Array, times: Float64Array, values: Float64Array
-) -> Iterator[tuple[Any, ...]]:
-    """``metric_chunks`` rows for one key's points, at most CHUNK_MAX_POINTS each."""
+) -> Iterator[tuple[tuple[Any, ...], bytes]]:
+    """``metric_chunks`` rows for one key's points, at most CHUNK_MAX_POINTS each, with their summary blobs."""
     for lo in range(0, steps.size, CHUNK_MAX_POINTS):
         s = steps[lo : lo + CHUNK_MAX_POINTS]
-        yield (
+        t = times[lo : lo + CHUNK_MAX_POINTS]
+        v = values[lo : lo + CHUNK_MAX_POINTS]
+        row = (
             run_id,
             key,
             # min/max rather than first/last: the readers rely on no step of a chunk lying before first_step.
@@ -274,9 +312,117 @@ def _chunk_rows(
             int(s.max()),
             int(s.size),
             s.astype(_STEP_DTYPE).tobytes(),
-            times[lo : lo + CHUNK_MAX_POINTS].astype(_FLOAT_DTYPE).tobytes(),
-            values[lo : lo + CHUNK_MAX_POINTS].astype(_FLOAT_DTYPE).tobytes(),
+            t.astype(_FLOAT_DTYPE).tobytes(),
+            v.astype(_FLOAT_DTYPE).tobytes(),
         )
+        yield row, _summary_blob(*_summarize(s, t, v))
+
+
+def _insert_chunks(
+    conn: sqlite3.Connection, run_id: str, key: str, steps: Int64Array, times: Float64Array, values: Float64Array
+) -> list[int]:
+    """Insert one key's points as chunks with their summaries; returns the chunk sizes."""
+    sizes: list[int] = []
+    for row, summary in _chunk_rows(run_id, key, steps, times, values):
+        chunk_id = conn.execute(_INSERT_CHUNK, row).lastrowid
+        conn.execute(_INSERT_SUMMARY, (chunk_id, summary))
+        sizes.append(int(row[4]))
+    return sizes
+
+
+def _summary_index(values: Float64Array) -> IndexArray:
+    """Indices (ascending) of the points of a step-ordered stretch that a downsampled chart needs.
+
+    Kept: both ends; in each block of SUMMARY_BLOCK points, the first index of its finite minimum and
+    of its finite maximum; the first point of every run of nulls and the first point after it. Across
+    stretches summarized apart and concatenated in step order, the nulls whose predecessor in the
+    concatenation is not null are then exactly the starts of the null runs of the whole series, so
+    :func:`_select_points` treats nulls on a summary as it does on the full series, and every
+    block's extremes are there for MinMaxLTTB.
+    """
+    n = values.size
+    keep = np.zeros(n, dtype=bool)
+    if n == 0:
+        return np.flatnonzero(keep)
+    keep[0] = keep[-1] = True
+    n_blocks = -(-n // SUMMARY_BLOCK)
+    pad = n_blocks * SUMMARY_BLOCK - n
+    starts = np.arange(0, n, SUMMARY_BLOCK)
+    finite = np.isfinite(values)
+    if bool(finite.all()):
+        # Padding with the last value never wins over it: argmin/argmax return the first of equal values.
+        padded = values if pad == 0 else np.concatenate([values, np.full(pad, values[-1])])
+        blocks = padded.reshape(n_blocks, SUMMARY_BLOCK)
+        keep[starts + blocks.argmin(axis=1)] = True
+        keep[starts + blocks.argmax(axis=1)] = True
+        return np.flatnonzero(keep)
+    low = np.concatenate([np.where(finite, values, np.inf), np.full(pad, np.inf)]).reshape(n_blocks, SUMMARY_BLOCK)
+    high = np.concatenate([np.where(finite, values, -np.inf), np.full(pad, -np.inf)]).reshape(n_blocks, SUMMARY_BLOCK)
+    has_finite = np.concatenate([finite, np.zeros(pad, dtype=bool)]).reshape(n_blocks, SUMMARY_BLOCK).any(axis=1)
+    keep[(starts + low.argmin(axis=1))[has_finite]] = True
+    keep[(starts + high.argmax(axis=1))[has_finite]] = True
+    null = ~finite
+    keep[1:] |= null[1:] != null[:-1]  # where a null run starts, and the first point after it
+    keep[0] = True
+    return np.flatnonzero(keep)
+
+
+def _summarize(
+    steps: Int64Array, times: Float64Array, values: Float64Array
+) -> tuple[Int64Array, Float64Array, Float64Array]:
+    """The summary points (see :func:`_summary_index`) of one chunk, ordered by step."""
+    if steps.size > 1 and bool(np.any(np.diff(steps) < 0)):
+        order = np.argsort(steps, kind="stable")  # the same order the full read gives this chunk's points
+        steps, times, values = steps[order], times[order], values[order]
+    keep = _summary_index(values)
+    return steps[keep], times[keep], values[keep]
+
+
+def _summary_blob(steps: Int64Array, times: Float64Array, values: Float64Array) -> bytes:
+    """Steps, then times, then values of the summary points, little-endian, one after the other."""
+    return (
+        steps.astype(_STEP_DTYPE).tobytes()
+        + times.astype(_FLOAT_DTYPE).tobytes()
+        + values.astype(_FLOAT_DTYPE).tobytes()
+    )
+
+
+def _summary_from_blob(blob: bytes) -> tuple[Int64Array, Float64Array, Float64Array]:
+    m = len(blob) // _SUMMARY_POINT_BYTES
+    steps = np.frombuffer(blob, dtype=_STEP_DTYPE, count=m).astype(np.int64, copy=False)
+    times = np.frombuffer(blob, dtype=_FLOAT_DTYPE, count=m, offset=8 * m).astype(float, copy=False)
+    values = np.frombuffer(blob, dtype=_FLOAT_DTYPE, count=m, offset=16 * m).astype(float, copy=False)
+    return steps, times, values
+
+
+def _summary_suffices(chunks: Sequence[sqlite3.Row], max_points: int) -> bool:
+    """Whether chunk summaries can stand in for the full points of a key in a ``max_points`` chart.
+
+    Chunks ordered by (first_step, id) must not overlap in steps, so that their summaries concatenate
+    in step order; and there must be at least as many summary blocks as MinMaxLTTB has buckets, so
+    every bucket sees the extremes of whole blocks (the full series' envelope) rather than a coarser one.
+    """
+    blocks = 0
+    reached: int | None = None
+    for row in chunks:
+        if reached is not None and int(row["first_step"]) < reached:
+            return False
+        reached = int(row["last_step"]) if reached is None else max(reached, int(row["last_step"]))
+        blocks += -(-int(row["n"]) // SUMMARY_BLOCK)
+    return blocks >= _MINMAX_RATIO * max_points
+
+
+def _drop_null_continuations(
+    steps: Int64Array, times: Float64Array, values: Float64Array
+) -> tuple[Int64Array, Float64Array, Float64Array]:
+    """Drop summary nulls that follow another null (a run continued across chunks), but never the last point."""
+    null = np.isnan(values)
+    if not bool(null.any()):
+        return steps, times, values
+    keep = np.ones(values.size, dtype=bool)
+    keep[1:] = ~(null[1:] & null[:-1])
+    keep[-1] = True
+    return steps[keep], times[keep], values[keep]
 
 
 def _concat_chunks(rows: Sequence[sqlite3.Row]) -> tuple[Int64Array, Float64Array, Float64Array]:
@@ -330,7 +476,8 @@ def _select_points(steps: Int64Array, values: Float64Array, max_points: int) -> 
     if n <= max_points:
         return np.arange(n, dtype=np.intp)
     finite = np.isfinite(values)
-    if bool(finite.all()):  # the common case, without copying a million points into a finite-only view
+    # The common case, without copying a million points into a finite-only view; the Rust LTTB panics below 3.
+    if max_points >= 3 and bool(finite.all()):
         return np.asarray(_DOWNSAMPLER.downsample(steps, values, n_out=max_points), dtype=np.intp)
     finite_idx = np.flatnonzero(finite)
     null_idx = np.flatnonzero(~finite)
@@ -680,17 +827,15 @@ class Store:
                 stored.append(item)
             for run_id, run in runs.items():
                 for key, series in run.series.items():
-                    rows = list(
-                        _chunk_rows(
-                            run_id,
-                            key,
-                            np.concatenate(series.steps),
-                            np.concatenate(series.times),
-                            np.concatenate(series.values),
-                        )
+                    sizes = _insert_chunks(
+                        conn,
+                        run_id,
+                        key,
+                        np.concatenate(series.steps),
+                        np.concatenate(series.times),
+                        np.concatenate(series.values),
                     )
-                    conn.executemany(_INSERT_CHUNK, rows)
-                    small = self._small_chunks.get((run_id, key), 0) + sum(r[4] < CHUNK_MAX_POINTS for r in rows)
+                    small = self._small_chunks.get((run_id, key), 0) + sum(n < CHUNK_MAX_POINTS for n in sizes)
                     if small >= COMPACT_AFTER:
                         self._compact(conn, run_id, key)
                         small = 0
@@ -732,8 +877,8 @@ class Store:
             f"SELECT id, steps, times, vals FROM metric_chunks WHERE id IN ({marks}) ORDER BY first_step, id", ids
         ).fetchall()
         steps, times, values = _concat_chunks(tail)
-        conn.execute(f"DELETE FROM metric_chunks WHERE id IN ({marks})", ids)
-        conn.executemany(_INSERT_CHUNK, _chunk_rows(run_id, key, steps, times, values))
+        conn.execute(f"DELETE FROM metric_chunks WHERE id IN ({marks})", ids)  # the trigger drops their summaries
+        _insert_chunks(conn, run_id, key, steps, times, values)
 
     # ------------------------------------------------------------------ metric history
 
@@ -747,6 +892,50 @@ class Store:
             (run_id, key),
         ).fetchall()
         return _concat_chunks(rows)
+
+    def _summary_series(
+        self, conn: sqlite3.Connection, run_id: str, key: str
+    ) -> tuple[Int64Array, Float64Array, Float64Array]:
+        """The key's chunk summaries concatenated in step order (chunks must not overlap in steps)."""
+        parts: list[tuple[Int64Array, Float64Array, Float64Array]] = []
+        for row in conn.execute(_SELECT_SUMMARIES, (run_id, key)):
+            if row["summary"] is not None:
+                parts.append(_summary_from_blob(row["summary"]))
+            else:  # written before summaries existed: summarize it now
+                parts.append(_summarize(*_concat_chunks([row])))
+        if not parts:
+            return np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.float64)
+        steps = np.concatenate([p[0] for p in parts])
+        times = np.concatenate([p[1] for p in parts])
+        values = np.concatenate([p[2] for p in parts])
+        return _drop_null_continuations(steps, times, values)
+
+    def _history_points(
+        self, conn: sqlite3.Connection, run_id: str, key: str, max_points: int
+    ) -> tuple[Int64Array, Float64Array, Float64Array]:
+        """The points a ``max_points`` chart of the key is chosen from: its summaries where they suffice.
+
+        Downsampling the summaries keeps what downsampling the full series keeps: both ends, every null
+        run's start (:func:`_summary_index`), and the extremes of every block, so of every MinMaxLTTB
+        bucket and of the whole series (:func:`_summary_suffices`). Histories too short for that, keys
+        whose chunks overlap in steps, and summaries too sparse to fill the chart (mostly null keys) are
+        read in full. One read transaction, so that the writer merging chunks meanwhile changes nothing.
+        """
+        conn.execute("BEGIN")
+        try:
+            chunks = conn.execute(
+                "SELECT first_step, last_step, n FROM metric_chunks WHERE run_id = ? AND key = ?"
+                " ORDER BY first_step, id",
+                (run_id, key),
+            ).fetchall()
+            if _summary_suffices(chunks, max_points):
+                summary = self._summary_series(conn, run_id, key)
+                if summary[0].size >= _MINMAX_RATIO * max_points:
+                    return summary
+            return self._series(conn, run_id, key)
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
 
     def metric_history(
         self, run_id: str, keys: Sequence[str] | None, max_points: int
@@ -764,7 +953,7 @@ class Store:
         conn = self._reader()
         out: dict[str, dict[str, list[Any]]] = {}
         for key in wanted:
-            steps, times, values = self._series(conn, run_id, key)
+            steps, times, values = self._history_points(conn, run_id, key, max_points)
             picked = _select_points(steps, values, max_points)
             out[key] = {
                 "step": steps[picked].tolist(),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.store import COMPACT_AFTER, RunRecord, Store
+from app.store import COMPACT_AFTER, SUMMARY_BLOCK, RunRecord, Store, _select_points
 
 Frame = tuple[dict[str, Any], str]
 T0 = 1_764_000_000.0
@@ -371,6 +371,178 @@ def test_small_frames_are_merged_into_few_chunks(store: Store, db_path: Path) ->
     got = store.metric_history("r", None, 10_000)["loss/d"]
     assert got["step"] == list(range(1, 2 * frames + 1))
     assert got["value"] == [float(s if i % 2 == 0 else -s) for i, s in enumerate(np.repeat(range(1, frames + 1), 2))]
+
+
+def _append_series(store: Store, run: str, steps: np.ndarray, data: dict[str, list[float | None]]) -> None:
+    """One key set's points, 10,000 steps per frame, one frame per transaction."""
+    store.insert_run(make_run(run))
+    per_frame = 10_000
+    for seq, lo in enumerate(range(0, steps.size, per_frame), start=1):
+        part = {k: v[lo : lo + per_frame] for k, v in data.items()}
+        store.append(run, [metrics(run, seq, steps[lo : lo + per_frame].tolist(), part)])
+        assert store.wait_flushed(60)
+
+
+class _ReadSpy:
+    """Records how many points each chart query downsampled from, and whether it read any key in full."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.points: list[int] = []
+        self.full_reads = 0
+        history_points, series = Store._history_points, Store._series
+
+        def spy_history(store: Store, *args: Any) -> Any:
+            out = history_points(store, *args)
+            self.points.append(int(out[0].size))
+            return out
+
+        def spy_series(store: Store, *args: Any) -> Any:
+            self.full_reads += 1
+            return series(store, *args)
+
+        monkeypatch.setattr(Store, "_history_points", spy_history)
+        monkeypatch.setattr(Store, "_series", spy_series)
+
+
+def _check_picked(got: dict[str, list[Any]], steps: np.ndarray, values: list[float | None], max_points: int) -> None:
+    json.dumps(got, allow_nan=False)
+    assert len(got["step"]) <= max_points
+    assert got["step"][0] == int(steps[0]) and got["step"][-1] == int(steps[-1])
+    assert got["step"] == sorted(set(got["step"]))
+    at = {int(s): i for i, s in enumerate(steps)}
+    assert all(values[at[s]] == v for s, v in zip(got["step"], got["value"], strict=True))
+    assert all(t == T0 + s / 10 for s, t in zip(got["step"], got["time"], strict=True))
+
+
+def test_long_history_is_downsampled_from_chunk_summaries_keeping_extremes(
+    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, max_points = 200_000, 500
+    steps = np.arange(1, n + 1)
+    values = np.sin(steps / 3_000.0) + np.random.default_rng(1).normal(0.0, 0.1, n)
+    spike, dip = 54_321, 187_654
+    values[spike - 1] = 50.0
+    values[dip - 1] = -50.0
+    _append_series(store, "r", steps, {"loss/d": values.tolist()})
+    assert raw_count(db_path, "SELECT COUNT(*) FROM metric_summaries") == raw_count(
+        db_path, "SELECT COUNT(*) FROM metric_chunks"
+    )
+    assert n // SUMMARY_BLOCK >= 4 * max_points  # long enough for the summary path
+
+    spy = _ReadSpy(monkeypatch)
+    got = store.metric_history("r", None, max_points)["loss/d"]
+    assert spy.full_reads == 0 and len(spy.points) == 1
+    assert max_points < spy.points[0] <= 3 * n // SUMMARY_BLOCK  # a few points per block, not all 200,000
+    _check_picked(got, steps, values.tolist(), max_points)
+    assert len(got["step"]) > max_points // 2
+    picked = dict(zip(got["step"], got["value"], strict=True))
+    assert picked[spike] == 50.0 and picked[dip] == -50.0
+
+    # A chart fine enough that the blocks would be coarser than its buckets reads every point, as before.
+    fine = store.metric_history("r", None, n // SUMMARY_BLOCK)["loss/d"]
+    assert spy.full_reads == 1 and spy.points[-1] == n
+    assert fine["step"] == [int(steps[i]) for i in _select_points(steps, values, n // SUMMARY_BLOCK)]
+
+
+def test_summary_path_with_nulls_keeps_ends_and_every_null_run_start(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, max_points = 200_000, 600
+    steps = np.arange(1, n + 1)
+    full = np.cos(steps / 1_000.0)
+    null_at = [0, 1, *range(8_100, 8_300), *range(16_380, 16_390), *range(100_000, 130_000), n - 2, n - 1]
+    null_at += list(range(150_000, 170_000, 97))  # many one-point gaps: more starts than a quarter of the budget
+    full[null_at] = np.nan
+    full[77_777] = 9.0
+    values: list[float | None] = [None if math.isnan(v) else v for v in full.tolist()]
+    _append_series(store, "r", steps, {"k": values})
+
+    spy = _ReadSpy(monkeypatch)
+    got = store.metric_history("r", None, max_points)["k"]
+    assert spy.full_reads == 0 and spy.points[0] < n // 10
+    _check_picked(got, steps, values, max_points)
+    assert got["value"][0] is None and got["value"][-1] is None
+    assert 9.0 in got["value"]
+    # Nulls are chosen exactly as from the full series: every run start (here thinned evenly) and the ends.
+    expected = _select_points(steps, full, max_points)
+    assert [s for s, v in zip(got["step"], got["value"], strict=True) if v is None] == [
+        int(steps[i]) for i in expected if math.isnan(full[i])
+    ]
+
+
+def test_chunks_without_summaries_give_the_same_history(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 200_000
+    steps = np.arange(1, n + 1)
+    values = np.random.default_rng(2).normal(0.0, 1.0, n)
+    values[123] = 40.0
+    gappy: list[float | None] = [None if i % 1_000 < 3 else float(v) for i, v in enumerate(values)]
+    store = Store(db_path)
+    store.start()
+    try:
+        _append_series(store, "r", steps, {"a": values.tolist(), "b": gappy})
+        store.append("r", [metrics("r", 10_000, [n + 1, n + 2], {"short": [1.0, None]})])
+        assert store.wait_flushed()
+        before = [store.metric_history("r", None, m) for m in (2, 500, 2_000)]
+    finally:
+        store.close()
+
+    # A file written before summaries existed: its chunks have none.
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("DELETE FROM metric_summaries")
+        conn.commit()
+    finally:
+        conn.close()
+
+    reopened = Store(db_path)
+    reopened.start()
+    try:
+        spy = _ReadSpy(monkeypatch)
+        assert [reopened.metric_history("r", None, m) for m in (2, 500, 2_000)] == before
+        assert before[1]["a"]["value"][before[1]["a"]["step"].index(124)] == 40.0
+        assert before[1]["short"] == {
+            "step": [n + 1, n + 2],
+            "time": [T0 + (n + 1) / 10, T0 + (n + 2) / 10],
+            "value": [1.0, None],
+        }
+        assert spy.full_reads > 0  # the short key (and the finest chart) are read in full
+        # New points get summaries again; old chunks merged with them too.
+        reopened.append("r", [metrics("r", 10_001, [n + 3], {"a": [0.5]})])
+        assert reopened.wait_flushed()
+        assert raw_count(db_path, "SELECT COUNT(*) FROM metric_summaries") >= 1
+    finally:
+        reopened.close()
+
+
+def test_overlapping_chunks_are_read_in_full(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 200_000
+    store.insert_run(make_run("r"))
+    # Two interleaved halves, committed apart: chunks that overlap in steps.
+    evens, odds = np.arange(2, n + 1, 2), np.arange(1, n, 2)
+    for seq, part in enumerate((evens, odds), start=1):
+        store.append("r", [metrics("r", seq, part.tolist(), {"k": (part % 7).astype(float).tolist()})])
+        assert store.wait_flushed(60)
+    spy = _ReadSpy(monkeypatch)
+    got = store.metric_history("r", None, 400)["k"]
+    assert spy.full_reads == 1 and spy.points == [n]
+    steps = np.arange(1, n + 1)
+    assert got["step"] == [int(steps[i]) for i in _select_points(steps, (steps % 7).astype(float), 400)]
+
+
+def test_summaries_follow_their_chunks_through_merges_and_deletes(store: Store, db_path: Path) -> None:
+    store.insert_run(make_run("r"))
+    for seq in range(1, 2 * COMPACT_AFTER + 1):
+        store.append("r", [metrics("r", seq, [seq], {"loss/d": [seq / 3]})])
+        assert store.wait_flushed()
+    chunks = raw_count(db_path, "SELECT COUNT(*) FROM metric_chunks")
+    assert chunks < COMPACT_AFTER
+    assert raw_count(db_path, "SELECT COUNT(*) FROM metric_summaries") == chunks
+    assert (
+        raw_count(db_path, "SELECT COUNT(*) FROM metric_summaries WHERE chunk_id NOT IN (SELECT id FROM metric_chunks)")
+        == 0
+    )
+    store.delete_run("r")
+    assert raw_count(db_path, "SELECT COUNT(*) FROM metric_summaries") == 0
 
 
 # ---------------------------------------------------------------------------- CSV export
