@@ -367,16 +367,26 @@ class RunManager:
             reason = _describe_exit(code)
             if active.stop_requested:
                 reason = f"a stop was requested, but the {reason} before reporting it"
-            tail = _stderr_tail(self.run_dir(active.run_id) / "worker.log")
-            error = f"{reason}\n--- last lines of the worker's log ---\n{tail}" if tail else reason
-            await self._end(active.run_id, "failed", error, accepted=active.accepted)
+            await self._end(active.run_id, "failed", self._with_log_tail(active.run_id, reason),
+                            accepted=active.accepted)
         else:
             await asyncio.to_thread(self._salvage, active.run_id)
+            if active.final == "failed":
+                # The worker's own one-line reason went out in its status frame; the run keeps the
+                # traceback too, for whoever opens it.
+                rec = await asyncio.to_thread(self.store.get_run, active.run_id)
+                if rec is not None and rec.error:
+                    await asyncio.to_thread(self.store.update_run, active.run_id,
+                                            error=self._with_log_tail(active.run_id, rec.error))
             self.hub.close_topic(active.run_id)
         if active.ws is not None:
             with contextlib.suppress(Exception):
                 await active.ws.close(code=1000)
         await self._schedule()
+
+    def _with_log_tail(self, run_id: str, reason: str) -> str:
+        tail = _stderr_tail(self.run_dir(run_id) / "worker.log")
+        return f"{reason}\n--- last lines of the worker's log ---\n{tail}" if tail else reason
 
     async def _kill_after(self, active: Active, seconds: float) -> None:
         await asyncio.sleep(seconds)

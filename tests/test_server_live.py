@@ -299,7 +299,11 @@ def test_a_run_that_cannot_start_fails_with_a_reason(server: LiveServer, tmp_pat
     run = launch(server, cfg)
     with server.client() as http:
         detail = wait_status(http, run["id"], TERMINAL)
-    assert detail["status"] == "failed" and "data.path" in detail["error"]
+        assert detail["status"] == "failed" and detail["error"].startswith("DataError: data.path")
+        # Once the worker has exited, the run's error carries its traceback too.
+        error = wait_for(lambda: "Traceback" in (e := http.get(f"/api/runs/{run['id']}").json()["error"]) and e,
+                         timeout=20, what="the worker's log tail in the error")
+    assert "last lines of the worker's log" in error
 
 
 def test_delete_removes_a_finished_run_and_refuses_a_live_one(server: LiveServer) -> None:
