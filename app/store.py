@@ -46,6 +46,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
@@ -614,20 +615,11 @@ class Store:
             raise ValueError(f"cannot update run field(s): {', '.join(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
         values = [_to_db(name, value) for name, value in fields.items()]
-        with self._runs_lock:
-            if self._closed:
-                raise RuntimeError("store is closed")
-            conn = self._runs_conn
-            # One transaction so the record returned is exactly the one this update produced.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if fields:
-                    conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values, run_id])
-                row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
+        # One transaction so the record returned is exactly the one this update produced.
+        with self._runs_transaction() as conn:
+            if fields:
+                conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values, run_id])
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise KeyError(run_id)
         return _record_from_row(row)
@@ -650,15 +642,21 @@ class Store:
 
     def delete_run(self, run_id: str) -> None:
         """Remove the run row, its frames and its metric history in one transaction (no-op if unknown)."""
+        with self._runs_transaction() as conn:
+            for table in ("frames", "metric_chunks", "metric_keys"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    @contextmanager
+    def _runs_transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the run-table connection, committed or rolled back as a whole."""
         with self._runs_lock:
             if self._closed:
                 raise RuntimeError("store is closed")
             conn = self._runs_conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for table in ("frames", "metric_chunks", "metric_keys"):
-                    conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
-                conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
