@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.hub import Hub
 from app.protocol import ProtocolError, decode_chunk
+from app.rate import StepRate
 from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
 from trainer.checkpoint import TEMP_PREFIX, sweep_temp_files
@@ -122,6 +123,7 @@ class RunManager:
         self.gpus = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
+        self.rates = StepRate()
 
     # -- life cycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -234,11 +236,19 @@ class RunManager:
         if rec.status not in TERMINAL_STATUSES:
             raise RunError(409, f"run {run_id} is {rec.status}: stop it before deleting it")
         self.hub.forget(run_id)
+        self.rates.forget(run_id)
         await asyncio.to_thread(self.store.delete_run, run_id)
         await asyncio.to_thread(shutil.rmtree, self.runs_dir / run_id, True)
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
+
+    def steps_per_s(self, run_id: str) -> float | None:
+        """Recent training speed of a run that is training now; None for any other run."""
+        active = self.active.get(run_id)
+        if active is None or active.final is not None:
+            return None
+        return self.rates.rate(run_id)
 
     async def _tell(self, active: Active, message: dict[str, Any]) -> bool:
         """Send a message to the run's worker; False if none is connected."""
@@ -360,6 +370,7 @@ class RunManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_wait_until(lambda: active.ws is None or active.final is not None), 2.0)
         self.active.pop(active.run_id, None)
+        self.rates.forget(active.run_id)
         for path, fh in active.uploads.values():
             fh.close()
             path.unlink(missing_ok=True)
@@ -396,6 +407,7 @@ class RunManager:
 
     async def _end(self, run_id: str, status: str, error: str | None, *, accepted: int) -> None:
         """Record a terminal status the worker could not report itself, as a frame too."""
+        self.rates.forget(run_id)
         rec = await asyncio.to_thread(self.store.get_run, run_id)
         if rec is None:
             return
@@ -488,13 +500,18 @@ class RunManager:
 
     async def _side_effects(self, active: Active, frame: dict[str, Any]) -> None:
         kind = frame["type"]
-        if kind == "status":
+        if kind == "metrics":
+            top = _max_step(frame.get("step"))
+            if top is not None:
+                self.rates.observe(active.run_id, top)
+        elif kind == "status":
             status = frame["status"]
             if status == "running":
                 await asyncio.to_thread(self.store.update_run, active.run_id, status="running",
                                         started_at=time.time())
             elif status in TERMINAL_STATUSES:
                 active.final = status
+                self.rates.forget(active.run_id)
                 await asyncio.to_thread(self.store.update_run, active.run_id, status=status,
                                         error=frame.get("error"), ended_at=time.time())
         elif kind == "alert":
@@ -594,6 +611,13 @@ async def _send_acks(ws: WebSocket, acks: asyncio.Queue[int]) -> None:
 async def _wait_until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.05)
+
+
+def _max_step(steps: Any) -> int | None:
+    """The newest step of a metrics frame; None for an empty or malformed list (the frame is stored anyway)."""
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        return None
+    return max(steps, default=None)
 
 
 def _reaped(active: Active) -> bool:

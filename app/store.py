@@ -6,7 +6,10 @@ One SQLite file in WAL mode holds four things:
   writes are rare and small, so they go through their own lock-guarded
   connection instead of waiting behind the frame queue.
 * ``frames``: every frame of every run as its JSON text, keyed by ``(run_id, seq)``,
-  so a websocket client reconnecting with ``?since=SEQ`` can be backfilled.
+  so a websocket client reconnecting with ``?since=SEQ`` can be backfilled. Two more indexes, by
+  ``type`` and (for ``hist`` frames) by histogram key, let a reloading page fetch its alerts and its
+  newest histograms (:meth:`Store.events`) without reading every frame of a long run; a file written
+  before they existed gets them built once, when it is opened.
 * ``metric_chunks``: the same ``metrics`` frames again, but columnar: per key, the
   steps (int64), times (float64) and values (float64, NaN for ``null``) of a
   stretch of steps as raw little-endian blobs. Charts and CSV export read these
@@ -106,6 +109,35 @@ _SELECT_SUMMARIES: Final = (
     " WHERE c.run_id = ? AND c.key = ? ORDER BY c.first_step, c.id"
 )
 
+#: A hist frame's histogram key, for the partial index that finds each key's newest frame without reading
+#: every body. ``json_valid`` first: json_extract raises on malformed JSON, and an index expression that
+#: raises would make the insert (and with it the writer's whole batch) fail.
+_HIST_KEY: Final = "json_extract(CASE WHEN json_valid(body) THEN body END, '$.key')"
+#: Frame kinds :meth:`Store.events` returns in full, newest EVENTS_CAP of them; ``hist`` and ``dldh`` come
+#: as the newest frame per key only, and ``metrics`` not at all (the chart history serves those).
+EVENT_TYPES: Final = ("status", "alert", "control", "sample", "checkpoint")
+#: At most this many frames of EVENT_TYPES in one :meth:`Store.events` answer (the newest): a run of
+#: millions of steps with frequent samples must not turn a page load into megabytes of JSON.
+EVENTS_CAP: Final = 5000
+_SELECT_NEWEST_OF_TYPE: Final = (
+    "SELECT seq, body FROM frames WHERE run_id = ? AND type = ? AND seq <= ? ORDER BY seq DESC LIMIT ?"
+)
+#: The newest hist frame at or before :until of every key: walk the distinct keys with one index seek each
+#: (a recursive skip scan), then one seek per key for its newest seq. Reads a few index pages and the
+#: chosen bodies, however many histograms the run has; the expressions must read exactly as in the index.
+_SELECT_LATEST_HISTS: Final = f"""
+WITH RECURSIVE keys(k) AS (
+    SELECT (SELECT MIN({_HIST_KEY}) FROM frames WHERE run_id = :run AND type = 'hist')
+    UNION ALL
+    SELECT (SELECT MIN({_HIST_KEY}) FROM frames WHERE run_id = :run AND type = 'hist' AND {_HIST_KEY} > keys.k)
+    FROM keys WHERE keys.k IS NOT NULL
+)
+SELECT f.seq, f.body FROM keys JOIN frames AS f ON f.run_id = :run AND f.seq = (
+    SELECT MAX(seq) FROM frames WHERE run_id = :run AND type = 'hist' AND {_HIST_KEY} = keys.k AND seq <= :until
+)
+WHERE keys.k IS NOT NULL
+"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -137,6 +169,7 @@ CREATE TABLE IF NOT EXISTS frames (
     body TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 );
+CREATE INDEX IF NOT EXISTS frames_by_type ON frames (run_id, type, seq);
 
 CREATE TABLE IF NOT EXISTS metric_chunks (
     id INTEGER PRIMARY KEY,
@@ -170,7 +203,7 @@ CREATE TABLE IF NOT EXISTS metric_keys (
     key TEXT NOT NULL,
     PRIMARY KEY (run_id, key)
 ) WITHOUT ROWID;
-"""
+""" + f"CREATE INDEX IF NOT EXISTS frames_hist_key ON frames (run_id, {_HIST_KEY}, seq) WHERE type = 'hist';\n"
 
 
 @dataclass
@@ -711,6 +744,34 @@ class Store:
             "SELECT seq, body FROM frames WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?", (run_id, since, limit)
         )
         return [(int(seq), str(body)) for seq, body in rows]
+
+    def events(self, run_id: str, until: int, *, cap: int = EVENTS_CAP) -> list[tuple[int, str]]:
+        """What a page needs, besides the metric history, to show a run as of ``until``: ``(seq, text)`` ascending.
+
+        A browser that reloads draws the charts from :meth:`metric_history` and then follows the
+        websocket from ``until``; everything else up to ``until`` comes from here: every frame of
+        EVENT_TYPES (the newest ``cap`` of them), and of the kinds that only ever replace the previous
+        one on screen, the newest ``hist`` frame per histogram key and the newest ``dldh`` frame. A
+        long run has thousands of those; the page would draw only the last. One read transaction, so
+        the answer is one consistent snapshot even while the writer commits.
+        """
+        if cap < 1:
+            raise ValueError("cap must be at least 1")
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            kept: list[tuple[int, str]] = []
+            for kind in EVENT_TYPES:  # one index range per kind: the newest come first, LIMIT stops early
+                kept += [(int(seq), str(body)) for seq, body in
+                         conn.execute(_SELECT_NEWEST_OF_TYPE, (run_id, kind, until, cap))]
+            kept = sorted(kept, key=lambda item: item[0])[-cap:]
+            latest = [*conn.execute(_SELECT_LATEST_HISTS, {"run": run_id, "until": until}),
+                      *conn.execute(_SELECT_NEWEST_OF_TYPE, (run_id, "dldh", until, 1))]
+            kept += [(int(seq), str(body)) for seq, body in latest]
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        return sorted(kept, key=lambda item: item[0])
 
     def last_seq(self, run_id: str) -> int:
         """Highest committed seq of the run (0 when none, or for an unknown run)."""

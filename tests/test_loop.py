@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,17 @@ def test_every_frame_is_consistent_with_spec(tmp_path: Path, g_loss: str) -> Non
         (s, k) for s in (10, 20, 30, 40) for k in ("hist/fake_logit", "hist/real_logit")
     )
     assert all(sum(f["counts"]) == 64 and len(f["edges"]) == len(f["counts"]) + 1 for f in hists)
+    # Each histogram step's two hist frames are followed by its per-sample ∂loss/∂h points.
+    dldh = [f for f in frames if f["type"] == "dldh"]
+    assert [f["step"] for f in dldh] == [10, 20, 30, 40]
+    for frame in dldh:
+        at = frames.index(frame)
+        assert [(f["type"], f["step"]) for f in frames[at - 2 : at]] == [("hist", frame["step"])] * 2
+        assert 0 < len(frame["h"]) == len(frame["saturating"]) == len(frame["non_saturating"]) <= 64
+        for h, sat, non_sat in zip(frame["h"], frame["saturating"], frame["non_saturating"], strict=True):
+            sigma = 1.0 / (1.0 + math.exp(-h))
+            assert sat == pytest.approx(sigma, abs=1e-6)
+            assert non_sat == pytest.approx(1.0 - sigma, abs=1e-6)
     evals = by_step(frames, "eval/modes")
     assert set(evals) == {20, 40}
     assert {f["name"] for f in frames if f["type"] == "checkpoint"} == {"step_00000020.pt", "step_00000040.pt"}
@@ -245,6 +257,7 @@ def test_vae_reports_every_spec_key(tmp_path: Path) -> None:
             assert sum(data[f"kl/dim/{j}"][i] for j in range(3)) == pytest.approx(data["loss/kl"][i], rel=1e-5)
             assert data["loss/elbo"][i] == pytest.approx(-(data["loss/recon"][i] + data["loss/kl"][i]), rel=1e-5)
     assert set(by_step(frames, "eval/active_units")) == {10, 20}
+    assert not {"hist", "dldh"} & {f["type"] for f in frames}  # no discriminator logits in a VAE
     assert (tmp_path / "samples" / "step_00000020.png").is_file()
     state = torch.load(tmp_path / "checkpoints" / "step_00000020.pt", weights_only=True)
     assert set(state["models"]) == {"encoder", "decoder"}

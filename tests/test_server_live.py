@@ -94,6 +94,15 @@ def test_launch_streams_every_key_in_gapless_order(server: LiveServer) -> None:
             assert 2 <= len(history["metrics"][keys[0]]["step"]) <= 10
             csv = http.get(f"/api/runs/{run['id']}/metrics.csv").text.splitlines()
             assert csv[0].startswith("step,time,") and len(csv) >= run["config"]["train"]["steps"] + 1
+            # A reloaded page gets the same non-metric frames the stream carried, newest hist per key only.
+            assert any(f["type"] == "dldh" for f in frames) == (run is gan)
+            url, last = f"/api/runs/{run['id']}", frames[-1]["seq"]
+            wait_for(lambda: http.get(url).json()["last_seq"] == last, what="the final frame committed")  # noqa: B023
+            latest = {(f["type"], f.get("key")): f for f in frames if f["type"] in ("hist", "dldh")}
+            restored = sorted([f for f in frames if f["type"] in ("status", "alert", "control", "sample",
+                                                                  "checkpoint")] + list(latest.values()),
+                              key=lambda f: f["seq"])
+            assert http.get(f"/api/runs/{run['id']}/events").json()["frames"] == restored
     # Nothing a worker wrote stays behind in its scratch folder once uploaded and acknowledged.
     work = server.data_dir / "runs" / gan["id"] / "work" / "samples"
     assert not any(work.glob("*.png"))
@@ -119,9 +128,13 @@ def test_stop_writes_a_final_checkpoint_that_loads_weights_only(server: LiveServ
     run = launch(server, config(TINY_GAN, train__steps=1_000_000, intervals__checkpoint_every=1_000_000))
     with server.client() as http:
         wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] >= 30, what="30 steps")
+        # The runs table's speed column: measured while it trains, gone once it has ended.
+        listed = wait_for(lambda: next(r for r in http.get("/api/runs").json() if r["id"] == run["id"])
+                          ["steps_per_s"], what="a steps/s rate")
+        assert listed > 0
         assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
         detail = wait_status(http, run["id"], TERMINAL)
-        assert detail["status"] == "stopped"
+        assert detail["status"] == "stopped" and detail["steps_per_s"] is None
         (ckpt,) = detail["checkpoints"]
         assert ckpt["step"] == detail["step"] > 0
         blob = http.get(ckpt["url"])

@@ -237,6 +237,100 @@ def test_a_malformed_key_loses_only_itself(store: Store) -> None:
     assert store.metric_history("r", None, 10)["ok"]["value"] == [1.0, 2.0, 3.0]
 
 
+def _restore_run(store: Store, run_id: str = "r") -> dict[int, str]:
+    """A run with every kind of frame, several hists per key and dldh frames; returns seq → stored text."""
+    sent = [
+        frame(run_id, 1, "status", status="running", error=None, step=0),
+        metrics(run_id, 2, [1, 2], {"loss/d": [1.0, 0.5]}),
+        frame(run_id, 3, "hist", step=2, key="hist/real_logit", edges=[0.0, 1.0], counts=[64]),
+        frame(run_id, 4, "hist", step=2, key="hist/fake_logit", edges=[0.0, 1.0], counts=[64]),
+        frame(run_id, 5, "dldh", step=2, h=[-1.0], saturating=[0.27], non_saturating=[0.73]),
+        frame(run_id, 6, "alert", step=2, kind="gradient_collapse", message="G gradient vanished"),
+        frame(run_id, 7, "sample", step=2, name="step_00000002.png", url="samples/step_00000002.png"),
+        metrics(run_id, 8, [3, 4], {"loss/d": [0.25, 0.125]}),
+        frame(run_id, 9, "hist", step=4, key="hist/real_logit", edges=[0.0, 2.0], counts=[64]),
+        frame(run_id, 10, "hist", step=4, key="hist/fake_logit", edges=[0.0, 2.0], counts=[64]),
+        frame(run_id, 11, "dldh", step=4, h=[-2.0], saturating=[0.12], non_saturating=[0.88]),
+        frame(run_id, 12, "control", step=4, changes={"g_loss": "non_saturating"}),
+        frame(run_id, 13, "checkpoint", step=4, name="step_00000004.pt", url="checkpoints/step_00000004.pt"),
+        frame(run_id, 14, "hist", step=6, key="hist/real_logit", edges=[0.0, 3.0], counts=[64]),
+        frame(run_id, 15, "alert", step=6, kind="diverged", message="non-finite loss at step 6"),
+        metrics(run_id, 16, [5, 6], {"loss/d": [None, None]}),
+        frame(run_id, 17, "dldh", step=6, h=[None], saturating=[None], non_saturating=[None]),
+        frame(run_id, 18, "status", status="failed", error="diverged", step=6),
+    ]
+    store.insert_run(make_run(run_id))
+    store.append(run_id, sent)
+    assert store.wait_flushed()
+    return {f["seq"]: text for f, text in sent}
+
+
+def test_events_keep_every_event_but_only_the_newest_hist_per_key_and_dldh(store: Store) -> None:
+    texts = _restore_run(store)
+    other = _restore_run(store, "other")  # another run's frames never leak in
+    assert store.events("r", 18) == [(seq, texts[seq]) for seq in (1, 6, 7, 10, 12, 13, 14, 15, 17, 18)]
+    # As of seq 12: step 4's histograms and dldh, nothing later; metrics never.
+    assert store.events("r", 12) == [(seq, texts[seq]) for seq in (1, 6, 7, 9, 10, 11, 12)]
+    assert store.events("r", 4) == [(seq, texts[seq]) for seq in (1, 3, 4)]
+    assert store.events("r", 0) == []
+    assert store.events("r", 10**9) == store.events("r", 18)
+    assert [seq for seq, _ in store.events("other", 18)] == [1, 6, 7, 10, 12, 13, 14, 15, 17, 18]
+    assert store.events("other", 18)[0][1] == other[1]
+    assert store.events("unknown", 18) == []
+
+
+def test_events_cap_keeps_the_newest_events_and_still_the_latest_hists(store: Store) -> None:
+    texts = _restore_run(store)
+    # The three newest of status/alert/control/sample/checkpoint, plus the newest hist per key and dldh.
+    assert store.events("r", 18, cap=3) == [(seq, texts[seq]) for seq in (10, 13, 14, 15, 17, 18)]
+    with pytest.raises(ValueError, match="cap"):
+        store.events("r", 18, cap=0)
+
+
+def test_a_hist_frame_whose_text_is_not_json_is_stored_and_skipped_by_events(store: Store) -> None:
+    # The hist-key index parses bodies; a body it cannot parse must not fail the writer's transaction.
+    texts = _restore_run(store)
+    bad = frame("r", 19, "hist", step=8, key="hist/real_logit", edges=[0.0], counts=[])[0]
+    store.append("r", [(bad, "{not json"), frame("r", 20, "alert", step=8, kind="x", message="after")])
+    assert store.wait_flushed()
+    assert [seq for seq, _ in store.frames_after("r", 18)] == [19, 20]
+    assert [seq for seq, _ in store.events("r", 20)] == [1, 6, 7, 10, 12, 13, 14, 15, 17, 18, 20]
+    assert store.events("r", 20)[6] == (14, texts[14])
+
+
+def test_events_read_indexes_not_every_frame(store: Store, db_path: Path) -> None:
+    # A long run has tens of thousands of hist frames: the newest per key must come from index seeks.
+    from app.store import _SELECT_LATEST_HISTS, _SELECT_NEWEST_OF_TYPE
+
+    conn = sqlite3.connect(db_path)
+    try:
+        plans = [" ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+                 for sql, params in ((_SELECT_LATEST_HISTS, {"run": "r", "until": 5}),
+                                     (_SELECT_NEWEST_OF_TYPE, ("r", "alert", 5, 10)))]
+    finally:
+        conn.close()
+    assert "frames_hist_key" in plans[0] and "SCAN frames" not in plans[0], plans[0]
+    assert "frames_by_type" in plans[1] and "SCAN frames" not in plans[1], plans[1]
+
+
+def test_a_file_from_before_the_frame_indexes_gets_them_when_opened(db_path: Path) -> None:
+    first = Store(db_path)
+    first.start()
+    texts = _restore_run(first)
+    first.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP INDEX frames_by_type")
+    conn.execute("DROP INDEX frames_hist_key")
+    conn.close()
+    reopened = Store(db_path)
+    try:
+        indexes = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)"
+        assert raw_count(db_path, indexes, "frames_by_type", "frames_hist_key") == 2
+        assert reopened.events("r", 12) == [(seq, texts[seq]) for seq in (1, 6, 7, 9, 10, 11, 12)]
+    finally:
+        reopened.close()
+
+
 def test_run_table_writes_interleave_with_the_writer_without_deadlock(store: Store) -> None:
     store.insert_run(make_run("r", status="running"))
     errors: list[BaseException] = []

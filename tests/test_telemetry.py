@@ -5,16 +5,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from trainer.telemetry import (
+    DLDH_SAMPLES,
     CollapseDetector,
     DropDetector,
     FrameEmitter,
     ScalarBuffer,
+    dldh_samples,
+    frame_to_json,
     grad_norms,
     hist_frames_fields,
+    logit_frames_fields,
     logit_histogram,
+    logit_packet,
     metrics_frame_fields,
     total_norm,
 )
@@ -81,6 +87,37 @@ def test_histogram_leaves_out_non_finite_logits() -> None:
     assert packed[2:4].tolist() == [1.0, 1.0] and packed[4:].tolist() == [0.0, 0.0]
     all_nan = logit_histogram(torch.full((3,), nan), torch.full((2,), nan), bins=2)
     assert torch.isfinite(all_nan).all() and all_nan[2:].sum() == 0
+
+
+def test_dldh_samples_are_the_first_logits_sorted_with_both_weights() -> None:
+    fake = torch.linspace(8.0, -8.0, 100)  # descending, so sorting shows
+    packed = dldh_samples(fake).numpy()
+    n = DLDH_SAMPLES
+    assert packed.size == 3 * n
+    h, sat, non_sat = packed[:n], packed[n : 2 * n], packed[2 * n :]
+    np.testing.assert_array_equal(h, np.sort(fake[:n].numpy()))  # the first 64, not any 64
+    sigma = 1.0 / (1.0 + np.exp(-h.astype(np.float64)))
+    np.testing.assert_allclose(sat, sigma, atol=1e-6)
+    np.testing.assert_allclose(non_sat, 1.0 - sigma, atol=1e-6)
+    assert dldh_samples(fake[:5]).numel() == 15  # a batch smaller than the cap sends all it has
+
+
+def test_logit_packet_unpacks_into_two_hists_then_dldh_with_nulls() -> None:
+    real = torch.tensor([0.0, 1.0, 2.0])
+    fake = torch.tensor([-1.0, float("nan"), 0.5])
+    packed = logit_packet(real, fake).numpy()
+    frames = logit_frames_fields(9, packed, ["hist/real_logit", "hist/fake_logit"])
+    assert [kind for kind, _ in frames] == ["hist", "hist", "dldh"]
+    assert sum(frames[0][1]["counts"]) == 3 and sum(frames[1][1]["counts"]) == 2
+    dldh = frames[2][1]
+    assert dldh["step"] == 9
+    assert dldh["h"] == [-1.0, 0.5, None]  # sort puts NaN last; JSON gets null
+    assert dldh["saturating"][2] is None and dldh["non_saturating"][2] is None
+    assert dldh["saturating"][:2] == pytest.approx([1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-0.5))], abs=1e-6)
+    frame_to_json({"type": "dldh", **dldh})  # strict JSON accepts it
+    # A histogram alone (no samples packed after it) gives the hist frames only.
+    only = logit_frames_fields(9, logit_histogram(real, fake).numpy(), ["hist/real_logit", "hist/fake_logit"])
+    assert [kind for kind, _ in only] == ["hist", "hist"]
 
 
 def test_emitter_numbers_frames_without_gaps() -> None:

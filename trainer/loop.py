@@ -53,8 +53,8 @@ from trainer.telemetry import (
     FrameSink,
     ScalarBuffer,
     grad_norms,
-    hist_frames_fields,
-    logit_histogram,
+    logit_frames_fields,
+    logit_packet,
     metrics_frame_fields,
     total_norm,
 )
@@ -324,8 +324,8 @@ class Trainer(ABC):
         if steps:
             self.emitter.emit("metrics", **metrics_frame_fields(self.keys, steps, times, table))
         for step, packed in hists:
-            for fields in hist_frames_fields(step, packed, HIST_KEYS):
-                self.emitter.emit("hist", **fields)
+            for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
+                self.emitter.emit(kind, **fields)
         if steps:
             self.on_flush(steps, table)
 
@@ -453,7 +453,8 @@ class GanTrainer(Trainer):
             self._log_gan(step, losses, grads, h, h_real.detach(), d_layers,
                           (loss_d.detach(), loss_real.detach(), loss_fake.detach()))
         if step % cfg.intervals.hist_every == 0:
-            self.buffer.append_hist(step, logit_histogram(h_real, h))
+            # Histograms and the saturation panel's per-sample points share one buffered tensor.
+            self.buffer.append_hist(step, logit_packet(h_real, h))
 
     def _log_gan(
         self,

@@ -25,10 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainer.losses import dloss_dh
+
 Frame = dict[str, Any]
 FrameSink = Callable[[Frame], None]
 
 HIST_BINS = 40
+#: Fake samples per ``dldh`` frame: enough points to trace both curves, few enough to send every hist step.
+DLDH_SAMPLES = 64
 
 
 def frame_to_json(frame: Frame) -> str:
@@ -80,6 +84,27 @@ def logit_histogram(real: Tensor, fake: Tensor, bins: int = HIST_BINS) -> Tensor
         return out.scatter_add_(0, idx, torch.isfinite(x).float())
 
     return torch.cat([lo.view(1), hi.view(1), counts(real), counts(fake)])
+
+
+def dldh_samples(fake: Tensor, limit: int = DLDH_SAMPLES) -> Tensor:
+    """The first ``limit`` fake logits and their |∂loss/∂h| under both losses, as one device tensor.
+
+    Layout: ``[h (n), saturating (n), non_saturating (n)]`` with n = min(limit, batch), sorted by h.
+    The weights come from :func:`~trainer.losses.dloss_dh`, the same autograd derivative the
+    generator gradient uses, so a dashboard that draws σ(h) and 1 − σ(h) over these points checks
+    the implementation rather than restating the formula. The first samples (not a random draw)
+    keep runs reproducible and the noise stream untouched; sorting on the device needs no sync.
+    """
+    h = fake.detach().float().flatten()[:limit].sort().values
+    return torch.cat([h, dloss_dh("saturating", h).abs(), dloss_dh("non_saturating", h).abs()])
+
+
+def logit_packet(real: Tensor, fake: Tensor) -> Tensor:
+    """What a histogram step sends: :func:`logit_histogram` then :func:`dldh_samples`, one tensor.
+
+    One tensor so that the step still costs the buffer a single entry and the flush a single copy.
+    """
+    return torch.cat([logit_histogram(real, fake), dldh_samples(fake)])
 
 
 @dataclass
@@ -163,6 +188,32 @@ def hist_frames_fields(step: int, packed: np.ndarray, keys: Iterable[str]) -> li
     for i, key in enumerate(keys):
         counts = packed[2 + i * bins : 2 + (i + 1) * bins]
         out.append({"step": step, "key": key, "edges": edges, "counts": [int(c) for c in counts]})
+    return out
+
+
+def dldh_frame_fields(step: int, packed: np.ndarray) -> dict[str, Any]:
+    """Unpack :func:`dldh_samples` into a ``dldh`` payload: three aligned lists, non-finite as ``None``."""
+    n = packed.size // 3
+    h, sat, non_sat = (packed[i * n : (i + 1) * n] for i in range(3))
+    return {
+        "step": step,
+        "h": [finite_or_none(float(v)) for v in h],
+        "saturating": [finite_or_none(float(v)) for v in sat],
+        "non_saturating": [finite_or_none(float(v)) for v in non_sat],
+    }
+
+
+def logit_frames_fields(
+    step: int, packed: np.ndarray, keys: Sequence[str], bins: int = HIST_BINS
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(type, payload)`` of every frame a :func:`logit_packet` becomes: one ``hist`` per key, then ``dldh``.
+
+    A packet holding only a histogram (no samples after it) gives the ``hist`` frames alone.
+    """
+    size = 2 + len(keys) * bins
+    out: list[tuple[str, dict[str, Any]]] = [("hist", f) for f in hist_frames_fields(step, packed[:size], keys)]
+    if packed.size > size:
+        out.append(("dldh", dldh_frame_fields(step, packed[size:])))
     return out
 
 

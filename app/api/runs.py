@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from pathlib import Path
@@ -27,7 +28,7 @@ _STEP = re.compile(r"step_(\d+)")
 _MEDIA = {".png": "image/png", ".json": "application/json", ".pt": "application/octet-stream"}
 
 
-def _artifacts(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
+def artifacts_of(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
     folder = manager.run_dir(run_id) / kind
     if not folder.is_dir():
         return []
@@ -44,10 +45,10 @@ def _artifacts(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
 
 async def _detail(manager: RunManager, rec: RunRecord) -> RunDetail:
     samples, checkpoints = await asyncio.gather(
-        asyncio.to_thread(_artifacts, manager, rec.id, "samples"),
-        asyncio.to_thread(_artifacts, manager, rec.id, "checkpoints"),
+        asyncio.to_thread(artifacts_of, manager, rec.id, "samples"),
+        asyncio.to_thread(artifacts_of, manager, rec.id, "checkpoints"),
     )
-    summary = RunSummary.of(rec).model_dump()
+    summary = RunSummary.of(rec, manager.steps_per_s(rec.id)).model_dump()
     return RunDetail(**summary, config=rec.config, resume_from=rec.resume_from, samples=samples,
                      checkpoints=checkpoints)
 
@@ -134,8 +135,8 @@ async def create_sweep(request: SweepRequest, manager: ManagerDep) -> SweepOut:
 
 
 @router.get("/runs", response_model=list[RunSummary])
-async def list_runs(store: StoreDep) -> list[RunSummary]:
-    return [RunSummary.of(rec) for rec in await asyncio.to_thread(store.list_runs)]
+async def list_runs(store: StoreDep, manager: ManagerDep) -> list[RunSummary]:
+    return [RunSummary.of(rec, manager.steps_per_s(rec.id)) for rec in await asyncio.to_thread(store.list_runs)]
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)
@@ -187,13 +188,38 @@ async def metrics_csv(run_id: str, manager: ManagerDep, store: StoreDep) -> Stre
                              headers={"Content-Disposition": f'attachment; filename="{run_id}-metrics.csv"'})
 
 
+_EVENTS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"description": '`{"run": id, "until": S, "frames": [frame, ...]}`, frames ascending by seq',
+          "content": {"application/json": {}}},
+}
+
+
+@router.get("/runs/{run_id}/events", response_class=Response, responses=_EVENTS_DOC)
+async def events(run_id: str, manager: ManagerDep, store: StoreDep,
+                 until: Annotated[int | None, Query(ge=0, le=2**63 - 1,  # SQLite's integer range
+                                                    description="Last seq to include "
+                                                                "(default: the run's last_seq)")] = None
+                 ) -> Response:
+    """The frames a page restores besides the metric history, up to ``until``; then follow ``?since=until``.
+
+    Every ``status``, ``alert``, ``control``, ``sample`` and ``checkpoint`` frame (the newest 5,000),
+    the newest ``hist`` frame per key and the newest ``dldh`` frame; no ``metrics`` (see ``/metrics``).
+    """
+    rec = await manager.get(run_id)
+    upto = rec.last_seq if until is None else until
+    frames = await asyncio.to_thread(store.events, run_id, upto)
+    # The stored texts are already strict JSON: splice them in rather than parse and re-serialise each.
+    body = f'{{"run":{json.dumps(run_id)},"until":{upto},"frames":[{",".join(text for _, text in frames)}]}}'
+    return Response(content=body, media_type="application/json")
+
+
 @router.get("/runs/{run_id}/{kind}", response_model=list[Artifact])
 async def list_artifacts(run_id: str, kind: str, manager: ManagerDep) -> list[Artifact]:
     """``samples`` (PNG grids and 2-D field data) or ``checkpoints``, oldest first."""
     if kind not in ARTIFACT_KINDS:
         raise RunError(404, f"no such collection {kind!r}; use samples or checkpoints")
     await manager.get(run_id)
-    return await asyncio.to_thread(_artifacts, manager, run_id, kind)
+    return await asyncio.to_thread(artifacts_of, manager, run_id, kind)
 
 
 @router.get("/runs/{run_id}/{kind}/{name}")

@@ -72,10 +72,15 @@ class RunSummary(BaseModel):
     device: str | None
     last_alert: dict[str, Any] | None
     last_seq: int
+    steps_per_s: float | None = Field(
+        None, description="Training steps per second over the last ~10 s; null unless the run is training."
+    )
 
     @classmethod
-    def of(cls, rec: RunRecord) -> RunSummary:
-        return cls.model_validate({k: getattr(rec, k) for k in cls.model_fields})
+    def of(cls, rec: RunRecord, steps_per_s: float | None = None) -> RunSummary:
+        """The summary of a stored run; the rate is the manager's to know (it is not stored)."""
+        fields = {k: getattr(rec, k) for k in cls.model_fields if k != "steps_per_s"}
+        return cls.model_validate({**fields, "steps_per_s": steps_per_s})
 
 
 class Artifact(BaseModel):
