@@ -1,5 +1,13 @@
 # gradwatch in a container. PyTorch comes from PyPI's default wheel (CUDA on
 # x86_64); run with GPU access through docker compose (see docker-compose.yml).
+
+# The browser libraries from the npm registry (htmx, pinned by package-lock.json):
+# no third-party file is committed, and the app serves them itself.
+FROM node:20-slim AS assets
+WORKDIR /assets
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -8,7 +16,12 @@ WORKDIR /opt/gradwatch
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY trainer ./trainer
-RUN pip install .
+# Editable, so that the app finds templates/, static/ and node_modules/ where it
+# looks for them: beside its package, in /opt/gradwatch.
+RUN pip install -e .
+COPY templates ./templates
+COPY static ./static
+COPY --from=assets /assets/node_modules ./node_modules
 
 RUN useradd --create-home --uid 1000 gradwatch && mkdir -p /data && chown gradwatch /data
 USER gradwatch

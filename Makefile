@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test check lint typecheck pytest demo clean
 
-$(STAMP): pyproject.toml
+# Python packages into the venv, and the browser libraries the app serves itself
+# (htmx, pinned in package-lock.json) into node_modules/: needs Node 18+ and npm.
+$(STAMP): pyproject.toml package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	npm ci --no-audit --no-fund
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,4 +40,4 @@ demo: $(STAMP)
 	$(VENV)/bin/gradwatch train --preset ring8-non-saturating --out runs/ring8-non-saturating
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
@@ -24,6 +27,7 @@ from app.manager import RunError, RunManager
 from app.security import SecurityMiddleware
 from app.settings import Settings
 from app.store import Store
+from app.web import assets, pages
 
 log = logging.getLogger("gradwatch")
 
@@ -47,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = Hub(store)
         manager = RunManager(settings, store, hub, server_url=lambda: worker_url(settings))
         app.state.store, app.state.hub, app.state.manager = store, hub, manager
+        missing = assets.missing_vendor_files()
+        if missing:
+            log.warning("dashboard assets missing, pages will not work until `make install`: %s", "; ".join(missing))
         await manager.start()
         try:
             yield
@@ -62,15 +69,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Autoescaping is on for every template: run names and errors are user text.
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(assets.TEMPLATES_DIR), autoescape=True)
+    env.globals["assets"] = assets.ASSETS_URL
+    app.state.templates = Jinja2Templates(env=env)
     # Worker routes skip the user's token: they take the run's own token instead.
+    # Static files hold no data, and the login page needs its CSS before there is a cookie.
     app.add_middleware(SecurityMiddleware, settings=settings,
-                       exempt_prefixes=("/ws/worker/", "/worker/", "/static/"))
+                       exempt_prefixes=("/ws/worker/", "/worker/", "/static/", assets.ASSETS_URL + "/"))
     app.include_router(presets.router)
     app.include_router(runs.router)
     app.include_router(stream.router)
+    app.include_router(assets.vendor_router())
+    app.include_router(pages.router)
+    app.mount(assets.ASSETS_URL, StaticFiles(directory=assets.STATIC_DIR), name="assets")
 
     @app.exception_handler(RunError)
-    async def run_error(_request: Request, exc: RunError) -> JSONResponse:
+    async def run_error(request: Request, exc: RunError) -> Response:
+        if _wants_html(request):
+            return app.state.templates.TemplateResponse(
+                request, "error.html", {"status": exc.status, "detail": exc.detail}, status_code=exc.status)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -81,8 +99,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   for err in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/api", include_in_schema=False)
     async def index() -> dict[str, Any]:
         return {"name": "gradwatch", "version": __version__, "api": "/api/runs", "docs": "/docs"}
 
     return app
+
+
+def _wants_html(request: Request) -> bool:
+    """A page navigation (not an API call, not an htmx swap) gets its errors as a page."""
+    path = request.url.path
+    return (not path.startswith(("/api/", "/ui/")) and "text/html" in request.headers.get("accept", "")
+            and "hx-request" not in request.headers)

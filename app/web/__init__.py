@@ -1,0 +1,1 @@
+"""The browser dashboard: pages, htmx fragments and the files they load."""

@@ -1,0 +1,125 @@
+// The compare page: chosen runs overlaid on shared axes, one colour per run.
+//
+// Each run has its own stream and history, exactly as on its run page. On the
+// gradient chart the solid line is the gradient that was applied and the
+// dotted one is the shadow: the norm under the loss that is not training
+// right now (the other of saturating / non-saturating), at the same
+// parameters and batch.
+
+import { LineChart, PALETTE, plain } from "./charts.js";
+import { connectionIndicator, RunStream } from "./stream.js";
+
+const boot = JSON.parse(document.getElementById("boot").textContent);
+const $ = (id) => document.getElementById(id);
+const HISTORY_POINTS = 4000;
+
+const charts = {
+  gnorm: new LineChart($("cmp-gnorm"), { yaxis: { type: "log", exponentformat: "power", title: { text: "‖∇θ L_G‖₂" } } }),
+  gloss: new LineChart($("cmp-gloss"), { yaxis: { title: { text: "loss (nats)" } } }),
+  dfake: new LineChart($("cmp-dfake"), { yaxis: { title: { text: "D(G(z))" }, range: [0, 1] } }),
+  dloss: new LineChart($("cmp-dloss"), { yaxis: { title: { text: "loss (nats)" } } }),
+  eval: new LineChart($("cmp-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" } }),
+  elbo: new LineChart($("cmp-elbo"), { yaxis: { title: { text: "ELBO (nats)" } } }),
+};
+
+/** Shadow norm per point: whichever of the two losses' norms is not the applied one. */
+function shadow(steps, applied, sat, nonsat) {
+  const out = [];
+  for (let i = 0; i < steps.length; i++) {
+    if (applied[i] === null || applied[i] === undefined) out.push(null);
+    else if (applied[i] === sat[i]) out.push(nonsat[i]);
+    else if (applied[i] === nonsat[i]) out.push(sat[i]);
+    else out.push(null); // another loss (hinge, …) trains: neither is its shadow
+  }
+  return out;
+}
+
+/** Align per-key downsampled history on the steps the applied norm has. */
+function alignedHistory(metrics, key, steps) {
+  const h = metrics[key];
+  if (!h) return steps.map(() => null);
+  const byStep = new Map(h.step.map((s, i) => [s, h.value[i]]));
+  return steps.map((s) => (byStep.has(s) ? byStep.get(s) : null));
+}
+
+function plot(run, index, steps, data) {
+  const color = PALETTE[index % PALETTE.length];
+  const name = plain(run.name);
+  const line = (extra = {}) => ({ name, legendgroup: run.id, line: { color, width: 2, ...extra } });
+  const g = data["grad/g_norm"];
+  if (g) {
+    charts.gnorm.append(`${run.id}:applied`, steps, g, { ...line(), name: `${name} · applied` });
+    const sat = data["grad/g_norm_saturating"] || [];
+    const ns = data["grad/g_norm_non_saturating"] || [];
+    charts.gnorm.append(`${run.id}:shadow`, steps, shadow(steps, g, sat, ns),
+      { ...line({ dash: "dot", width: 1.5 }), name: `${name} · shadow`, showlegend: true });
+  }
+  if (data["loss/g"]) charts.gloss.append(run.id, steps, data["loss/g"], line());
+  if (data["d/fake_prob"]) charts.dfake.append(run.id, steps, data["d/fake_prob"], line());
+  if (data["loss/d"]) charts.dloss.append(run.id, steps, data["loss/d"], line());
+  if (data["loss/elbo"]) charts.elbo.append(run.id, steps, data["loss/elbo"], line());
+  for (const key of ["eval/modes", "eval/classes"]) {
+    if (data[key]) charts.eval.append(`${run.id}:${key}`, steps, data[key], { ...line(), mode: "lines+markers", name: `${name} · ${key.slice(5)}` });
+  }
+}
+
+function onFrame(run, index, frame) {
+  if (frame.type === "metrics") plot(run, index, frame.step, frame.data);
+  else if (frame.type === "status") {
+    const badge = document.querySelector(`[data-status-for="${run.id}"]`);
+    if (badge) {
+      badge.textContent = frame.status;
+      badge.className = `badge status-${frame.status}`;
+    }
+  } else if (frame.type === "alert") {
+    const chip = document.querySelector(`[data-alert-for="${run.id}"]`);
+    if (chip) {
+      chip.hidden = false;
+      chip.className = `alert-chip alert-${frame.kind}`;
+      chip.dataset.kind = frame.kind;
+      chip.textContent = `${frame.kind.replace(/_/g, " ")} @ ${frame.step}`;
+      chip.title = frame.message;
+    }
+  } else if (frame.type === "control" && frame.changes?.g_loss) {
+    charts.gnorm.mark(frame.step, `${run.name.slice(0, 24)} → ${frame.changes.g_loss}`);
+    const label = document.querySelector(`[data-gloss-for="${run.id}"]`);
+    if (label) label.textContent = frame.changes.g_loss;
+  }
+}
+
+async function start(run, index, indicate) {
+  const swatch = document.querySelector(`li[data-run="${run.id}"] .swatch`);
+  if (swatch) swatch.style.background = PALETTE[index % PALETTE.length];
+  const since = run.last_seq;
+  const [history, events] = await Promise.all([
+    fetch(`/api/runs/${run.id}/metrics?max_points=${HISTORY_POINTS}`).then((r) => r.json()),
+    fetch(`/api/runs/${run.id}/events?until=${since}`).then((r) => r.json()),
+  ]);
+  const m = history.metrics;
+  if (m["grad/g_norm"]) {
+    const steps = m["grad/g_norm"].step;
+    const data = {};
+    for (const key of ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"]) data[key] = alignedHistory(m, key, steps);
+    plot(run, index, steps, data);
+  }
+  for (const key of ["loss/g", "d/fake_prob", "loss/d", "loss/elbo", "eval/modes", "eval/classes"]) {
+    if (m[key]) plot(run, index, m[key].step, { [key]: m[key].value });
+  }
+  for (const frame of events.frames) if (frame.type !== "metrics") onFrame(run, index, frame);
+  const stream = new RunStream(run.id, (frame) => onFrame(run, index, frame), (s) => indicate(run.id, s));
+  stream.open(since);
+  return stream;
+}
+
+async function main() {
+  const indicate = connectionIndicator();
+  // Hide the charts no chosen run feeds (a VAE has no discriminator, a GAN no ELBO).
+  const kinds = new Set(boot.map((r) => r.kind));
+  if (!kinds.has("vae")) $("cmp-elbo").closest(".panel").hidden = true;
+  if (!kinds.has("gan")) for (const id of ["cmp-gnorm", "cmp-gloss", "cmp-dfake", "cmp-dloss"]) $(id).closest(".panel").hidden = true;
+  const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
+  window.gradwatch = { charts, streams };
+  document.body.dataset.ready = "true";
+}
+
+if (boot.length) main();

@@ -1,0 +1,189 @@
+"""The dashboard's server side, in process: the generated launch form, its errors, escaping and assets.
+
+What only a browser shows (live charts, htmx swaps, downloads) is in
+test_browser_dashboard.py against a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from app.main import create_app
+from app.settings import Settings
+from app.store import RunRecord
+from app.web.form import errors_by_field, flat_values, form_sections, nested_config
+from trainer.config import RunConfig
+
+ORIGIN = {"origin": "http://127.0.0.1:8000"}
+FORM = {"content-type": "application/x-www-form-urlencoded", **ORIGIN}
+EVIL_NAME = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    app = create_app(Settings(data_dir=tmp_path, _env_file=None))  # type: ignore[call-arg]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
+        yield test_client
+
+
+def _insert(client: TestClient, name: str = EVIL_NAME, status: str = "completed") -> RunRecord:
+    """A run row as a finished run leaves it, without starting a worker."""
+    cfg = RunConfig.model_validate({"name": name, "train": {"steps": 10}})
+    rec = RunRecord(id="abc123", name=name, kind="gan", status=status, config=cfg.model_dump(mode="json"),
+                    created_at=time.time(), step=10, last_alert={"step": 7, "kind": "gradient_collapse",
+                                                                   "message": "<b>low</b>"})
+    client.app.state.store.insert_run(rec)  # type: ignore[attr-defined]
+    return rec
+
+
+def _form_body(values: dict[str, object]) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode({k: "" if v is None else str(v) for k, v in values.items()})
+
+
+# --------------------------------------------------------------------------- the form model
+
+
+def test_the_form_has_an_input_for_every_config_field() -> None:
+    names = [f.name for s in form_sections() for f in s.fields]
+    assert sorted(names) == sorted(flat_values(RunConfig().model_dump(mode="json")))
+    assert len(names) == len(set(names))
+
+
+def test_inputs_carry_the_schema_bounds_and_types() -> None:
+    fields = {f.name: f for s in form_sections() for f in s.fields}
+    lr = fields["gan.lr_g"]
+    assert (lr.input, lr.kind, lr.minimum, lr.maximum, lr.exclusive_min) == ("number", "number", 0.0, 1.0, True)
+    assert lr.bounds == "0 < x ≤ 1"
+    assert fields["train.steps"].step == "1" and fields["train.steps"].minimum == 1
+    assert fields["gan.g_loss"].options == ("saturating", "non_saturating", "hinge", "least_squares", "wasserstein")
+    assert fields["data.image_size"].optional and fields["data.image_size"].options == ("8", "28", "32")
+    assert "Adam" in fields["gan.g_optimizer"].help
+
+
+def test_submitted_strings_become_the_config() -> None:
+    fields = [f for s in form_sections() for f in s.fields]
+    pairs = [("kind", "gan"), ("gan.lr_g", "0.005"), ("train.steps", "42"), ("data.path", ""),
+             ("data.image_size", ""), ("twin", "1")]
+    cfg = RunConfig.model_validate(nested_config(pairs, fields))
+    assert cfg.gan.lr_g == 0.005 and cfg.train.steps == 42 and cfg.data.path is None
+
+
+def test_an_unknown_input_is_refused_by_name() -> None:
+    fields = [f for s in form_sections() for f in s.fields]
+    with pytest.raises(ValidationError) as info:
+        RunConfig.model_validate(nested_config([("gan.lr_x", "1")], fields))
+    assert "gan.lr_x" in errors_by_field(info.value)
+
+
+# --------------------------------------------------------------------------- pages and fragments
+
+
+def test_the_runs_page_opens_on_the_twin_preset_with_defaults_filled(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert 'name="twin" value="1"' in page.text
+    assert re.search(r'<select name="gan.g_loss"[^>]*>.*?<option value="saturating"\s+selected', page.text, re.S)
+    assert 'name="gan.d_head_start" step="1" value="500"' in page.text
+    vae = client.get("/ui/form", params={"preset": "digits-vae"})
+    assert 'name="twin" value="0"' in vae.text and 'data-kind="vae"' in vae.text
+    assert client.get("/ui/form", params={"preset": "nope"}).status_code == 404
+
+
+def test_a_bad_field_comes_back_at_that_field_and_launches_nothing(client: TestClient) -> None:
+    values = flat_values(RunConfig().model_dump(mode="json"))
+    values.update({"gan.lr_g": "-0.001", "train.steps": "abc"})
+    response = client.post("/ui/runs", content=_form_body(values), headers=FORM)
+    assert response.status_code == 422
+    errors = dict(re.findall(r'data-error-for="([^"]*)">([^<]*)<', response.text))
+    assert errors.keys() == {"gan.lr_g", "train.steps"}
+    assert "greater than 0" in errors["gan.lr_g"]
+    assert "integer" in errors["train.steps"]
+    # The user's input is kept, marked invalid, so they can fix it.
+    assert re.search(r'name="gan.lr_g"[^>]*value="-0.001"[^>]*aria-invalid="true"', response.text)
+    assert client.get("/api/runs").json() == []
+
+
+def test_a_cross_field_error_is_shown_on_its_section(client: TestClient) -> None:
+    values = flat_values(RunConfig().model_dump(mode="json"))
+    values.update({"model.arch": "conv"})  # conv on 2-D ring data
+    response = client.post("/ui/runs", content=_form_body(values), headers=FORM)
+    assert response.status_code == 422
+    assert re.search(r'data-error-for="">[^<]*conv', response.text)
+    assert client.get("/api/runs").json() == []
+
+
+def test_a_cross_site_form_post_is_refused(client: TestClient) -> None:
+    response = client.post("/ui/runs", content="kind=gan", headers={**FORM, "origin": "https://evil.example"})
+    assert response.status_code == 403
+    assert client.get("/api/runs").json() == []
+
+
+def test_user_text_is_escaped_in_every_page(client: TestClient) -> None:
+    rec = _insert(client)
+    for url in ("/ui/runs-table", f"/runs/{rec.id}", f"/compare?runs={rec.id}"):
+        text = client.get(url).text
+        assert "<script>window" not in text and "<img src=x" not in text and "<b>low" not in text, url
+    run_page = client.get(f"/runs/{rec.id}").text
+    assert f'<h1 id="run-name">{EVIL_NAME.replace("<", "&lt;").replace(">", "&gt;").replace(chr(34), "&#34;")}' \
+        in run_page
+    boot = re.search(r'<script id="boot" type="application/json">(.*?)</script>', run_page, re.S)
+    # The page's boot data is JSON inside a script tag: "<" must be \u003c there, or "</script>" would end it.
+    assert boot is not None and "<" not in boot.group(1)
+    assert json.loads(boot.group(1))["name"] == EVIL_NAME
+
+
+def test_the_runs_table_shows_status_progress_and_alert(client: TestClient) -> None:
+    rec = _insert(client, name="plain run")
+    table = client.get("/ui/runs-table").text
+    row = re.search(rf'<tr data-run="{rec.id}" data-status="completed">(.*?)</tr>', table, re.S)
+    assert row is not None
+    assert "10<span class=\"sub\"> / 10</span>" in row.group(1)
+    assert "gradient collapse @ 7" in row.group(1)
+    assert f'hx-delete="/ui/table/runs/{rec.id}"' in row.group(1)  # finished: delete, not stop
+
+
+def test_table_actions_answer_with_the_refreshed_table(client: TestClient) -> None:
+    rec = _insert(client, name="to delete")
+    stop = client.post(f"/ui/table/runs/{rec.id}/stop", headers=ORIGIN)
+    assert stop.status_code == 409 and "not running" in stop.text and 'data-run="abc123"' in stop.text
+    deleted = client.delete(f"/ui/table/runs/{rec.id}", headers=ORIGIN)
+    assert deleted.status_code == 200 and "No runs yet" in deleted.text
+    assert client.get("/api/runs").json() == []
+
+
+def test_controls_on_a_finished_run_explain_why_not(client: TestClient) -> None:
+    rec = _insert(client, name="done")
+    response = client.post(f"/ui/runs/{rec.id}/control", content="g_loss=non_saturating&lr_g=", headers=FORM)
+    assert response.status_code == 409 and "not running" in response.text
+    bad = client.post(f"/ui/runs/{rec.id}/control", content="g_loss=nope", headers=FORM)
+    assert bad.status_code == 422 and "g_loss" in bad.text
+
+
+def test_a_missing_run_is_a_page_for_a_browser_and_json_for_a_client(client: TestClient) -> None:
+    page = client.get("/runs/ffff", headers={"accept": "text/html"})
+    assert page.status_code == 404 and "<h1>404</h1>" in page.text
+    assert client.get("/api/runs/ffff").json() == {"detail": "no run 'ffff'"}
+
+
+def test_pages_load_every_asset_from_the_app_itself(client: TestClient) -> None:
+    rec = _insert(client, name="assets")
+    for url in ("/", f"/runs/{rec.id}", f"/compare?runs={rec.id}"):
+        html = client.get(url).text
+        refs = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert refs and all(r.startswith("/") for r in refs), (url, refs)
+        for ref in refs:
+            if ref.startswith("/assets/"):
+                assert client.get(ref).status_code == 200, ref
+    assert client.get("/assets/vendor/htmx.min.js").text.count("htmx") > 10
+    assert client.get("/assets/vendor/nope.js").status_code == 404
+    assert client.get("/assets/../app/settings.py").status_code == 404
