@@ -16,11 +16,12 @@ the server turns into an HTTP 403 on the handshake. The inner app never sees a r
 from __future__ import annotations
 
 import hmac
+import html
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.settings import LOOPBACK_HOSTS, WILDCARD_HOSTS, Settings, normalize_host
@@ -256,9 +257,12 @@ class SecurityMiddleware:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, refusal: _Refusal) -> None:
         if scope["type"] == "http":
-            await JSONResponse({"detail": refusal.detail}, refusal.status_code, headers=refusal.headers)(
-                scope, receive, send
-            )
+            response: Response
+            if _navigation(scope):
+                response = HTMLResponse(_refusal_page(refusal), refusal.status_code, headers=refusal.headers)
+            else:
+                response = JSONResponse({"detail": refusal.detail}, refusal.status_code, headers=refusal.headers)
+            await response(scope, receive, send)
             return
         # ASGI: the first websocket event is the connect; closing in answer to it, before any accept, makes the
         # server reject the handshake with 403. A client that already left needs no answer.
@@ -267,3 +271,18 @@ class SecurityMiddleware:
             return
         reason = refusal.detail.encode("utf-8")[:_MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
         await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION, "reason": reason})
+
+
+def _navigation(scope: Scope) -> bool:
+    """A browser opening a page (not a script, not htmx): it gets a readable page instead of JSON."""
+    headers = Headers(scope=scope)
+    return scope["method"] == "GET" and "text/html" in headers.get("accept", "") and "hx-request" not in headers
+
+
+def _refusal_page(refusal: _Refusal) -> str:
+    hint = ("<p>Open the address <code>gradwatch serve</code> printed, the one ending in "
+            "<code>/?token=…</code>, once: the browser then keeps the token in a cookie.</p>"
+            if refusal.status_code == 401 else "")
+    return (f"<!doctype html><meta charset=utf-8><title>{refusal.status_code} · gradwatch</title>"
+            f"<body style='font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;line-height:1.5'>"
+            f"<h1>{refusal.status_code}</h1><p>{html.escape(refusal.detail)}</p>{hint}</body>")

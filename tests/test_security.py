@@ -343,6 +343,16 @@ def test_missing_token_is_401_with_challenge(token_client: TestClient) -> None:
         assert response.json() == {"detail": UNAUTHORIZED}
 
 
+def test_a_browser_without_the_token_gets_a_page_saying_how_to_log_in(token_client: TestClient) -> None:
+    page = token_client.get("/", headers={"accept": "text/html,application/xhtml+xml"})
+    assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+    assert "/?token=" in page.text and "<h1>401</h1>" in page.text
+    # Scripts and htmx fragments keep the JSON shape of every other error.
+    for headers in ({"accept": "application/json"}, {"accept": "text/html", "hx-request": "true"}):
+        refused = token_client.get("/", headers=headers)
+        assert refused.status_code == 401 and "detail" in refused.json()
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
 def test_bearer_token_passes(token_client: TestClient, scheme: str) -> None:
     headers = {"authorization": f"{scheme} {TOKEN}"}

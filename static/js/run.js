@@ -39,9 +39,11 @@ function buildCharts() {
         hovertemplate: "z%{x}: %{y:.3g} nats<extra></extra>" }] };
     });
   }
-  charts.eval = new LineChart($("chart-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" },
-    yaxis2: { title: { text: "fraction" }, overlaying: "y", side: "right", range: [0, 1.05], showgrid: false },
-    margin: { l: 48, r: 48, t: 8, b: 36 } });
+  if ($("chart-eval")) {
+    charts.eval = new LineChart($("chart-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" },
+      yaxis2: { title: { text: "fraction" }, overlaying: "y", side: "right", range: [0, 1.05], dtick: 0.25, showgrid: false },
+      margin: { l: 48, r: 48, t: 8, b: 36 } });
+  }
 }
 
 const SERIES = {
@@ -49,7 +51,7 @@ const SERIES = {
   "loss/g": ["losses", { name: "G loss" }],
   "loss/d_real": ["losses", { name: "D loss, real", line: { dash: "dot", width: 1 } }],
   "loss/d_fake": ["losses", { name: "D loss, fake", line: { dash: "dot", width: 1 } }],
-  "grad/g_norm": ["gnorm", { name: "applied", line: { width: 3, color: "#495057" } }],
+  "grad/g_norm": ["gnorm", () => ({ name: "applied", line: { width: 3, color: cssVar("--text") }, opacity: 0.55 })],
   "grad/g_norm_saturating": ["gnorm", () => ({ name: "saturating", line: { width: 1.5, color: cssVar("--sat"), dash: "dash" } })],
   "grad/g_norm_non_saturating": ["gnorm", () => ({ name: "non-saturating", line: { width: 1.5, color: cssVar("--nonsat"), dash: "dash" } })],
   "grad/d_norm": ["gnorm", { name: "D (applied)", visible: "legendonly", line: { width: 1 } }],
@@ -74,6 +76,8 @@ function series(key, steps, values) {
     const spec = typeof route[1] === "function" ? route[1]() : route[1];
     charts[route[0]].append(key, steps, values, spec);
     if (key === "eval/active_units") noteEval(key, steps, values);
+    // The ELBO chart shows both of its terms: reconstruction and KL.
+    if (key === "loss/kl" && charts.elbo) charts.elbo.append(key, steps, values, { name: "KL(q‖p)", line: { dash: "dash" } });
     return;
   }
   if (key.startsWith("grad/g_layer/") && charts.layers) {
@@ -86,6 +90,7 @@ function series(key, steps, values) {
     }
   } else if (key.startsWith("eval/")) {
     noteEval(key, steps, values);
+    if (!charts.eval) return;
     if (COUNT_EVALS.has(key)) charts.eval.append(key, steps, values, { name: key.slice(5), mode: "lines+markers" });
     else if (FRACTION_EVALS.has(key)) charts.eval.append(key, steps, values, { name: key.slice(5), mode: "lines+markers", yaxis: "y2", line: { dash: "dot" } });
   }
