@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+from app.main import create_app
+from app.settings import Settings
 from app.store import Store
 
 torch.set_num_threads(1)
@@ -38,3 +41,11 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    """The whole app in process (real store, real manager), on the address a browser would use."""
+    app = create_app(Settings(data_dir=tmp_path, _env_file=None))  # type: ignore[call-arg]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
+        yield test_client

@@ -9,15 +9,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from app.main import create_app
-from app.settings import Settings
 from app.store import RunRecord
 from app.web.form import errors_by_field, flat_values, form_sections, nested_config
 from trainer.config import RunConfig
@@ -25,13 +21,6 @@ from trainer.config import RunConfig
 ORIGIN = {"origin": "http://127.0.0.1:8000"}
 FORM = {"content-type": "application/x-www-form-urlencoded", **ORIGIN}
 EVIL_NAME = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
-
-
-@pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
-    app = create_app(Settings(data_dir=tmp_path, _env_file=None))  # type: ignore[call-arg]
-    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
-        yield test_client
 
 
 def _insert(client: TestClient, name: str = EVIL_NAME, status: str = "completed") -> RunRecord:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -149,25 +150,26 @@ async def runs_table(request: Request, templates: TemplatesDep, store: StoreDep,
                                       status_code=status_code)
 
 
-@router.post("/ui/table/runs/{run_id}/stop", response_class=HTMLResponse)
-async def table_stop(run_id: str, request: Request, templates: TemplatesDep, store: StoreDep,
-                     manager: ManagerDep) -> HTMLResponse:
-    """Stop from the table; a refusal (409: already ended) comes back above the refreshed table."""
+async def _table_after(action: Awaitable[Any], request: Request, templates: Jinja2Templates, store: StoreDep,
+                       manager: RunManager) -> HTMLResponse:
+    """Run a table button's action; the answer is the refreshed table, with a refusal (409…) above it."""
     try:
-        await manager.stop(run_id)
+        await action
     except RunError as exc:
         return await runs_table(request, templates, store, manager, exc.detail, exc.status)
     return await runs_table(request, templates, store, manager)
+
+
+@router.post("/ui/table/runs/{run_id}/stop", response_class=HTMLResponse)
+async def table_stop(run_id: str, request: Request, templates: TemplatesDep, store: StoreDep,
+                     manager: ManagerDep) -> HTMLResponse:
+    return await _table_after(manager.stop(run_id), request, templates, store, manager)
 
 
 @router.delete("/ui/table/runs/{run_id}", response_class=HTMLResponse)
 async def table_delete(run_id: str, request: Request, templates: TemplatesDep, store: StoreDep,
                        manager: ManagerDep) -> HTMLResponse:
-    try:
-        await manager.delete(run_id)
-    except RunError as exc:
-        return await runs_table(request, templates, store, manager, exc.detail, exc.status)
-    return await runs_table(request, templates, store, manager)
+    return await _table_after(manager.delete(run_id), request, templates, store, manager)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
