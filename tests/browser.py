@@ -100,11 +100,19 @@ def new_page(browser: Browser, base_url: str | None = None, **context: Any) -> I
 
 
 def screenshot(page: Page, name: str) -> Path:
-    """A full-page PNG at ``test-artifacts/screenshots/<name>.png`` (repo root); returns its path."""
+    """A full-page PNG at ``test-artifacts/screenshots/<name>.png`` (repo root); returns its path.
+
+    The viewport is first made as tall as the page: Chromium's full-page capture otherwise draws sticky
+    elements (the top bar, the launch button row) where the viewport last was, over the content.
+    """
     if not _NAME.fullmatch(name):
         raise ValueError(f"screenshot name must be a plain file name, got {name!r}")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
+    page.evaluate("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
+    width = (page.viewport_size or {"width": 1280})["width"]
+    page.set_viewport_size({"width": width, "height": page.evaluate("document.documentElement.scrollHeight")})
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
     page.screenshot(path=str(path), full_page=True)
     return path
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -19,6 +19,11 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from app.store import Store
+from tests.browser import chromium
+from tests.live_server import LiveServer
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 torch.set_num_threads(1)
 
@@ -49,3 +54,22 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     app = create_app(Settings(data_dir=tmp_path, _env_file=None))  # type: ignore[call-arg]
     with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real ``gradwatch serve`` subprocess shared by one test module, always torn down."""
+    srv = LiveServer(tmp_path_factory.mktemp("gradwatch-data")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# Not named `browser` or `page`: pytest-playwright, where installed, owns those names and would launch
+# its own downloaded browser, which we never install. Requested before `server` by the browser tests,
+# so that without chromium they skip (fail under CI) before starting a server.
+@pytest.fixture(scope="module")
+def chromium_browser() -> Iterator[Browser]:
+    with chromium() as browser:
+        yield browser

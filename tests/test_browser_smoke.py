@@ -7,13 +7,12 @@ Swagger UI must render from the app's own files (fastapi-offline) and fetch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.browser import chromium, new_page, screenshot, watch
+from tests.browser import new_page, screenshot, watch
 from tests.live_server import LiveServer
 
 if TYPE_CHECKING:
@@ -22,22 +21,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.xdist_group("browser")
 
 
-# Not named `browser` or `page`: pytest-playwright, where installed, owns those names and would
-# launch its own downloaded browser, which we never install.
-@pytest.fixture(scope="module")
-def chromium_browser() -> Iterator[Browser]:
-    # Set up before the server: without chromium the test skips (fails under CI) without starting one.
-    with chromium() as browser:
-        yield browser
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    srv = LiveServer(tmp_path_factory.mktemp("gradwatch-data")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_openapi_page_renders_offline_in_chromium(chromium_browser: Browser, server: LiveServer) -> None:

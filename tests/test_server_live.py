@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,6 @@ pytestmark = pytest.mark.xdist_group("live-server")
 
 TERMINAL = {"completed", "stopped", "failed", "interrupted"}
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    srv = LiveServer(tmp_path_factory.mktemp("gradwatch-data")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def launch(server: LiveServer, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -176,3 +176,15 @@ def test_pages_load_every_asset_from_the_app_itself(client: TestClient) -> None:
     assert client.get("/assets/vendor/htmx.min.js").text.count("htmx") > 10
     assert client.get("/assets/vendor/nope.js").status_code == 404
     assert client.get("/assets/../app/settings.py").status_code == 404
+
+
+def test_rarely_changed_fields_are_folded_until_one_of_them_is_wrong(client: TestClient) -> None:
+    folded = re.compile(r'<details class="more"\s*>\s*<summary>More GAN options</summary>(.*?)</details>', re.S)
+    page = client.get("/").text
+    match = folded.search(page)
+    assert match is not None and 'name="gan.beta1"' in match.group(1) and 'name="gan.lr_g"' not in match.group(1)
+    values = flat_values(RunConfig().model_dump(mode="json"))
+    values["gan.beta1"] = "1.5"
+    response = client.post("/ui/runs", content=_form_body(values), headers=FORM)
+    assert response.status_code == 422 and folded.search(response.text) is None  # opened, to show the error
+    assert re.search(r'<details class="more" open>\s*<summary>More GAN options', response.text)

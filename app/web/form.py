@@ -28,6 +28,15 @@ SECTION_TITLES: dict[str, str] = {
     "intervals": "Intervals",
 }
 
+#: Fields most runs leave at their defaults: folded under "More options" so the form fits a laptop screen.
+ADVANCED: frozenset[str] = frozenset({
+    "data.image_size", "data.channels",
+    "gan.beta1", "gan.beta2", "gan.d_optimizer", "gan.momentum", "gan.gp_weight", "gan.collapse_ratio",
+    "gan.collapse_patience",
+    "vae.mc_samples",
+    "intervals.flush_ms", "intervals.flush_steps", "intervals.keep_checkpoints",
+})
+
 
 @dataclass(frozen=True)
 class FormField:
@@ -45,6 +54,10 @@ class FormField:
     exclusive_min: bool = False
     exclusive_max: bool = False
     default: Any = None
+
+    @property
+    def advanced(self) -> bool:
+        return self.name in ADVANCED
 
     @property
     def step(self) -> str:

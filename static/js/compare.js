@@ -42,9 +42,24 @@ function alignedHistory(metrics, key, steps) {
   return steps.map((s) => (byStep.has(s) ? byStep.get(s) : null));
 }
 
+/**
+ * Legend labels: what tells the runs apart. A twin's names differ only after a
+ * long shared prefix ("Ring of 8, … · g_loss=saturating"); repeating it in every
+ * legend entry buries the difference, so the shared words are dropped.
+ */
+function labels(runs) {
+  const names = runs.map((r) => r.name);
+  if (names.length < 2) return names;
+  let prefix = names[0];
+  for (const n of names) while (!n.startsWith(prefix)) prefix = prefix.slice(0, -1);
+  const cut = Math.max(prefix.lastIndexOf(" "), prefix.lastIndexOf("·") + 1);
+  return names.map((n) => (cut > 0 ? n.slice(cut).replace(/^[\s·]+/, "") : n) || n);
+}
+const LABELS = labels(boot);
+
 function plot(run, index, steps, data) {
   const color = PALETTE[index % PALETTE.length];
-  const name = plain(run.name);
+  const name = plain(LABELS[index]);
   const line = (extra = {}) => ({ name, legendgroup: run.id, line: { color, width: 2, ...extra } });
   const g = data["grad/g_norm"];
   if (g) {
@@ -81,7 +96,7 @@ function onFrame(run, index, frame) {
       chip.title = frame.message;
     }
   } else if (frame.type === "control" && frame.changes?.g_loss) {
-    charts.gnorm.mark(frame.step, `${run.name.slice(0, 24)} → ${frame.changes.g_loss}`);
+    charts.gnorm.mark(frame.step, `${LABELS[index]} → ${frame.changes.g_loss}`);
     const label = document.querySelector(`[data-gloss-for="${run.id}"]`);
     if (label) label.textContent = frame.changes.g_loss;
   }

@@ -33,8 +33,9 @@ export class FieldView {
     this.chart = new SnapshotChart(el, {
       hovermode: "closest",
       margin: { l: 48, r: 12, t: 8, b: 40 },
-      xaxis: { title: { text: "x₁" }, constrain: "domain" },
-      yaxis: { title: { text: "x₂" }, scaleanchor: "x", scaleratio: 1, constrain: "domain" },
+      // No scaleanchor until there is data: Plotly would pin x to its empty-plot range [-1, 6] for good.
+      xaxis: { title: { text: "x₁" } },
+      yaxis: { title: { text: "x₂" } },
     }, () => this.render());
   }
 

@@ -216,7 +216,7 @@ function onFrame(frame) {
     case "control":
       if (frame.changes?.g_loss) {
         setGLoss(frame.changes.g_loss);
-        charts.gnorm?.mark(frame.step, `→ ${frame.changes.g_loss}`);
+        for (const chart of [charts.gnorm, charts.losses, charts.dprob]) chart?.mark(frame.step, `→ ${frame.changes.g_loss}`);
       }
       return;
     case "status": return setStatus(frame.status, frame.error);
