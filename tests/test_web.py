@@ -188,3 +188,15 @@ def test_rarely_changed_fields_are_folded_until_one_of_them_is_wrong(client: Tes
     response = client.post("/ui/runs", content=_form_body(values), headers=FORM)
     assert response.status_code == 422 and folded.search(response.text) is None  # opened, to show the error
     assert re.search(r'<details class="more" open>\s*<summary>More GAN options', response.text)
+
+
+def test_compare_shows_at_most_ten_runs_and_says_which_it_left_out(client: TestClient) -> None:
+    store = client.app.state.store  # type: ignore[attr-defined]
+    cfg = RunConfig().model_dump(mode="json")
+    ids = [f"{i:012x}" for i in range(12)]
+    for run_id in ids:
+        store.insert_run(RunRecord(id=run_id, name=f"run {run_id}", kind="gan", status="completed", config=cfg,
+                                   created_at=time.time()))
+    page = client.get("/compare", params={"runs": ",".join(ids)}).text
+    assert page.count('<li data-run="') == 10
+    assert f"left out: {ids[10]}, {ids[11]}" in page

@@ -31,6 +31,8 @@ from trainer.presets import get_preset
 
 #: A launch form is a few kilobytes; anything much larger is not one.
 MAX_FORM_BYTES = 64 * 1024
+#: Runs overlaid on one compare page: one websocket and a few traces each; beyond this the legend is unreadable.
+MAX_COMPARE = 10
 
 
 @dataclass(frozen=True)
@@ -239,9 +241,10 @@ async def page_control(run_id: str, request: Request, templates: TemplatesDep, m
 async def compare_page(request: Request, templates: TemplatesDep, manager: ManagerDep,
                        runs: Annotated[str, Query(max_length=2000, description="Comma-separated run ids")] = ""
                        ) -> HTMLResponse:
-    ids = list(dict.fromkeys(r for r in runs.split(",") if r))[:10]
-    records = [await manager.get(run_id) for run_id in ids]
+    ids = list(dict.fromkeys(r for r in runs.split(",") if r))
+    dropped = ids[MAX_COMPARE:]
+    records = [await manager.get(run_id) for run_id in ids[:MAX_COMPARE]]
     boot = [{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "last_seq": r.last_seq,
              "g_loss": r.config.get("gan", {}).get("g_loss")} for r in records]
     return templates.TemplateResponse(request, "compare.html", {"runs": [_row(r, manager) for r in records],
-                                                                "boot": boot})
+                                                                "boot": boot, "dropped": dropped})
