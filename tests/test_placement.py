@@ -18,7 +18,7 @@ import psutil
 import pytest
 from starlette.testclient import TestClient
 
-from app.api.runs import _artifacts
+from app.api.runs import artifacts_of
 from app.hub import Hub
 from app.main import create_app
 from app.manager import Active, RunError, RunManager, _describe_exit, _stderr_tail, pid_alive, token_hash
@@ -234,7 +234,7 @@ def test_pid_alive_for_an_unreaped_zombie() -> None:
         proc.wait(timeout=10)
 
 
-# ----------------------------------------------------------------------------- runs API: _artifacts
+# ----------------------------------------------------------------------------- runs API: artifacts_of
 
 
 def test_artifacts_lists_only_valid_finished_files(manager: RunManager) -> None:
@@ -248,7 +248,7 @@ def test_artifacts_lists_only_valid_finished_files(manager: RunManager) -> None:
     (folder / "bad name.pt").write_bytes(b"x")
     (folder / "a..b.pt").write_bytes(b"x")
     (folder / "step_00000300.pt").mkdir()  # a folder, even with a valid name
-    listed = _artifacts(manager, "r1", "checkpoints")
+    listed = artifacts_of(manager, "r1", "checkpoints")
     assert [(a.name, a.step, a.size, a.url) for a in listed] == [
         ("final.pt", None, 1, "/api/runs/r1/checkpoints/final.pt"),
         ("step_00000020.pt", 20, 3, "/api/runs/r1/checkpoints/step_00000020.pt"),
@@ -257,9 +257,9 @@ def test_artifacts_lists_only_valid_finished_files(manager: RunManager) -> None:
 
 
 def test_artifacts_of_a_run_without_the_folder_is_empty(manager: RunManager) -> None:
-    assert _artifacts(manager, "nope", "samples") == []
+    assert artifacts_of(manager, "nope", "samples") == []
     (manager.run_dir("r2") / "samples").mkdir(parents=True)
-    assert _artifacts(manager, "r2", "samples") == []
+    assert artifacts_of(manager, "r2", "samples") == []
 
 
 def test_artifacts_parses_the_step_only_at_the_start(manager: RunManager) -> None:
@@ -268,7 +268,7 @@ def test_artifacts_parses_the_step_only_at_the_start(manager: RunManager) -> Non
     (folder / "step_00000500.png").write_bytes(b"png")
     (folder / "step_00000500.json").write_bytes(b"{}")
     (folder / "grid-step_7.png").write_bytes(b"png")
-    steps = {a.name: a.step for a in _artifacts(manager, "r3", "samples")}
+    steps = {a.name: a.step for a in artifacts_of(manager, "r3", "samples")}
     assert steps == {"grid-step_7.png": None, "step_00000500.json": 500, "step_00000500.png": 500}
 
 
@@ -279,7 +279,7 @@ def test_artifacts_does_not_list_a_symlink_leading_outside_the_run(manager: RunM
     folder.mkdir(parents=True)
     (folder / "evil.pt").symlink_to(outside)
     (folder / "final.pt").write_bytes(b"ok")
-    assert [a.name for a in _artifacts(manager, "r4", "checkpoints")] == ["final.pt"]
+    assert [a.name for a in artifacts_of(manager, "r4", "checkpoints")] == ["final.pt"]
 
 
 # ----------------------------------------------------------------------------- runs API: download
