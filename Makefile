@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install serve test check lint typecheck pytest demo clean
+.PHONY: install serve test check lint typecheck pytest demo bench clean
 
 # Python packages into the venv, and the browser libraries the app serves itself
 # (htmx, pinned in package-lock.json) into node_modules/: needs Node 18+ and npm.
@@ -38,6 +39,16 @@ test: check pytest
 demo: $(STAMP)
 	$(VENV)/bin/gradwatch train --preset ring8-saturating --out runs/ring8-saturating
 	$(VENV)/bin/gradwatch train --preset ring8-non-saturating --out runs/ring8-non-saturating
+
+# The trackers the benchmarks compare against (TensorBoard, wandb): the `bench` extra, on top of the dev install.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Every benchmark at sizes that finish in under 10 minutes on 2 cores: a table here, JSON in bench/results/.
+# The documented full-size runs and their figures: docs/benchmarks.md. The browser one needs Debian's chromium.
+bench: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -108,8 +108,10 @@ def _serve(args: argparse.Namespace) -> int:
         lines.append(f"access token generated; open {url}?token={token}")
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
+    # No permessage-deflate: it compresses every frame once per client, and with 20 clients that CPU,
+    # not bandwidth, limits fan-out (bench/throughput.py: clients fell to 15-22 % of the stream).
     config = uvicorn.Config(create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=15,
-                            ws_max_size=4 << 20)
+                            ws_max_size=4 << 20, ws_per_message_deflate=False)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

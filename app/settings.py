@@ -31,6 +31,9 @@ _PLACEHOLDER_FRAGMENTS = ("changeme", "changethis", "placeholder")
 # and an RFC 6750 Bearer credential, and these are the characters that need no quoting in any of the three.
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
 _HOSTNAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+# A dotted Python module name (``app.worker``): the worker command is ``python -m <it>``, so anything else (a path,
+# an option such as ``-c``, spaces) would either fail only when the first run launches or change what runs.
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 _HOW_TO_GET_A_TOKEN = (
     "start with `--token generate` to get a random one printed at start, or set GRADWATCH_TOKEN to the output of "
@@ -122,6 +125,11 @@ class Settings(BaseSettings):
         description="a worker that cannot reach its server for this long stops itself",
     )
     max_artifact_bytes: int = Field(default=1 << 30, ge=1, description="largest sample or checkpoint file accepted")
+    worker_module: str = Field(
+        default="app.worker",
+        description="the module each run's worker process runs as `python -m MODULE`, with app.worker's arguments; "
+        "the benchmarks swap in bench.synthetic_worker to load the server without training",
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -133,6 +141,13 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize_bind_host(cls, value: str) -> str:
         return normalize_host(value)
+
+    @field_validator("worker_module")
+    @classmethod
+    def _check_worker_module(cls, value: str) -> str:
+        if not _MODULE_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a dotted Python module name such as 'app.worker'")
+        return value
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -1,42 +1,86 @@
-"""Steps/s of a bare PyTorch loop vs gradwatch's instrumented loop, interleaved.
+"""Steps/s of a bare PyTorch loop against the same loop with metrics logged three ways, interleaved.
 
-Both loops train the same models on the same data with the same batch size and
-seed. Rounds alternate A, B, A, B, ... so that noise from a shared machine hits
-both alike; the figure reported is the ratio of median steps/s.
+Same model, data, batch size and seed in every variant:
 
-    python -m bench.overhead [--rounds 5] [--steps 200] [--device cpu]
+(a) ``bare``: a plain PyTorch loop as a user writes it, no tracker.
+(b) ``gradwatch``: a real run on a real server. The benchmark starts
+    ``gradwatch serve`` once, and each round POSTs the case's config to
+    ``/api/runs``; the server launches its worker process, which trains with
+    every SPEC §2 key logged every step (``log_every = 1``) and streams every
+    frame over its websocket to the server, which stores it and fans it out to
+    one open ``/ws/runs/{id}`` client (this benchmark, as a dashboard tab).
+    Steps/s come from the metrics frames' worker-side ``time`` stamps.
+(c) ``tensorboard``: loop (a) plus ``SummaryWriter.add_scalar`` for the same
+    keys every step, computed as a user would (``.item()`` per value, a norm per
+    parameter), and ``add_histogram`` of the logits every ``hist_every`` steps.
+(d) ``wandb``: the same values through ``wandb.log`` in offline mode.
 
-The instrumented loop logs every SPEC §2 key every step (``log_every=1``) and
-writes each frame as a JSON line, as ``gradwatch train`` does.
+(c) and (d) leave out the shadow gradient (``grad/g_norm_saturating`` and
+``grad/g_norm_non_saturating``): it needs a second backward pass that no
+TensorBoard or wandb user computes; gradwatch (b) pays for it.
+
+Every variant trains in a fresh process of its own, started for each round,
+with the same number of torch threads as the server gives its workers (one by
+default: ``--threads``). Rounds alternate a, b, c, d, a, b, ...; each measures a
+window of ``--seconds`` (or ``--steps``) after a warm-up of ``--warmup`` seconds
+from the end of the process's first step, so start-up costs stay out. The
+figure is the median over rounds of each round's ratio to (a), the round's own
+bare figure, so a change of machine load between rounds cancels.
+
+    python -m bench.overhead                   # 3 cases x 4 variants x 3 rounds, about 4 minutes on 2 quiet cores
+    python -m bench.overhead --quick           # one round, shorter windows (make bench)
+    python -m bench.overhead --inprocess       # all variants in this process, gradwatch without a server
+    python -m bench.overhead --device cuda --rounds 5
+
+A variant whose library is not installed (``pip install -e '.[bench]'``) or
+cannot run (wandb offline) is reported as not available, with the reason.
+Writes ``bench/results/overhead.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import math
+import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
+from bench._common import RESULTS_DIR, ROOT, Server, ServerError, machine_info, render_table, write_json
 from trainer.config import RunConfig
 from trainer.data import load_dataset
-from trainer.loop import RunOptions, Trainer, make_trainer, resolve_device
+from trainer.loop import GAN_KEYS, VAE_KEYS, RunOptions, Trainer, make_trainer, resolve_device
 from trainer.models import build_gan, build_vae
 from trainer.presets import get_preset
 from trainer.telemetry import frame_to_json
 
 CASES = {
-    "ring8 MLP GAN": "ring8-non-saturating",
-    "digits conv GAN": "digits-gan",
-    "digits MLP VAE": "digits-vae",
+    "ring8-non-saturating": "ring8 MLP GAN",
+    "digits-gan": "digits conv GAN",
+    "digits-vae": "digits MLP VAE",
 }
+VARIANTS = ("bare", "gradwatch", "tensorboard", "wandb")
+LETTER = dict(zip(VARIANTS, "abcd", strict=True))
+TERMINAL = {"completed", "stopped", "failed", "interrupted"}
+#: How long one round may take, process start-up included, before the benchmark gives up on it.
+ROUND_TIMEOUT_S = 180.0
 
 
 def _quiet(cfg: RunConfig, device: str) -> RunConfig:
@@ -48,30 +92,132 @@ def _quiet(cfg: RunConfig, device: str) -> RunConfig:
     })
 
 
-def bare_loop(cfg: RunConfig) -> Callable[[int], None]:
-    """A plain PyTorch loop, as a user would write it without any tracker."""
+# -- how a TensorBoard or wandb user logs -----------------------------------------------------------
+
+
+class Unavailable(Exception):
+    """A variant's library is missing or cannot run here; the message says why."""
+
+
+class MetricLogger(Protocol):
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardLogger:
+    """``SummaryWriter``: one ``add_scalar`` per key per step, ``add_histogram`` per histogram."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise Unavailable(f"tensorboard is not installed ({exc}); pip install -e '.[bench]'") from exc
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, Tensor]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        for key, tensor in histograms.items():
+            self.writer.add_histogram(key, tensor, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """``wandb.log`` of one dict per step, offline (``WANDB_MODE=offline``), files under ``log_dir``."""
+
+    def __init__(self, log_dir: Path, cfg: RunConfig) -> None:
+        os.environ.update({"WANDB_MODE": "offline", "WANDB_DIR": str(log_dir), "WANDB_SILENT": "true"})
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import wandb
+        except ImportError as exc:
+            raise Unavailable(f"wandb is not installed ({exc}); pip install -e '.[bench]'") from exc
+        try:
+            self.run = wandb.init(project="gradwatch-bench", mode="offline", dir=str(log_dir),
+                                  config=cfg.model_dump(mode="json"))
+        except Exception as exc:  # any failure to start offline makes the variant unavailable, not the bench fail
+            raise Unavailable(f"wandb.init(mode='offline') failed: {type(exc).__name__}: {exc}") from exc
+        self.histogram: Callable[[Any], Any] = wandb.Histogram  # takes numpy arrays, whatever its stub says
+
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, Tensor]) -> None:
+        row: dict[str, Any] = dict(scalars)
+        for key, tensor in histograms.items():
+            row[key] = self.histogram(tensor.detach().cpu().numpy())
+        self.run.log(row, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_logger(variant: str, cfg: RunConfig, log_dir: Path) -> MetricLogger | None:
+    if variant == "bare":
+        return None
+    if variant == "tensorboard":
+        return TensorBoardLogger(log_dir)
+    if variant == "wandb":
+        return WandbLogger(log_dir, cfg)
+    raise ValueError(f"no logger for variant {variant!r}")
+
+
+# -- the loop a user writes -------------------------------------------------------------------------
+
+
+def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None) -> Callable[[int], None]:
+    """A plain PyTorch loop as a user would write it; with a logger, plus the metrics a user would log.
+
+    Without a logger it is variant (a). With one, each step also computes
+    gradwatch's keys the way a user of that logger does: ``.item()`` per value,
+    a norm per parameter tensor in a Python loop, global norms from those on the
+    host; histograms of the logits every ``hist_every`` steps.
+    """
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data, device)
     data_gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
     torch.manual_seed(cfg.train.seed)
-    batch, latent = cfg.train.batch_size, cfg.model.latent_dim
+    batch, latent, hist_every = cfg.train.batch_size, cfg.model.latent_dim, cfg.intervals.hist_every
+    step = 0
     if cfg.kind == "vae":
         vae = build_vae(cfg.model, data.shape).to(device)
         opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae.lr)
+        beta = cfg.vae.beta
 
         def vae_steps(n: int) -> None:
+            nonlocal step
             for _ in range(n):
+                step += 1
                 x = data.sample(batch, data_gen)
                 mu, logvar = vae.encode(x)
-                z = mu + torch.randn(mu.shape, device=device, generator=noise_gen) * (0.5 * logvar).exp()
+                eps = torch.randn(mu.shape, device=device, generator=noise_gen)
+                z = mu + eps * (0.5 * logvar).exp()
                 logits = vae.decode(z)
                 recon = F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="none").flatten(1).sum(1)
                 kl = 0.5 * (logvar.exp() + mu**2 - 1 - logvar).sum(1)
-                loss = (recon + cfg.vae.beta * kl).mean()
+                loss = (recon + beta * kl).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if logger is not None:
+                    with torch.no_grad():
+                        enc = math.sqrt(sum(p.grad.norm().item() ** 2 for p in vae.encoder.parameters()
+                                            if p.grad is not None))
+                        dec = math.sqrt(sum(p.grad.norm().item() ** 2 for p in vae.decoder.parameters()
+                                            if p.grad is not None))
+                        kl_dims = (0.5 * (logvar.exp() + mu**2 - 1 - logvar)).mean(0).tolist()
+                        scalars = {
+                            "loss/elbo": -loss.item(),
+                            "loss/recon": recon.mean().item(),
+                            "loss/kl": kl.mean().item(),
+                            "kl/mc": (0.5 * (z**2 - eps**2 - logvar)).sum(1).mean().item(),
+                            "vae/active_units": float((mu.var(0) > 0.01).sum().item()),
+                            "grad/enc_norm": enc,
+                            "grad/dec_norm": dec,
+                            **{f"kl/dim/{i}": v for i, v in enumerate(kl_dims)},
+                        }
+                    logger.log(step, scalars, {})
 
         return vae_steps
 
@@ -81,28 +227,65 @@ def bare_loop(cfg: RunConfig) -> Callable[[int], None]:
     betas = (cfg.gan.beta1, cfg.gan.beta2)
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.gan.lr_g, betas=betas)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.gan.lr_d, betas=betas)
+    g_named, d_named = list(g.named_parameters()), list(d.named_parameters())
 
     def gan_steps(n: int) -> None:
+        nonlocal step
         for _ in range(n):
+            step += 1
             real = data.sample(batch, data_gen)
             fake = g(torch.randn(batch, latent, device=device, generator=noise_gen))
-            loss_d = F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean()
+            h_real = d(real)
+            loss_real = F.softplus(-h_real).mean()
+            loss_fake = F.softplus(d(fake.detach())).mean()
+            loss_d = loss_real + loss_fake
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
+            if logger is not None:
+                d_norms = {f"grad/d_layer/{name}": p.grad.norm().item() for name, p in d_named
+                           if p.grad is not None}
             opt_d.step()
-            loss_g = F.softplus(-d(fake)).mean()
+            h_fake = d(fake)
+            loss_g = F.softplus(-h_fake).mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            if logger is not None:
+                with torch.no_grad():
+                    g_norms = {f"grad/g_layer/{name}": p.grad.norm().item() for name, p in g_named
+                               if p.grad is not None}
+                    fake_prob = torch.sigmoid(h_fake).mean().item()
+                    scalars = {
+                        "loss/d": loss_d.item(),
+                        "loss/d_real": loss_real.item(),
+                        "loss/d_fake": loss_fake.item(),
+                        "loss/g": loss_g.item(),
+                        "d/real_prob": torch.sigmoid(h_real).mean().item(),
+                        "d/fake_prob": fake_prob,
+                        "d/real_logit": h_real.mean().item(),
+                        "d/fake_logit": h_fake.mean().item(),
+                        "grad/d_norm": math.sqrt(sum(v * v for v in d_norms.values())),
+                        "grad/g_norm": math.sqrt(sum(v * v for v in g_norms.values())),
+                        "dldh/saturating": fake_prob,
+                        "dldh/non_saturating": 1.0 - fake_prob,
+                        **g_norms,
+                        **d_norms,
+                    }
+                histograms = ({"hist/real_logit": h_real.detach(), "hist/fake_logit": h_fake.detach()}
+                              if step % hist_every == 0 else {})
+                logger.log(step, scalars, histograms)
 
     return gan_steps
 
 
 def instrumented_loop(cfg: RunConfig, out_dir: Path) -> Callable[[int], None]:
-    """gradwatch's hot path: ``train_step`` with every key logged, flushed as the run loop does."""
+    """gradwatch's hot path in this process: ``train_step`` with every key, frames to JSON in memory.
+
+    For ``--inprocess`` runs and profiling: no server, no worker, no websocket.
+    """
     sink = io.StringIO()
 
-    def write(frame: dict) -> None:
+    def write(frame: dict[str, Any]) -> None:
         sink.write(frame_to_json(frame) + "\n")
         if sink.tell() > 1 << 24:  # keep memory flat over long benchmarks
             sink.seek(0)
@@ -121,51 +304,358 @@ def instrumented_loop(cfg: RunConfig, out_dir: Path) -> Callable[[int], None]:
     return steps
 
 
+# -- one round's measurement window -----------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Steps/s between the end of a warm-up and the end of the round, from (step, time) pairs.
+
+    The warm-up starts at the first pair seen (the end of step 1), so process
+    start-up and model building never count. Every variant is measured with
+    this one estimator, from wall-clock stamps taken as each step ends.
+    """
+
+    warmup_s: float
+    seconds: float
+    warmup_steps: int | None = None
+    steps: int | None = None
+    first: tuple[int, float] | None = None
+    start: tuple[int, float] | None = None
+    end: tuple[int, float] | None = None
+
+    def feed(self, step: int, t: float) -> bool:
+        """One step's end; True once the window is complete."""
+        if self.end is not None:
+            return True
+        if self.first is None:
+            self.first = (step, t)
+        if self.start is None:
+            s0, t0 = self.first
+            warm = step - s0 >= self.warmup_steps if self.warmup_steps is not None else t - t0 >= self.warmup_s
+            if warm:
+                self.start = (step, t)
+            return False
+        s1, t1 = self.start
+        if (step - s1 >= self.steps) if self.steps is not None else (t - t1 >= self.seconds):
+            self.end = (step, t)
+        return self.end is not None
+
+    def summary(self) -> dict[str, float]:
+        assert self.start is not None and self.end is not None
+        steps, seconds = self.end[0] - self.start[0], max(self.end[1] - self.start[1], 1e-9)
+        return {"steps_per_s": steps / seconds, "steps": steps, "seconds": seconds}
+
+
+# -- variants (a), (c), (d): a fresh process per round ----------------------------------------------
+
+
+def _child(args: argparse.Namespace) -> int:
+    """Run one round of a bare-loop variant and write its window (or why it cannot run) to ``--result``."""
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any]
+    try:
+        cfg = _quiet(get_preset(args.preset), args.device)
+        logger = make_logger(args.child, cfg, args.log_dir)
+        run = bare_loop(cfg, logger)
+        window = Window(args.warmup, args.seconds, args.warmup_steps, args.steps)
+        step = 0
+        while True:
+            run(1)
+            step += 1
+            if window.feed(step, time.time()):
+                break
+        if logger is not None:
+            logger.close()
+        result = {"ok": True, **window.summary()}
+    except Unavailable as exc:
+        result = {"ok": False, "reason": str(exc)}
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def child_round(variant: str, preset: str, args: argparse.Namespace, threads: int, tmp: Path) -> dict[str, Any]:
+    """Variant (a), (c) or (d) for one round, in its own process; ``{"ok": False, "reason"}`` if unavailable."""
+    tag = uuid.uuid4().hex[:8]
+    result = tmp / f"{variant}-{tag}.json"
+    cmd = [sys.executable, "-m", "bench.overhead", "--child", variant, "--preset", preset,
+           "--device", args.device, "--threads", str(threads), "--warmup", str(args.warmup),
+           "--seconds", str(args.seconds), "--result", str(result), "--log-dir", str(tmp / f"{variant}-{tag}")]
+    if args.warmup_steps is not None:
+        cmd += ["--warmup-steps", str(args.warmup_steps)]
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=ROUND_TIMEOUT_S,
+                          check=False)
+    if result.is_file():
+        outcome: dict[str, Any] = json.loads(result.read_text())
+        return outcome
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    reason = f"exited with {proc.returncode}: " + " | ".join(tail)
+    if variant == "bare":
+        raise RuntimeError(f"bare loop ({preset}) {reason}")
+    return {"ok": False, "reason": reason}
+
+
+# -- variant (b): a real run on the real server ----------------------------------------------------
+
+
+def gradwatch_round(server: Server, cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """POST the run, read its live stream until the window closes, stop it, wait for its worker to exit."""
+    key = (VAE_KEYS if cfg.kind == "vae" else GAN_KEYS)[0]
+    window = Window(args.warmup, args.seconds, args.warmup_steps, args.steps)
+    run_id = str(server.request("POST", "/api/runs", cfg.model_dump(mode="json"))["id"])
+    seen: dict[str, Any] = {"frames": 0, "metric_keys": 0, "status": None, "error": None}
+    done = threading.Event()
+
+    def read(ws: ClientConnection) -> None:
+        try:
+            for message in ws:
+                frame = json.loads(message)
+                seen["frames"] += 1
+                if frame["type"] == "metrics" and key in frame["data"]:
+                    seen["metric_keys"] = max(seen["metric_keys"], len(frame["data"]))
+                    for step, t in zip(frame["step"], frame["time"], strict=True):
+                        if window.feed(step, t):
+                            done.set()
+                elif frame["type"] == "status" and frame["status"] in TERMINAL:
+                    seen["status"], seen["error"] = frame["status"], frame.get("error")
+                    done.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            done.set()
+
+    with server.stream(run_id) as ws:
+        reader = threading.Thread(target=read, args=(ws,), daemon=True)
+        reader.start()
+        done.wait(ROUND_TIMEOUT_S)
+        stopping = time.monotonic()
+        if seen["status"] is None:
+            with contextlib.suppress(ServerError):  # it may have ended on its own meanwhile
+                server.request("POST", f"/api/runs/{run_id}/stop")
+        deadline = time.monotonic() + 120.0
+        while server.request("GET", f"/api/runs/{run_id}")["status"] not in TERMINAL:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"run {run_id} did not stop within 120 s")
+            time.sleep(0.1)
+        server.wait_workers_gone()
+    reader.join(5.0)
+    if window.end is None:
+        raise RuntimeError(f"gradwatch run {run_id} ended ({seen['status']}: {seen['error']}) before its window closed")
+    server.request("DELETE", f"/api/runs/{run_id}")
+    return {"ok": True, **window.summary(), "metric_keys": seen["metric_keys"], "frames": seen["frames"],
+            "stop_s": time.monotonic() - stopping}
+
+
+# -- orchestration ----------------------------------------------------------------------------------
+
+
+def _threads(requested: int) -> tuple[int, int]:
+    """(GRADWATCH_CPU_RUN_LIMIT, threads per training process) giving ``requested`` threads per worker.
+
+    The server gives each worker ``cpu_count // cpu_run_limit`` torch threads
+    (app/manager.py); the bare loops get the same number.
+    """
+    cpus = os.cpu_count() or 1
+    limit = max(1, min(64, cpus // max(1, requested)))
+    return limit, max(1, cpus // limit)
+
+
+def _ratios(base: list[float], other: list[float]) -> dict[str, Any]:
+    paired = [b / a for a, b in zip(base, other, strict=False) if a > 0]
+    if not paired:
+        return {"median": None, "min": None, "max": None, "rounds": []}
+    return {"median": statistics.median(paired), "min": min(paired), "max": max(paired), "rounds": paired}
+
+
+def summarize(preset: str, variants: list[str], rounds: dict[str, list[dict[str, Any]]],
+              reasons: dict[str, str]) -> dict[str, Any]:
+    rates = {v: [r["steps_per_s"] for r in rounds[v]] for v in variants}
+    out: dict[str, Any] = {"case": CASES[preset], "preset": preset, "variants": {}}
+    for v in variants:
+        entry: dict[str, Any] = {
+            "available": v not in reasons,
+            "reason": reasons.get(v),
+            "steps_per_s": statistics.median(rates[v]) if rates[v] else None,
+            "rounds": rounds[v],
+        }
+        if v != "bare" and "bare" in rates:
+            entry["ratio_to_bare"] = _ratios(rates["bare"], rates[v])
+        out["variants"][v] = entry
+    return out
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if not entry["available"]:
+        return "not available"
+    rate = entry["steps_per_s"]
+    ratio = entry.get("ratio_to_bare")
+    if rate is None:
+        return "-"
+    if ratio is None or ratio["median"] is None:
+        return f"{rate:.1f}/s"
+    spread = f" [{ratio['min']:.2f}-{ratio['max']:.2f}]" if len(ratio["rounds"]) > 1 else ""
+    return f"{rate:.1f}/s x{ratio['median']:.2f}{spread}"
+
+
+def print_table(results: list[dict[str, Any]], variants: list[str]) -> None:
+    headers = ["case", *(f"({LETTER[v]}) {v}" for v in variants)]
+    rows = [[r["case"], *(_cell(r["variants"][v]) for v in variants)] for r in results]
+    sys.stdout.write(render_table(headers, rows))
+    reasons = {(v, r["variants"][v]["reason"]) for r in results for v in variants if r["variants"][v]["reason"]}
+    for variant, reason in sorted(reasons):
+        sys.stdout.write(f"({LETTER[variant]}) {variant} not available: {reason}\n")
+    sys.stdout.write("steps/s: median over rounds; xR: median of per-round ratios to (a) [min-max]\n")
+    sys.stdout.flush()
+
+
+def _progress(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run_separate(args: argparse.Namespace, presets: list[str], variants: list[str]) -> tuple[list[dict[str, Any]],
+                                                                                               dict[str, Any]]:
+    """Every variant in fresh processes, (b) through a live server; rounds interleaved a, b, c, d, a, ..."""
+    limit, threads = _threads(args.threads)
+    meta: dict[str, Any] = {"mode": "separate processes, (b) live through gradwatch serve",
+                            "threads_per_process": threads, "gradwatch_cpu_run_limit": limit}
+    results = []
+    with TemporaryDirectory(prefix="gradwatch-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = None
+        if "gradwatch" in variants:
+            server = Server(tmp / "server", env={"GRADWATCH_CPU_RUN_LIMIT": str(limit),
+                                                 "OMP_NUM_THREADS": str(threads)}).start()
+        try:
+            for preset in presets:
+                cfg = _quiet(get_preset(preset), args.device)
+                rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+                reasons: dict[str, str] = {}
+                for r in range(args.rounds):
+                    line = []
+                    for v in variants:
+                        if v in reasons:
+                            continue
+                        began = time.monotonic()
+                        if v == "gradwatch":
+                            assert server is not None
+                            outcome = gradwatch_round(server, cfg, args)
+                        else:
+                            outcome = child_round(v, preset, args, threads, tmp)
+                        outcome["round_wall_s"] = time.monotonic() - began
+                        if outcome["ok"]:
+                            rounds[v].append(outcome)
+                            line.append(f"{v} {outcome['steps_per_s']:.1f} ({outcome['round_wall_s']:.0f} s)")
+                        else:
+                            reasons[v] = outcome["reason"]
+                            line.append(f"{v} n/a")
+                    _progress(f"{CASES[preset]} round {r + 1}/{args.rounds}, steps/s (round's wall time): "
+                              + ", ".join(line))
+                results.append(summarize(preset, variants, rounds, reasons))
+        finally:
+            if server is not None:
+                server.stop()
+    return results, meta
+
+
+def run_inprocess(args: argparse.Namespace, presets: list[str], variants: list[str]) -> tuple[list[dict[str, Any]],
+                                                                                                dict[str, Any]]:
+    """All variants in this process, fixed step counts, (b) as ``train_step`` writing JSON to memory."""
+    torch.set_num_threads(args.threads)
+    steps = args.steps or 200
+    warmup = args.warmup_steps if args.warmup_steps is not None else 20
+    meta = {"mode": "in process, (b) without a server", "threads_per_process": args.threads,
+            "steps_per_round": steps, "warmup_steps": warmup}
+    results = []
+    with TemporaryDirectory(prefix="gradwatch-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        for preset in presets:
+            cfg = _quiet(get_preset(preset), args.device)
+            loops: dict[str, Callable[[int], None]] = {}
+            loggers: list[MetricLogger] = []
+            reasons: dict[str, str] = {}
+            for v in variants:
+                if v == "gradwatch":
+                    loops[v] = instrumented_loop(cfg, tmp / preset)
+                    continue
+                try:
+                    logger = make_logger(v, cfg, tmp / f"{preset}-{v}")
+                except Unavailable as exc:
+                    reasons[v] = str(exc)
+                    continue
+                if logger is not None:
+                    loggers.append(logger)
+                loops[v] = bare_loop(cfg, logger)
+            for run in loops.values():  # warm-up: allocator, kernels, first Adam state
+                run(warmup)
+            rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+            for _ in range(args.rounds):
+                for v, run in loops.items():
+                    _sync(args.device)
+                    start = time.perf_counter()
+                    run(steps)
+                    _sync(args.device)
+                    seconds = time.perf_counter() - start
+                    rounds[v].append({"ok": True, "steps_per_s": steps / seconds, "steps": steps, "seconds": seconds})
+            for logger in loggers:
+                logger.close()
+            results.append(summarize(preset, variants, rounds, reasons))
+    return results, meta
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def measure(case: str, preset: str, *, rounds: int, steps: int, device: str, out_dir: Path) -> dict[str, object]:
-    cfg = _quiet(get_preset(preset), device)
-    loops = {"bare": bare_loop(cfg), "gradwatch": instrumented_loop(cfg, out_dir / preset)}
-    for run in loops.values():  # warm-up: allocator, kernels, first Adam state
-        run(20)
-    rates: dict[str, list[float]] = {name: [] for name in loops}
-    for _ in range(rounds):
-        for name, run in loops.items():
-            _sync(device)
-            start = time.perf_counter()
-            run(steps)
-            _sync(device)
-            rates[name].append(steps / (time.perf_counter() - start))
-    bare, ours = statistics.median(rates["bare"]), statistics.median(rates["gradwatch"])
-    return {"case": case, "bare_steps_per_s": bare, "gradwatch_steps_per_s": ours, "ratio": ours / bare,
-            "rounds": rates}
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds from the end of step 1 before a window")
+    parser.add_argument("--seconds", type=float, default=2.5, help="length of each round's window")
+    parser.add_argument("--warmup-steps", type=int, help="warm up this many steps instead of --warmup seconds")
+    parser.add_argument("--steps", type=int, help="windows of this many steps instead of --seconds")
+    parser.add_argument("--quick", action="store_true", help="one round, 1 s warm-up, 2 s windows")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated presets from {list(CASES)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="every variant in this process, (b) without a server (for profiling)")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "overhead.json")
+    # One round of a bare-loop variant in a child process (used by the benchmark itself).
+    parser.add_argument("--child", choices=["bare", "tensorboard", "wandb"], help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--log-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup, args.seconds = 1, 1.0, 2.0
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/overhead.json"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    results = []
-    with TemporaryDirectory() as tmp:
-        for case, preset in CASES.items():
-            results.append(measure(case, preset, rounds=args.rounds, steps=args.steps, device=args.device,
-                                   out_dir=Path(tmp)))
-            r = results[-1]
-            sys.stdout.write(f"{case:18s} bare {r['bare_steps_per_s']:8.1f} steps/s   "
-                             f"gradwatch {r['gradwatch_steps_per_s']:8.1f} steps/s   ratio {r['ratio']:.3f}\n")
-            sys.stdout.flush()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": args.device, "torch": torch.__version__, "threads": args.threads, "steps": args.steps,
-            "rounds": args.rounds}
-    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    args = _parse(argv)
+    if args.child:
+        return _child(args)
+    presets = [p for p in args.cases.split(",") if p]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [p for p in presets if p not in CASES] + [v for v in variants if v not in VARIANTS]
+    if unknown or "bare" not in variants:
+        raise SystemExit(f"unknown case or variant {unknown}, or no 'bare' variant to compare with")
+    variants = [v for v in VARIANTS if v in variants]  # always in the order a, b, c, d
+    info = machine_info(args.device)
+    runner = run_inprocess if args.inprocess else run_separate
+    results, meta = runner(args, presets, variants)
+    print_table(results, variants)
+    window = ({"steps": args.steps} if args.steps else {"seconds": args.seconds})
+    warmup = ({"steps": args.warmup_steps} if args.warmup_steps is not None else {"seconds": args.warmup})
+    write_json(args.json, {"meta": {**info, **meta, "rounds": args.rounds, "window": window, "warmup": warmup,
+                                    "variants": variants}, "results": results})
     return 0
 
 

@@ -22,6 +22,7 @@ from trainer.losses import (
     g_loss_per_sample,
     gaussian_kl,
     gaussian_kl_mc,
+    gaussian_kl_mc_from_noise,
     gradient_penalty,
 )
 
@@ -258,3 +259,12 @@ def test_gradient_penalty_handles_image_shapes_and_is_differentiable() -> None:
     (grad_w,) = torch.autograd.grad(penalty, w)
     expected = 2.0 * (w.norm() - 1.0) * w / w.norm()
     torch.testing.assert_close(grad_w, expected.detach())
+
+
+def test_the_noise_form_of_the_mc_kl_is_the_same_estimate() -> None:
+    gen = torch.Generator().manual_seed(3)
+    mu = torch.randn(5, 4, generator=gen, dtype=torch.float64) * 2
+    logvar = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    eps = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    z = mu + (0.5 * logvar).exp() * eps
+    torch.testing.assert_close(gaussian_kl_mc_from_noise(z, eps, logvar), gaussian_kl_mc(mu, logvar, z))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +260,70 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     settings = make(tmp_path, host="0.0.0.0", token=GOOD_TOKEN)
     with pytest.raises(ValidationError):
         settings.token = None  # type: ignore[misc]
+
+
+# --- the worker module --------------------------------------------------------------------------------------------
+
+_PROBE = """
+import json, os, sys
+with open(os.environ["PROBE_OUT"], "w") as fh:
+    json.dump({"argv": sys.argv[1:], "token": bool(os.environ.get("GRADWATCH_RUN_TOKEN")), "main": __name__}, fh)
+"""
+
+
+def test_worker_module_defaults_to_app_worker_and_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert make(tmp_path).worker_module == "app.worker"
+    monkeypatch.setenv("GRADWATCH_WORKER_MODULE", "bench.synthetic_worker")
+    assert make(tmp_path).worker_module == "bench.synthetic_worker"
+
+
+@pytest.mark.parametrize("module", ["", "app/worker.py", "-c", "app..worker", "app.worker ", ".worker", "1app",
+                                    "app.worker;rm", "app.worker\n"])
+def test_worker_module_must_be_a_dotted_module_name(tmp_path: Path, module: str) -> None:
+    """It becomes ``python -m MODULE``: a path or an interpreter option there must be refused at start."""
+    with pytest.raises(ValidationError) as exc:
+        make(tmp_path, worker_module=module)
+    assert list(errors_for(exc)) == ["worker_module"]
+
+
+def test_the_manager_launches_the_configured_worker_module_with_the_worker_arguments(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A real launch: the probe module records what it was started with, which app.worker's parser must accept."""
+    from app import worker
+    from app.hub import Hub
+    from app.manager import RunManager
+    from app.store import Store
+    from trainer.config import RunConfig
+
+    (tmp_path / "probe_dir").mkdir()
+    (tmp_path / "probe_dir" / "gw_probe_worker.py").write_text(_PROBE)
+    out = tmp_path / "probe.json"
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "probe_dir"))
+    monkeypatch.setenv("PROBE_OUT", str(out))
+    settings = make(tmp_path / "data", worker_module="gw_probe_worker")
+
+    async def launch() -> str:
+        store = Store(settings.data_dir / "gradwatch.db")
+        store.start()
+        manager = RunManager(settings, store, Hub(store), server_url=lambda: "ws://127.0.0.1:9")
+        try:
+            await manager.start()
+            run = await manager.submit(RunConfig.model_validate({"train": {"device": "cpu"}}))
+            deadline = time.monotonic() + 30
+            while run.id in manager.active and time.monotonic() < deadline:  # the probe exits at once
+                await asyncio.sleep(0.05)
+            return run.id
+        finally:
+            await manager.shutdown()
+            store.close()
+
+    run_id = asyncio.run(launch())
+    probe = json.loads(out.read_text())
+    assert probe["main"] == "__main__" and probe["token"] is True
+    args = worker._parse(probe["argv"])  # the same arguments app.worker takes
+    assert args.run_id == run_id
+    assert args.server == "ws://127.0.0.1:9"
+    assert args.config.is_file() and args.work_dir.is_dir()

@@ -98,3 +98,14 @@ def gaussian_kl_mc(mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor:
     log_q = -0.5 * (((z - mu) ** 2) / logvar.exp() + logvar + math.log(2 * math.pi))
     log_p = -0.5 * (z**2 + math.log(2 * math.pi))
     return (log_q - log_p).sum(-1)
+
+
+def gaussian_kl_mc_from_noise(z: Tensor, eps: Tensor, logvar: Tensor) -> Tensor:
+    """:func:`gaussian_kl_mc` for z = μ + σ·ε, from the noise ε the sample was drawn with.
+
+    (z − μ)/σ is ε, so log q(z|x) = −½(ε² + log σ² + log 2π) and the estimate is
+    ½ Σ (z² − ε² − log σ²): the same quantity (to float rounding) without the
+    subtraction, the division by σ² or the log 2π terms that cancel. The VAE logs it
+    every step, so the fewer elementwise ops the better. Shapes as for :func:`gaussian_kl_mc`.
+    """
+    return 0.5 * (z.square() - eps.square() - logvar).sum(-1)

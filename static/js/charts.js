@@ -107,11 +107,44 @@ export class Chart {
   }
 }
 
+/**
+ * Points per line handed to Plotly, at most twice this many. Plotly.extendTraces redraws the whole chart,
+ * so a frame's cost grows with the points the chart holds: a line that would pass 2 × MAX_DRAWN is thinned
+ * back to MAX_DRAWN instead (both ends, each bucket's minimum and maximum, so spikes survive, and every
+ * null run's start), and a frame costs about the same at 10k points per line as at 1M.
+ */
+export const MAX_DRAWN = 4000;
+
+/** Indices of at most about ``budget`` of the points ``y``: both ends, per bucket its min and max, null-run starts. */
+export function thin(y, budget) {
+  const n = y.length;
+  const buckets = Math.max(1, Math.floor(budget / 2));
+  const keep = [0, n - 1];
+  for (let b = 0; b < buckets; b++) {
+    const hi = Math.floor(((b + 1) * n) / buckets);
+    let min = -1;
+    let max = -1;
+    for (let i = Math.floor((b * n) / buckets); i < hi; i++) {
+      const v = y[i];
+      if (v === null || v === undefined) {
+        if (i === 0 || (y[i - 1] !== null && y[i - 1] !== undefined)) keep.push(i);
+      } else {
+        if (min < 0 || v < y[min]) min = i;
+        if (max < 0 || v > y[max]) max = i;
+      }
+    }
+    if (min >= 0) keep.push(min);
+    if (max >= 0) keep.push(max);
+  }
+  return [...new Set(keep)].sort((a, b) => a - b);
+}
+
 export class LineChart extends Chart {
   constructor(el, layout = {}) {
     super(el, merge({ xaxis: { title: { text: "step" } } }, layout));
     this.ids = new Map(); // trace id -> index
     this.last = []; // last step per trace
+    this.drawn = []; // points Plotly holds per trace
     this.queue = new Map(); // index -> {x, y}
     this.shapes = [];
   }
@@ -123,6 +156,7 @@ export class LineChart extends Chart {
       index = this.ids.size;
       this.ids.set(id, index);
       this.last.push(-Infinity);
+      this.drawn.push(0);
       Plotly.addTraces(this.el, {
         type: LINE_TYPE, mode: "lines", x: [], y: [], name: id, hovertemplate: "%{y:.4g}", ...spec,
       });
@@ -155,15 +189,30 @@ export class LineChart extends Chart {
 
   flush() {
     if (!this.queue.size) return;
-    const indices = [...this.queue.keys()];
-    const update = { x: [], y: [] };
-    for (const index of indices) {
-      const { x, y } = this.queue.get(index);
-      update.x.push(x);
-      update.y.push(y);
+    const extend = { x: [], y: [] };
+    const extended = [];
+    const thinned = { x: [], y: [] };
+    const rethinned = [];
+    for (const [index, { x, y }] of this.queue) {
+      if (this.drawn[index] + x.length <= 2 * MAX_DRAWN) {
+        extend.x.push(x);
+        extend.y.push(y);
+        extended.push(index);
+        this.drawn[index] += x.length;
+        continue;
+      }
+      const trace = this.el.data[index];
+      const allX = [...trace.x, ...x];
+      const allY = [...trace.y, ...y];
+      const keep = thin(allY, MAX_DRAWN);
+      thinned.x.push(keep.map((k) => allX[k]));
+      thinned.y.push(keep.map((k) => allY[k]));
+      rethinned.push(index);
+      this.drawn[index] = keep.length;
     }
     this.queue.clear();
-    Plotly.extendTraces(this.el, update, indices);
+    if (extended.length) Plotly.extendTraces(this.el, extend, extended);
+    if (rethinned.length) Plotly.restyle(this.el, thinned, rethinned);
   }
 
   /** A labelled vertical line at ``step`` (a live control change, for instance). */

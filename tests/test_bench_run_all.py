@@ -1,0 +1,31 @@
+"""``make bench``'s summary: each headline figure read back from the JSON the benchmarks wrote, beside its target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import run_all
+
+
+def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_all, "RESULTS_DIR", tmp_path)
+    (tmp_path / "history.json").write_text(json.dumps({
+        "target_ms": 200.0, "met": True, "http": {"2000": {"warm_median_ms": 42.6, "cold_ms": 250.0}}}))
+    (tmp_path / "browser.json").write_text(json.dumps({
+        "available": True, "ratio_largest_over_smallest": {"scatter current filled": 7.7},
+        "ratio_sizes": {"scatter current filled": [1000, 100000]}}))
+    rows = run_all.summary_rows(["history", "browser", "throughput"])  # no throughput.json: left out
+    assert rows == [
+        ["history", "1M × 20 keys → 2,000 points, HTTP warm median", "42.6 ms", "< 200 ms", "yes"],
+        ["history", "same, first request", "250.0 ms", "< 200 ms", "NO"],
+        ["browser", "scatter current filled: per-frame ms, N=100,000 / N=1,000", "7.7×", "≈ 1–2×", "NO"],
+    ]
+
+
+def test_an_unknown_benchmark_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nosuch"])
