@@ -26,6 +26,8 @@ log = logging.getLogger("gradwatch.hub")
 
 #: Close code for a client dropped for being too slow (4000–4999 are the application's).
 CLOSE_TOO_SLOW = 4008
+#: A catch-up from the store reads at most this much per batch, whatever the frames' size.
+CATCH_UP_BYTES = 1 << 20
 #: Close code for a run that does not exist.
 CLOSE_UNKNOWN_RUN = 4404
 
@@ -177,11 +179,11 @@ class Hub:
         while last < upto:
             batch = topic.after(last)
             if batch is None:
-                rows = await asyncio.to_thread(self.store.frames_after, run_id, last, 500)
+                rows = await asyncio.to_thread(self.store.frames_after, run_id, last, 500, CATCH_UP_BYTES)
                 if not rows or rows[0][0] != last + 1:
                     # Not committed yet (the writer batches): wait for it, then look again.
                     await asyncio.to_thread(self.store.wait_flushed, 5.0)
-                    rows = await asyncio.to_thread(self.store.frames_after, run_id, last, 500)
+                    rows = await asyncio.to_thread(self.store.frames_after, run_id, last, 500, CATCH_UP_BYTES)
                     if not rows or rows[0][0] != last + 1:
                         return last  # a gap we cannot fill (deleted run): stop trying
                 batch = rows

@@ -736,14 +736,27 @@ class Store:
                 done = marker.done
         return done.wait(timeout)
 
-    def frames_after(self, run_id: str, since: int, limit: int = 1000) -> list[tuple[int, str]]:
-        """Committed frames with ``seq > since`` as ``(seq, json text)``, ascending, at most ``limit``."""
+    def frames_after(self, run_id: str, since: int, limit: int = 1000,
+                     max_bytes: int | None = None) -> list[tuple[int, str]]:
+        """Committed frames with ``seq > since`` as ``(seq, json text)``, ascending, at most ``limit``.
+
+        ``max_bytes`` stops once the texts add up to that much (always at least one frame): a
+        client catching up holds the batch in memory, and 500 large frames for each of 20
+        lagging clients was most of the server's memory (bench/throughput.py).
+        """
         if limit < 1:
             raise ValueError("limit must be at least 1")
         rows = self._reader().execute(
             "SELECT seq, body FROM frames WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?", (run_id, since, limit)
         )
-        return [(int(seq), str(body)) for seq, body in rows]
+        out: list[tuple[int, str]] = []
+        size = 0
+        for seq, body in rows:
+            out.append((int(seq), str(body)))
+            size += len(body)
+            if max_bytes is not None and size >= max_bytes:
+                break
+        return out
 
     def events(self, run_id: str, until: int, *, cap: int = EVENTS_CAP) -> list[tuple[int, str]]:
         """What a page needs, besides the metric history, to show a run as of ``until``: ``(seq, text)`` ascending.

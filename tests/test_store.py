@@ -149,6 +149,10 @@ def test_frames_after_returns_the_exact_text_after_since(store: Store) -> None:
     assert store.frames_after("r", 4, limit=3) == [(5, texts[5]), (6, texts[6]), (7, texts[7])]
     assert store.frames_after("r", 10) == []
     assert store.frames_after("other", 0) == []
+    # A byte budget stops the batch once it is reached, but never returns nothing while frames remain.
+    size = len(texts[5])
+    assert [seq for seq, _ in store.frames_after("r", 4, max_bytes=2 * size)] == [5, 6]
+    assert [seq for seq, _ in store.frames_after("r", 4, max_bytes=1)] == [5]
 
 
 def test_duplicate_seqs_are_dropped_with_their_metrics(store: Store, db_path: Path) -> None:
