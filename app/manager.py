@@ -315,6 +315,7 @@ class RunManager:
             "--config", str(work / "config.json"), "--work-dir", str(work), "--cache-dir", str(self.cache_dir),
             "--orphan-timeout", str(self.settings.worker_orphan_timeout_s),
             "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
+            "--nice", str(self.settings.worker_nice),
         ]
         if rec.resume_from:
             args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
@@ -329,7 +330,11 @@ class RunManager:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                start_new_session=True,  # the server decides when its workers end, not the terminal's Ctrl-C
+                # Its own process group, so the terminal's Ctrl-C reaches the server alone, which decides how its
+                # workers end. Not its own session: Linux shares CPU equally between sessions (autogroups), so eight
+                # workers in eight sessions would leave the server a ninth of the CPU and the stream seconds late.
+                # (preexec_fn, not process_group=0: uvloop's subprocess_exec refuses the latter.)
+                preexec_fn=os.setpgrp,
             )
         finally:
             log_file.close()  # the child holds its own copy of the descriptor

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="a worker that cannot reach its server for this long stops itself",
     )
     max_artifact_bytes: int = Field(default=1 << 30, ge=1, description="largest sample or checkpoint file accepted")
+    worker_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="niceness of each worker's training thread (0 keeps normal priority): on a busy CPU the server "
+        "still streams within a tenth of a second, and an idle CPU trains at full speed either way",
+    )
     worker_module: str = Field(
         default="app.worker",
         description="the module each run's worker process runs as `python -m MODULE`, with app.worker's arguments; "

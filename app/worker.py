@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -255,6 +256,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="fetch the checkpoint to continue from from the server")
     parser.add_argument("--orphan-timeout", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--nice", type=int, default=0, choices=range(20), metavar="0-19",
+                        help="niceness added to the training thread, not to the channel thread that streams")
     return parser.parse_args(argv)
 
 
@@ -276,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     url = f"{args.server.rstrip('/')}/ws/worker/{args.run_id}"
     channel = WorkerChannel(url, token, args.work_dir, orphan_timeout_s=args.orphan_timeout)
     channel.start()
+    if args.nice:
+        # On Linux niceness is per thread: the channel thread, started above, keeps normal priority so frames leave
+        # on time, while training and the torch threads it starts later yield the CPU to the server and the stream.
+        with contextlib.suppress(OSError):
+            os.nice(args.nice)
     status = "failed"
     try:
         cfg = RunConfig.model_validate_json(args.config.read_text(encoding="utf-8"))

@@ -211,6 +211,38 @@ def test_kill_9_of_a_worker_fails_its_run_and_spares_the_rest(server: LiveServer
     assert frames[-1]["status"] == "failed" and [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
 
 
+def _nice_of_threads(pid: int) -> dict[int, int]:
+    """Each thread's niceness, from /proc (field 19 of stat, counted after the command name's closing paren)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = int(fields[16])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads thread priorities from Linux's /proc")
+def test_workers_share_the_servers_session_and_train_below_its_priority(server: LiveServer) -> None:
+    run = launch(server, config(TINY_GAN, train__steps=1_000_000))
+    try:
+        with server.client() as http:
+            wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] > 10, what="the run training")
+        (worker,) = [p for p in server.workers() if run["id"] in " ".join(p.cmdline())]
+        assert server.proc is not None
+        # Its own process group: a Ctrl-C at the server's terminal is the server's to handle, not the worker's.
+        assert os.getpgid(worker.pid) == worker.pid != os.getpgid(server.proc.pid)
+        # The same session, hence the same Linux autogroup: workers cannot crowd the server out of the CPU.
+        assert os.getsid(worker.pid) == os.getsid(server.proc.pid)
+        nice = _nice_of_threads(worker.pid)
+        assert nice[worker.pid] == 10  # the training thread, at the default GRADWATCH_WORKER_NICE
+        assert 0 in nice.values()  # the channel thread, started before, streams at normal priority
+        assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == 0
+    finally:
+        with server.client() as http:
+            http.post(f"/api/runs/{run['id']}/stop")
+            wait_status(http, run["id"], TERMINAL)
+
+
 def test_bad_requests_get_4xx_naming_the_field(server: LiveServer) -> None:
     with server.client() as http:
         response = http.post("/api/runs", json={"gan": {"lr_g": -0.5}})

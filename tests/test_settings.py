@@ -279,6 +279,16 @@ def test_worker_module_defaults_to_app_worker_and_reads_the_environment(
     assert make(tmp_path).worker_module == "bench.synthetic_worker"
 
 
+def test_worker_nice_defaults_to_10_and_must_be_a_niceness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert make(tmp_path).worker_nice == 10
+    monkeypatch.setenv("GRADWATCH_WORKER_NICE", "0")
+    assert make(tmp_path).worker_nice == 0
+    for bad in (-1, 20, 2.5):
+        with pytest.raises(ValidationError) as exc:
+            make(tmp_path, worker_nice=bad)
+        assert list(errors_for(exc)) == ["worker_nice"]
+
+
 @pytest.mark.parametrize("module", ["", "app/worker.py", "-c", "app..worker", "app.worker ", ".worker", "1app",
                                     "app.worker;rm", "app.worker\n"])
 def test_worker_module_must_be_a_dotted_module_name(tmp_path: Path, module: str) -> None:
@@ -303,7 +313,7 @@ def test_the_manager_launches_the_configured_worker_module_with_the_worker_argum
     out = tmp_path / "probe.json"
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "probe_dir"))
     monkeypatch.setenv("PROBE_OUT", str(out))
-    settings = make(tmp_path / "data", worker_module="gw_probe_worker")
+    settings = make(tmp_path / "data", worker_module="gw_probe_worker", worker_nice=3)
 
     async def launch() -> str:
         store = Store(settings.data_dir / "gradwatch.db")
@@ -327,3 +337,4 @@ def test_the_manager_launches_the_configured_worker_module_with_the_worker_argum
     assert args.run_id == run_id
     assert args.server == "ws://127.0.0.1:9"
     assert args.config.is_file() and args.work_dir.is_dir()
+    assert args.nice == 3
