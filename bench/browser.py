@@ -24,8 +24,8 @@ flush is over before the next frame arrives. The figure is handler + flush.
 Two ways of reaching N points per line, both measured:
 
 - **history**: a stored run of N steps, opened as a user opens it. The page
-  loads its history downsampled to 4,000 points per key (``HISTORY_POINTS`` in
-  ``static/js/run.js``), so its lines hold min(N, 4,000) points.
+  loads its history downsampled to 2,000 points per key (``HISTORY_POINTS`` in
+  ``static/js/run.js``), so its lines hold min(N, 2,000) points.
 - **filled**: a run with one frame of history, whose lines are then filled to
   N points through ``onFrame`` (frames of 1,000 steps) before the timed frames:
   the page as it is after watching a long run live.
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renderers", type=lambda s: s.split(","), default=list(RENDERERS),
                         help="scattergl (WebGL) and/or scatter (SVG, WebGL disabled)")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["history", "filled"],
-                        help="history (stored run, page loads 4,000 points per key) and/or filled (lines fed to N)")
+                        help="history (stored run, page loads 2,000 points per key) and/or filled (lines fed to N)")
     parser.add_argument("--case-seconds", type=float, default=30.0,
                         help="stop feeding a case after this long (at least three timed frames)")
     parser.add_argument("--gl-max-n", type=int, default=0,

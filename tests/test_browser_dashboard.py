@@ -368,8 +368,8 @@ def test_the_downloads_list_catches_up_with_a_runs_final_artifacts(
 
 
 def test_reload_mid_run_restores_every_step_with_no_gap(chromium_browser: Browser, server: LiveServer) -> None:
-    # 3000 logged steps stay under the page's 4000-point history limit: no downsampling may excuse a gap.
-    run_id = launch(server, config(TINY_GAN, train__steps=3000))
+    # 2000 logged steps stay within the page's 2000-point history limit: no downsampling may excuse a gap.
+    run_id = launch(server, config(TINY_GAN, train__steps=2000))
     try:
         with new_page(chromium_browser, server.url) as page:
             seen = watch(page)

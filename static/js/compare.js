@@ -11,7 +11,9 @@ import { connectionIndicator, RunStream } from "./stream.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
-const HISTORY_POINTS = 4000;
+// 2,000 points per key: enough for a 1,280-px chart, and what the store answers from its per-block summaries
+// on a 1M-step run (43 ms; 4,000 points there missed them and took 445 ms, docs/benchmarks.md).
+const HISTORY_POINTS = 2000;
 
 const charts = {
   gnorm: new LineChart($("cmp-gnorm"), { yaxis: { type: "log", exponentformat: "power", title: { text: "‖∇θ L_G‖₂" } } }),

@@ -9,7 +9,9 @@ import { SaturationView } from "./saturation.js";
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["completed", "stopped", "failed", "interrupted"]);
-const HISTORY_POINTS = 4000;
+// 2,000 points per key: enough for a 1,280-px chart, and what the store answers from its per-block summaries
+// on a 1M-step run (43 ms; 4,000 points there missed them and took 445 ms, docs/benchmarks.md).
+const HISTORY_POINTS = 2000;
 
 const charts = {};
 const state = { gLoss: boot.config?.gan?.g_loss, step: boot.step, klDims: new Map(), evalLatest: new Map(), alerts: new Set() };
