@@ -57,8 +57,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.store import Store
-from bench._common import RESULTS_DIR, ROOT, Server, machine_info, render_table, write_json
+from bench._common import RESULTS_DIR, machine_info, render_table, write_json
 from bench.history import curves, write_run
+from bench.server import ROOT, Server
 from bench.synthetic_worker import synthetic_keys
 
 if TYPE_CHECKING:

@@ -67,7 +67,8 @@ import psutil
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from bench._common import RESULTS_DIR, ROOT, Server, machine_info, render_table, write_json
+from bench._common import RESULTS_DIR, machine_info, render_table, write_json
+from bench.server import NO_PROXY, ROOT, Server
 from bench.throughput import _start_profiler, profile_summary
 
 TARGET_P99_MS = 100.0
@@ -82,7 +83,6 @@ CONFIG: dict[str, Any] = {
     "intervals": {"log_every": 1, "hist_every": 50, "sample_every": 1_000_000, "eval_every": 10_000_000,
                   "checkpoint_every": 10_000_000, "flush_ms": 50, "flush_steps": 256},
 }
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def percentiles(values: list[float]) -> dict[str, float | int | None]:
@@ -314,7 +314,7 @@ def _cells_on_one_server(args: argparse.Namespace, data_dir: Path, env: dict[str
                          variant: str, keys: list[str]) -> list[dict[str, Any]]:
     """Start ``n_runs`` real runs on a fresh server, measure every client count on them; fills ``keys``."""
     cells = []
-    with Server(data_dir, env) as server:
+    with Server(data_dir, env=env) as server:
         config = json.loads(json.dumps(CONFIG))
         config["intervals"]["flush_ms"] = args.flush_ms
         ids = [server.request("POST", "/api/runs", {**config, "name": f"freshness {i}"})["id"] for i in range(n_runs)]
@@ -393,7 +393,7 @@ def tensorboard_cell(args: argparse.Namespace, keys: list[str], rate: float) -> 
             deadline = time.monotonic() + 60
             while True:
                 with contextlib.suppress(OSError):
-                    _OPENER.open(f"{base}/data/runs", timeout=2).read()
+                    NO_PROXY.open(f"{base}/data/runs", timeout=2).read()
                     break
                 if tb.poll() is not None or time.monotonic() > deadline:
                     return {"available": False, "reason": "tensorboard did not start"}
@@ -407,13 +407,14 @@ def tensorboard_cell(args: argparse.Namespace, keys: list[str], rate: float) -> 
             per_step: list[float] = []
             per_poll: list[float] = []
             polls = 0
-            window_start = time.time() + args.settle
-            window_end = window_start + args.seconds
-            stop_at = time.monotonic() + seconds
+            # The window opens `settle` after the first point is served, not after the writer was launched:
+            # its start (importing torch) takes seconds on a loaded machine and would eat the window.
+            window_start, window_end = math.inf, math.inf
+            stop_at = time.monotonic() + 60
             while time.monotonic() < stop_at:
                 t_poll = time.monotonic()
                 try:
-                    points = json.loads(_OPENER.open(f"{base}/data/plugin/scalars/scalars?{query}", timeout=5).read())
+                    points = json.loads(NO_PROXY.open(f"{base}/data/plugin/scalars/scalars?{query}", timeout=5).read())
                 except (OSError, ValueError):
                     points = []  # the run or tag is not loaded yet: TensorBoard answers 400/404
                 received = time.time()
@@ -422,6 +423,10 @@ def tensorboard_cell(args: argparse.Namespace, keys: list[str], rate: float) -> 
                 if fresh:
                     seen = max(step for _, step in fresh)
                     newest = max(wall for wall, _ in fresh)
+                    if window_start == math.inf:
+                        window_start = newest + args.settle
+                        window_end = window_start + args.seconds
+                        stop_at = time.monotonic() + args.settle + args.seconds + 2 * args.tb_reload + 1
                     if window_start <= newest < window_end:
                         per_poll.append(received - newest)
                         per_step.extend(received - wall for wall, _ in fresh if wall >= window_start)

@@ -34,7 +34,6 @@ import json
 import statistics
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -43,14 +42,14 @@ from typing import Any
 import numpy as np
 
 from app.store import RunRecord, Store
-from bench._common import RESULTS_DIR, Server, machine_info, render_table, write_json
+from bench._common import RESULTS_DIR, machine_info, render_table, write_json
+from bench.server import NO_PROXY, Server
 from bench.synthetic_worker import synthetic_keys
 from trainer.config import RunConfig
 
 TARGET_MS = 200.0
 RUN_ID = "history1m"
 T0 = 1_764_000_000.0
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def planted_spikes(steps: int, keys: list[str]) -> dict[str, dict[int, float]]:
@@ -183,7 +182,7 @@ def over_http(data_dir: Path, keys: list[str], facts: dict[str, Any], repeat: in
             url = f"{server.url}/api/runs/{RUN_ID}/metrics?max_points={max_points}"
 
             def get(url: str = url) -> bytes:
-                with _OPENER.open(url, timeout=60) as response:
+                with NO_PROXY.open(url, timeout=60) as response:
                     body: bytes = response.read()
                 return body
 

@@ -63,7 +63,8 @@ from torch import Tensor
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from bench._common import RESULTS_DIR, ROOT, Server, ServerError, machine_info, render_table, write_json
+from bench._common import RESULTS_DIR, machine_info, render_table, write_json
+from bench.server import ROOT, Server, ServerError
 from trainer.config import RunConfig
 from trainer.data import load_dataset
 from trainer.loop import GAN_KEYS, VAE_KEYS, RunOptions, Trainer, make_trainer, resolve_device

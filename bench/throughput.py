@@ -56,7 +56,8 @@ import psutil
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from bench._common import RESULTS_DIR, Server, machine_info, render_table, write_json
+from bench._common import RESULTS_DIR, machine_info, render_table, write_json
+from bench.server import Server
 from bench.synthetic_worker import synthetic_keys
 
 TARGET_POINTS_PER_S = 250_000
@@ -249,7 +250,7 @@ def run_phase(args: argparse.Namespace, runs: int, compression: str, seconds: fl
         "GRADWATCH_SYNTH_KEYS": str(keys),
         "GRADWATCH_SYNTH_WINDOW": str(args.window),
     }
-    with tempfile.TemporaryDirectory(prefix="gradwatch-throughput-") as tmp, Server(Path(tmp), env) as server:
+    with tempfile.TemporaryDirectory(prefix="gradwatch-throughput-") as tmp, Server(Path(tmp), env=env) as server:
         config = {"kind": "gan", "name": "synthetic", "train": {"steps": 10_000_000, "device": "cpu"}}
         ids = [server.request("POST", "/api/runs", config)["id"] for _ in range(runs)]
         deadline = time.monotonic() + 60

@@ -1,27 +1,23 @@
-"""A real ``gradwatch serve`` in a subprocess, for tests that need the real thing.
+"""A real ``gradwatch serve`` in a subprocess, for tests that need the real thing, and helpers to drive it.
 
-The server binds port 0 and prints its URL; the harness reads it, talks HTTP
-with httpx and websockets with the ``websockets`` client, and always tears the
-server and every worker it started down, however the test ended.
+The harness itself is ``bench/server.py`` (binds port 0, reads the printed URL,
+tears the server and every worker down however the test ended), shared with the
+benchmarks; here it gains an httpx client and the test suite's defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
+
+from bench.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 _URL = re.compile(r"serving on (http://\S+/)")
@@ -57,108 +53,22 @@ def config(base: dict[str, Any], **dotted: Any) -> dict[str, Any]:
     return out
 
 
-class LiveServer:
+class LiveServer(Server):
+    """bench's server harness, with the test suite's defaults and an httpx client."""
+
     def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.args = list(extra_args)
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "GRADWATCH_CPU_RUN_LIMIT": "4",
-            "OMP_NUM_THREADS": "1",
-            **(env or {}),
-        }
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
-        self.log: list[str] = []
-        self.token: str | None = None
+        super().__init__(data_dir, *extra_args,
+                         env={"GRADWATCH_CPU_RUN_LIMIT": "4", "OMP_NUM_THREADS": "1", **(env or {})})
 
     def start(self, timeout: float = 60.0) -> LiveServer:
-        # A restart comes back on the same port: that is where surviving workers reconnect.
-        port = self.url.rsplit(":", 1)[1] if self.url else "0"
-        self.url, self.log = "", []
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", port, "--data-dir", str(self.data_dir),
-               "--log-level", "warning", *self.args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, cwd=ROOT)
-        found = threading.Event()
-
-        def pump() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                match = _URL.search(line)
-                if match and not self.url:
-                    self.url = match.group(1).rstrip("/")
-                    found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not found.is_set():
-            if self.proc.poll() is not None:
-                time.sleep(0.2)
-                raise RuntimeError("server exited at start:\n" + "".join(self.log))
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start:\n" + "".join(self.log))
-            found.wait(0.1)
-        # The URL is printed before uvicorn finishes its start-up: wait until it answers.
-        while True:
-            try:
-                if self.client().get("/api/presets").status_code < 500:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server never answered:\n" + "".join(self.log))
-            time.sleep(0.1)
-
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://", 1)
+        super().start(timeout)
+        return self
 
     def client(self, **kwargs: Any) -> httpx.Client:
         headers = kwargs.pop("headers", {})
         if self.token:
             headers.setdefault("Authorization", f"Bearer {self.token}")
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
-
-    def stream(self, run_id: str, since: int = 0, **kwargs: Any) -> ClientConnection:
-        headers = kwargs.pop("additional_headers", {})
-        if self.token:
-            headers.setdefault("Authorization", f"Bearer {self.token}")
-        return connect(f"{self.ws_url}/ws/runs/{run_id}?since={since}", additional_headers=headers, proxy=None,
-                       max_size=None, open_timeout=10, **kwargs)
-
-    def workers(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:
-            return []
-
-    def kill(self) -> None:
-        """kill -9 the server alone: its workers live on, as after a crash."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Graceful stop, then force; every worker process goes too."""
-        if self.proc is None:
-            return
-        children = self.workers()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        self.proc = None
 
 
 def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
