@@ -33,13 +33,16 @@ Two ways of reaching N points per line, both measured:
 Both chart renderers are measured: ``scattergl`` (WebGL, what the page picks
 when the browser has WebGL; headless Chromium renders it with SwiftShader on
 the CPU) and ``scatter`` (SVG, Chromium started with ``--disable-webgl``).
-And two versions of ``static/js/charts.js``: the app's (``current``) and the
-change proposed in docs/benchmarks.md (``proposed``: :data:`PROPOSED_CHARTS_JS`,
-served in place of the app's file by the browser, so no file is edited),
-which keeps each line at most 8,000 points on screen by thinning it to 4,000
-(min and max per bucket) whenever it would pass that.
+And two versions of ``static/js/charts.js``: the app's (``current``), which
+keeps each line at most 8,000 points on screen by thinning it back to 4,000
+(min and max per bucket) whenever it would pass that, and the same file with
+the thinning switched off (``before-fix``: :data:`BEFORE_FIX_CHARTS_JS`, served
+in place of the app's file by the browser, so no file is edited): the fix and
+what it fixed, side by side in one run.
 
-    python -m bench.browser                         # everything, about 8 minutes
+    python -m bench.browser                         # the app's charts.js, both renderers and modes
+    python -m bench.browser --variants current,before-fix   # beside the charts.js before the fix (slow: 100k-point
+                                                            # WebGL lines cost seconds per frame there)
     python -m bench.browser --modes filled --frames 20 --case-seconds 8 --gl-max-n 10000   # make bench
 
 Writes ``bench/results/browser.json``.
@@ -73,10 +76,11 @@ RENDERERS = {"scattergl": [], "scatter": ["--disable-webgl"]}
 N_KEYS = 26
 FILL_CHUNK = 1000
 
-#: Text replacements applied to the app's ``static/js/charts.js`` for the "proposed" variant, so one run
-#: measures a candidate change beside the current file. Empty now: the thinning it measured (points per
-#: line capped at 2 x MAX_DRAWN) is in charts.js itself; add (old, new) pairs here to try the next idea.
-PROPOSED_CHARTS_JS: list[tuple[str, str]] = []
+#: Text replacements that turn the app's ``static/js/charts.js`` into the "before-fix" variant: every frame
+#: extends its lines, which are never thinned, as before the fix.
+BEFORE_FIX_CHARTS_JS: list[tuple[str, str]] = [
+    ("if (this.drawn[index] + x.length <= 2 * MAX_DRAWN) {", "if (true) {  // before the fix: never thinned"),
+]
 
 #: Feeds ``frames`` metrics frames to the page's handler; per frame [handler ms, flush ms, wall ms].
 FEED_JS = """
@@ -169,19 +173,19 @@ def build_runs(data_dir: Path, sizes: list[int], keys: list[str]) -> dict[str, s
     return ids
 
 
-def proposed_charts_js() -> str:
-    """The app's charts.js with :data:`PROPOSED_CHARTS_JS` applied; ValueError once it no longer applies."""
+def before_fix_charts_js() -> str:
+    """The app's charts.js with :data:`BEFORE_FIX_CHARTS_JS` applied; ValueError once it no longer applies."""
     text = (ROOT / "static" / "js" / "charts.js").read_text(encoding="utf-8")
-    for old, new in PROPOSED_CHARTS_JS:
+    for old, new in BEFORE_FIX_CHARTS_JS:
         if text.count(old) != 1:
-            raise ValueError("static/js/charts.js has changed: the proposed patch no longer applies")
+            raise ValueError("static/js/charts.js has changed: the before-fix patch no longer applies")
         text = text.replace(old, new)
     return text
 
 
 def _open(browser: Browser, url: str, charts_js: str | None = None) -> Page:
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    if charts_js is not None:  # the page gets this charts.js instead of the app's: the proposed variant
+    if charts_js is not None:  # the page gets this charts.js instead of the app's: before-fix
         page.route("**/assets/js/charts.js*",
                    lambda route: route.fulfill(body=charts_js, content_type="text/javascript"))
     page.set_default_timeout(120_000)
@@ -237,9 +241,9 @@ def measure(args: argparse.Namespace, server: Server, ids: dict[str, str], keys:
                 for variant, script in scripts.items():
                     for mode in args.modes:
                         for n in args.sizes:
-                            label = f"{renderer:9s} {variant:8s} {mode:7s} N={n:>7,}"
-                            if (renderer == "scattergl" and variant == "current" and mode == "filled" and args.gl_max_n
-                                    and n > args.gl_max_n):
+                            label = f"{renderer:9s} {variant:10s} {mode:7s} N={n:>7,}"
+                            if (renderer == "scattergl" and variant == "before-fix" and mode == "filled"
+                                    and args.gl_max_n and n > args.gl_max_n):
                                 print(f"  {label}: skipped (--gl-max-n {args.gl_max_n})", flush=True)
                                 continue
                             case = _case(args, browser, f"{server.url}/runs/"
@@ -293,15 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case-seconds", type=float, default=30.0,
                         help="stop feeding a case after this long (at least three timed frames)")
     parser.add_argument("--gl-max-n", type=int, default=0,
-                        help="skip scattergl lines filled beyond this many points with the current charts.js (0: none "
-                             "skipped); software WebGL "
-                             "takes tens of seconds per frame at 100k points")
+                        help="skip scattergl lines filled beyond this many points with the before-fix charts.js (0: "
+                             "none skipped); software WebGL takes seconds per frame at 100k unthinned points")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["current"],
-                        help="current (the app's charts.js) and/or proposed (with PROPOSED_CHARTS_JS applied)")
+                        help="current (the app's charts.js) and/or before-fix (its thinning switched off)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "browser.json")
     args = parser.parse_args(argv)
     bad = ([r for r in args.renderers if r not in RENDERERS] + [m for m in args.modes if m not in ("history", "filled")]
-           + [v for v in args.variants if v not in ("current", "proposed")])
+           + [v for v in args.variants if v not in ("current", "before-fix")])
     if bad:
         parser.error(f"unknown renderer or mode: {bad}")
     meta = {**machine_info("cpu"), "chromium": chromium_version(), "steps_per_frame": args.steps_per_frame,
@@ -316,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     scripts: dict[str, str | None] = {}
     for variant in args.variants:
         try:
-            scripts[variant] = proposed_charts_js() if variant == "proposed" else None
+            scripts[variant] = before_fix_charts_js() if variant == "before-fix" else None
         except ValueError as exc:
-            print(f"  proposed variant left out: {exc}")
-            meta["proposed_unavailable"] = str(exc)
+            print(f"  before-fix variant left out: {exc}")
+            meta["before_fix_unavailable"] = str(exc)
     with tempfile.TemporaryDirectory(prefix="gradwatch-browser-") as tmp:
         ids = build_runs(Path(tmp), args.sizes, keys)
         with Server(Path(tmp)) as server:

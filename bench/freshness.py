@@ -22,11 +22,16 @@ eight training processes on a 2-core machine are CPU-starved, and so is
 everything else on it.
 
 With several runs the cells are measured a second time, on a fresh server
-with the change proposed in docs/benchmarks.md applied by a start-up shim
-(:data:`PRIORITY_SHIM`, no app file edited): workers stay in the server's
-session instead of opening their own (on Linux each session is a scheduling
-autogroup, and the CPU is shared per group), and each worker's training thread
-runs at nice 10 while its channel thread does not. ``--no-proposed`` skips it.
+that launches its workers as gradwatch did before its freshness fix
+(:data:`BEFORE_FIX_SHIM`): each worker in a session of its own (on Linux each
+session is a scheduling autogroup, and the CPU is shared per group) and its
+training thread at normal priority. The app now keeps workers in its session
+and runs their training threads at nice 10 (``GRADWATCH_WORKER_NICE``), their
+channel threads at normal priority. ``--no-before`` skips the comparison.
+
+Clients offer permessage-deflate, as browsers do; the server declines it
+(compressing every frame once per client cost more than it saved, see
+docs/benchmarks.md). ``--compression none,deflate`` measures both offers.
 
 TensorBoard: a ``tensorboard --logdir D --reload_interval 1`` process (1 s is
 the smallest its fast loader takes; the default is 5 s), a writer process
@@ -36,7 +41,7 @@ speed the one-run gradwatch case trained, with ``flush()`` after every step
 (``/data/plugin/scalars/scalars``) for one tag every 20 ms. A step's latency is
 the end of the first poll whose answer holds it − the step's ``walltime``.
 
-    python -m bench.freshness                  # the full matrix, proposed variant and TensorBoard, ~3 minutes
+    python -m bench.freshness                  # the full matrix, before-fix variant and TensorBoard, ~2 minutes
     python -m bench.freshness --seconds 5      # shorter windows (make bench)
 
 Writes ``bench/results/freshness.json``.
@@ -188,53 +193,47 @@ def _steps(server: Server, ids: list[str]) -> dict[str, int]:
     return {i: int(runs[i]["step"]) for i in ids}
 
 
-#: The change proposed in docs/benchmarks.md (Freshness), applied to an unmodified app for the "proposed"
-#: variant: this file is written as ``sitecustomize.py`` into a folder put first on the server's PYTHONPATH,
-#: which its workers inherit, so Python runs it at the start of both.
-PRIORITY_SHIM = """\
+#: The launch gradwatch used before its freshness fix, restored for the "before fix" variant so that the
+#: fix is measured side by side with it: each worker in a session of its own (on Linux its own scheduling
+#: autogroup, the CPU then shared per group, so the server gets 1/(runs + 1) of it however little it needs)
+#: and, with GRADWATCH_WORKER_NICE=0 beside it, no lower priority for training. Written as
+#: ``sitecustomize.py`` into a folder put first on the server's PYTHONPATH, so Python runs it at the server's start.
+BEFORE_FIX_SHIM = """\
 import os
 import sys
-import threading
 
-_argv = getattr(sys, "orig_argv", [])
-if "app.cli" in _argv:
-    # The server: workers stay in its session (their own process group, so a Ctrl-C still skips them).
-    # A session of their own (start_new_session) gives each worker its own Linux autogroup, and the CPU is
-    # then shared per group: the server gets 1/(runs + 1) of it, however little it needs.
+if "app.cli" in getattr(sys, "orig_argv", []):
     import asyncio
 
     _exec = asyncio.create_subprocess_exec
 
     async def _create_subprocess_exec(*args, **kwargs):
-        if kwargs.pop("start_new_session", False):
-            kwargs["preexec_fn"] = os.setpgrp  # uvloop takes no process_group
+        if kwargs.pop("preexec_fn", None) is os.setpgrp:
+            kwargs["start_new_session"] = True
         return await _exec(*args, **kwargs)
 
     asyncio.create_subprocess_exec = _create_subprocess_exec
-elif "app.worker" in _argv:
-    # A worker: once its channel thread runs, the training thread (and the torch threads it starts later)
-    # drops to nice 10. On Linux a nice value is per thread: the channel thread keeps 0.
-    _start = threading.Thread.start
-
-    def _start_then_yield(self):
-        _start(self)
-        if self.name == "gradwatch-channel":
-            os.nice(10)
-
-    threading.Thread.start = _start_then_yield
 """
+VARIANTS = ("as launched", "before fix")
 
 
-def shim_applied(server: Server) -> bool:
-    """Whether the proposed variant took effect: workers in the server's session, a training thread at nice 10."""
+def _thread_nice(pid: int) -> list[int]:
+    return [int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in Path(f"/proc/{pid}/task").iterdir()]
+
+
+def launch_is(server: Server, variant: str) -> bool:
+    """Whether the workers run as ``variant`` says: in the server's session with a niced training thread
+    ("as launched"), or in sessions of their own at normal priority ("before fix")."""
     assert server.proc is not None
     try:
-        same_session = all(os.getsid(w.pid) == os.getsid(server.proc.pid) for w in server.workers())
-        niced = all(any(int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) == 10
-                        for t in Path(f"/proc/{w.pid}/task").iterdir()) for w in server.workers())
+        workers = server.workers()
+        same_session = [os.getsid(w.pid) == os.getsid(server.proc.pid) for w in workers]
+        niced = [10 in _thread_nice(w.pid) for w in workers]
     except (OSError, ValueError, IndexError):
         return False
-    return same_session and niced
+    if variant == "as launched":
+        return all(same_session) and all(niced)
+    return not any(same_session) and not any(niced)
 
 
 def measure_cell(args: argparse.Namespace, server: Server, ids: list[str], clients: StreamClients,
@@ -289,23 +288,24 @@ def measure_cell(args: argparse.Namespace, server: Server, ids: list[str], clien
 def gradwatch_cells(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     """Every (runs, clients) cell of the matrix; also the metric keys a run sends (for TensorBoard's writer).
 
-    With several runs (and unless ``--no-proposed``), the cells are measured twice, each time on a fresh
-    server: the app as it is ("as launched"), then with :data:`PRIORITY_SHIM` ("proposed").
+    With several runs (and unless ``--no-before``), the cells are measured twice, each time on a fresh
+    server: the app as it is ("as launched"), then as it launched workers before the fix ("before fix").
     """
     cells: list[dict[str, Any]] = []
     keys: list[str] = []
     for n_runs in args.runs:
-        for variant in ["as launched", *(["proposed"] if n_runs > 1 and not args.no_proposed else [])]:
+        for variant in VARIANTS[: 1 if n_runs == 1 or args.no_before else 2]:
             with tempfile.TemporaryDirectory(prefix="gradwatch-freshness-") as tmp:
                 # The same limit for every run count, so that every worker gets the same single torch thread
                 # (the manager gives each cpu_count // cpu_run_limit threads).
                 env = {"GRADWATCH_CPU_RUN_LIMIT": str(max(max(args.runs), 2)), "OMP_NUM_THREADS": "1"}
-                if variant == "proposed":
+                if variant == "before fix":
                     shim = Path(tmp) / "shim"
                     shim.mkdir()
-                    (shim / "sitecustomize.py").write_text(PRIORITY_SHIM)
+                    (shim / "sitecustomize.py").write_text(BEFORE_FIX_SHIM)
                     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), str(ROOT),
                                                                       os.environ.get("PYTHONPATH")]))
+                    env["GRADWATCH_WORKER_NICE"] = "0"
                 cells += _cells_on_one_server(args, Path(tmp) / "data", env, n_runs, variant, keys)
     return cells, keys
 
@@ -323,8 +323,9 @@ def _cells_on_one_server(args: argparse.Namespace, data_dir: Path, env: dict[str
             if time.monotonic() > deadline:
                 raise RuntimeError("the runs did not start:\n" + "".join(server.log))
             time.sleep(0.2)
-        if variant == "proposed" and not shim_applied(server):
-            raise RuntimeError("the proposed-priority shim did not take effect (sitecustomize not loaded?)")
+        if not launch_is(server, variant):
+            raise RuntimeError(f"the workers do not run as {variant!r} says (for 'before fix': sitecustomize not "
+                               "loaded?)")
         recorder = Recorder()
         clients = StreamClients(server.url.replace("http://", "ws://", 1), recorder)
         try:
@@ -477,11 +478,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the runs' intervals.flush_ms")
     parser.add_argument("--tb-reload", type=float, default=1.0, help="tensorboard --reload_interval")
     parser.add_argument("--tb-poll-ms", type=float, default=20.0, help="how often the poller asks TensorBoard")
-    parser.add_argument("--compression", type=lambda s: s.split(","), default=["deflate", "none"],
+    parser.add_argument("--compression", type=lambda s: s.split(","), default=["deflate"],
                         help="what the clients offer, each measured: deflate (permessage-deflate, as browsers "
                              "do; the server then compresses every frame once per client) and/or none")
-    parser.add_argument("--no-proposed", action="store_true",
-                        help="with several runs, do not measure again with the proposed worker priority")
+    parser.add_argument("--no-before", action="store_true",
+                        help="with several runs, do not measure again with workers launched as before the fix")
     parser.add_argument("--no-tensorboard", action="store_true")
     parser.add_argument("--profile", type=Path, help="py-spy the server during the largest cell into this raw file")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "freshness.json")

@@ -30,15 +30,16 @@ def test_browser_benchmark_times_frames_on_the_real_run_page(tmp_path: Path) -> 
     assert set(payload["ratio_largest_over_smallest"]) == {"scatter current history", "scatter current filled"}
 
 
-def test_the_proposed_charts_js_still_applies_and_caps_the_points_drawn(tmp_path: Path) -> None:
-    """The proposal is text replacements on the app's charts.js: this fails as soon as they stop applying."""
+def test_the_before_fix_variant_still_applies_and_draws_every_point(tmp_path: Path) -> None:
+    """It is a text replacement on the app's charts.js: this fails as soon as it stops applying, or as soon as
+    the app's lines stop being thinned (the two variants would then draw the same)."""
     require_chromium()
-    assert "MAX_DRAWN" in browser.proposed_charts_js()
+    assert "if (true) {" in browser.before_fix_charts_js()
     out = tmp_path / "browser.json"
     assert browser.main(["--sizes", "9000", "--frames", "3", "--warmup", "0", "--renderers", "scatter",
-                         "--modes", "filled", "--variants", "proposed", "--json", str(out)]) == 0
-    (case,) = json.loads(out.read_text())["cases"]
-    assert case["variant"] == "proposed" and case["points_per_line"] <= 8000
+                         "--modes", "filled", "--variants", "current,before-fix", "--json", str(out)]) == 0
+    drawn = {c["variant"]: c["points_per_line"] for c in json.loads(out.read_text())["cases"]}
+    assert drawn["before-fix"] == 9000 and drawn["current"] <= 8000
 
 
 def test_a_missing_chromium_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,9 +16,9 @@ def test_worst_by_setup_counts_one_run_cells_for_both_worker_setups() -> None:
         return {"runs": runs, "workers": workers, "compression": compression, "per_step_ms": {"p99": p99}}
 
     cells = [cell(1, "as launched", "deflate", 60.0), cell(8, "as launched", "deflate", 900.0),
-             cell(8, "proposed", "deflate", 80.0)]
+             cell(8, "before fix", "deflate", 80.0)]
     got = {(v["workers"], v["compression"]): (v["worst_p99_ms"], v["met"]) for v in freshness.worst_by_setup(cells)}
-    assert got == {("as launched", "deflate"): (900.0, False), ("proposed", "deflate"): (80.0, True)}
+    assert got == {("as launched", "deflate"): (900.0, False), ("before fix", "deflate"): (80.0, True)}
 
 
 def test_percentiles_are_nearest_rank_in_milliseconds() -> None:
@@ -52,6 +52,18 @@ def test_freshness_runs_end_to_end_and_writes_its_json(tmp_path: Path) -> None:
     assert cell["per_step_ms"]["n"] >= cell["per_frame_ms"]["n"]
     assert payload["tensorboard"] == {"available": False, "reason": "--no-tensorboard"}
     assert payload["meta"]["config"]["intervals"]["flush_ms"] == 50
+
+
+def test_with_two_runs_the_launch_before_the_fix_is_measured_beside_the_app(tmp_path: Path) -> None:
+    """The comparison must measure what it says: main() refuses to run a variant whose workers are not
+    launched as named (own sessions and no nice before the fix; the server's session and nice 10 now)."""
+    out = tmp_path / "freshness.json"
+    assert freshness.main(["--runs", "2", "--clients", "1", "--seconds", "1", "--settle", "0.3",
+                           "--no-tensorboard", "--json", str(out)]) == 0
+    cells = json.loads(out.read_text())["gradwatch"]
+    assert [(c["runs"], c["workers"], c["compression"]) for c in cells] == [
+        (2, "as launched", "deflate"), (2, "before fix", "deflate")]
+    assert all(c["per_step_ms"]["n"] > 0 for c in cells)
 
 
 def test_tensorboard_is_measured_the_same_way(tmp_path: Path) -> None:
