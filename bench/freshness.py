@@ -298,7 +298,8 @@ def gradwatch_cells(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
             with tempfile.TemporaryDirectory(prefix="gradwatch-freshness-") as tmp:
                 # The same limit for every run count, so that every worker gets the same single torch thread
                 # (the manager gives each cpu_count // cpu_run_limit threads).
-                env = {"GRADWATCH_CPU_RUN_LIMIT": str(max(max(args.runs), 2)), "OMP_NUM_THREADS": "1"}
+                limit = str(max(max(args.runs), 2))
+                env = {"GRADWATCH_CPU_RUN_LIMIT": limit, "GRADWATCH_GPU_RUN_LIMIT": limit, "OMP_NUM_THREADS": "1"}
                 if variant == "before fix":
                     shim = Path(tmp) / "shim"
                     shim.mkdir()
@@ -317,6 +318,7 @@ def _cells_on_one_server(args: argparse.Namespace, data_dir: Path, env: dict[str
     with Server(data_dir, env=env) as server:
         config = json.loads(json.dumps(CONFIG))
         config["intervals"]["flush_ms"] = args.flush_ms
+        config["train"]["device"] = args.device
         ids = [server.request("POST", "/api/runs", {**config, "name": f"freshness {i}"})["id"] for i in range(n_runs)]
         deadline = time.monotonic() + 120
         while min(_steps(server, ids).values()) < 1:  # every worker has started training
@@ -474,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=_int_list, default=[1, 20], help="client counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window per cell")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between connecting and measuring")
+    parser.add_argument("--device", default="cpu", help="the runs' train.device: cpu, cuda or cuda:N (every run on "
+                        "that one GPU, GRADWATCH_GPU_RUN_LIMIT raised to fit them)")
     parser.add_argument("--flush-ms", type=int, default=CONFIG["intervals"]["flush_ms"],
                         help="the runs' intervals.flush_ms")
     parser.add_argument("--tb-reload", type=float, default=1.0, help="tensorboard --reload_interval")
@@ -537,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(target ≤ {TARGET_P99_MS:.0f} ms: {'met' if v['met'] else 'MISSED'})")
     worst = max((c["per_step_ms"]["p99"] or math.inf) for c in as_launched)
     write_json(args.json, {
-        "meta": {**machine_info("cpu"), "config": CONFIG | {"intervals": {**CONFIG["intervals"],
+        "meta": {**machine_info(args.device), "config": CONFIG | {"intervals": {**CONFIG["intervals"],
                                                                              "flush_ms": args.flush_ms}},
                  "window_s": args.seconds, "settle_s": args.settle, "client_compression": args.compression},
         "target_p99_ms": TARGET_P99_MS,

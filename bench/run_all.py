@@ -23,13 +23,17 @@ from typing import Any
 
 from bench._common import RESULTS_DIR, ROOT, render_table
 
+#: Issue 5's overhead targets: gradwatch's steps/s over the bare loop's.
+OVERHEAD_TARGET_CPU = 0.90
+OVERHEAD_TARGET_GPU = 0.97
+
 #: name → arguments for the ``make bench`` run (see each module's docstring for the full-size run).
 QUICK: dict[str, list[str]] = {
     "overhead": ["--quick"],
     "freshness": ["--seconds", "4"],
     "throughput": ["--runs", "1,2", "--sweep-seconds", "5", "--duration", "20"],
     "history": [],
-    "browser": ["--modes", "filled", "--frames", "20", "--case-seconds", "8", "--gl-max-n", "10000"],
+    "browser": ["--modes", "filled", "--frames", "20", "--case-seconds", "8"],
 }
 
 
@@ -38,11 +42,11 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _fmt(value: Any, unit: str = "") -> str:
+def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:,.1f}{unit}"
+        return f"{value:,.{digits}f}{unit}"
     if isinstance(value, int):
         return f"{value:,}{unit}"
     return f"{value}{unit}"
@@ -52,10 +56,18 @@ def summary_rows(names: list[str]) -> list[list[str]]:
     """One row per headline figure: benchmark, figure, value, target, met."""
     rows: list[list[str]] = []
     if "overhead" in names and (d := _load("overhead")) is not None:
+        gpu = str(d.get("meta", {}).get("device", "cpu")).startswith("cuda")
+        target = OVERHEAD_TARGET_GPU if gpu else OVERHEAD_TARGET_CPU
         for result in d.get("results", []):
-            entry = result.get("variants", {}).get("gradwatch", {})
-            ratio = (entry.get("ratio_to_bare") or {}).get("median")
-            rows.append(["overhead", f"{result.get('case')}: gradwatch / bare steps/s", _fmt(ratio), "see docs", "—"])
+            variants = result.get("variants", {})
+            ratio = ((variants.get("gradwatch") or {}).get("ratio_to_bare") or {}).get("median")
+            rows.append(["overhead", f"{result.get('case')}: gradwatch / bare steps/s", _fmt(ratio, "", 2),
+                         f"≥ {target:.2f} ({'GPU' if gpu else 'CPU'})",
+                         "—" if ratio is None else "yes" if ratio >= target else "NO"])
+            tb = ((variants.get("tensorboard") or {}).get("ratio_to_bare") or {}).get("median")
+            if ratio is not None and tb is not None:
+                rows.append(["overhead", f"{result.get('case')}: TensorBoard / bare steps/s", _fmt(tb, "", 2),
+                             "below gradwatch", "yes" if ratio > tb else "NO"])
     if "freshness" in names and (d := _load("freshness")) is not None:
         for cell in d["gradwatch"]:
             label = f"{cell['runs']} run(s) × {cell['clients']} client(s), {cell['compression']}"

@@ -18,8 +18,16 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
     (tmp_path / "browser.json").write_text(json.dumps({
         "available": True, "ratio_largest_over_smallest": {"scatter current filled": 7.7},
         "ratio_sizes": {"scatter current filled": [1000, 100000]}}))
-    rows = run_all.summary_rows(["history", "browser", "throughput"])  # no throughput.json: left out
+    (tmp_path / "overhead.json").write_text(json.dumps({"meta": {"device": "cpu"}, "results": [
+        {"case": "ring", "variants": {"gradwatch": {"ratio_to_bare": {"median": 0.85}},
+                                      "tensorboard": {"ratio_to_bare": {"median": 0.80}}}},
+        {"case": "vae", "variants": {"gradwatch": {"ratio_to_bare": {"median": 0.91}},
+                                     "tensorboard": {"available": False}}}]}))
+    rows = run_all.summary_rows(["overhead", "history", "browser", "throughput"])  # no throughput.json: left out
     assert rows == [
+        ["overhead", "ring: gradwatch / bare steps/s", "0.85", "≥ 0.90 (CPU)", "NO"],
+        ["overhead", "ring: TensorBoard / bare steps/s", "0.80", "below gradwatch", "yes"],
+        ["overhead", "vae: gradwatch / bare steps/s", "0.91", "≥ 0.90 (CPU)", "yes"],
         ["history", "1M × 20 keys → 2,000 points, HTTP warm median", "42.6 ms", "< 200 ms", "yes"],
         ["history", "same, first request", "250.0 ms", "< 200 ms", "NO"],
         ["browser", "scatter current filled: per-frame ms, N=100,000 / N=1,000", "7.7×", "≈ 1–2×", "NO"],
