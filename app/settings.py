@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(default=1 << 30, ge=1, description="largest sample or checkpoint file accepted")
     worker_nice: int = Field(
         default=10, ge=0, le=19,
-        description="niceness of each worker's training thread (0 keeps normal priority): on a busy CPU the server "
+        description="niceness each worker adds to its training thread (0: none): on a busy CPU the server "
         "still streams within a tenth of a second, and an idle CPU trains at full speed either way",
     )
     worker_module: str = Field(
