@@ -73,7 +73,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from bench._common import RESULTS_DIR, machine_info, render_table, write_json
-from bench.server import NO_PROXY, ROOT, Server
+from bench.server import NO_PROXY, ROOT, Server, thread_nice
 from bench.throughput import _start_profiler, profile_summary
 
 TARGET_P99_MS = 100.0
@@ -217,10 +217,6 @@ if "app.cli" in getattr(sys, "orig_argv", []):
 VARIANTS = ("as launched", "before fix")
 
 
-def _thread_nice(pid: int) -> list[int]:
-    return [int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in Path(f"/proc/{pid}/task").iterdir()]
-
-
 def launch_is(server: Server, variant: str) -> bool:
     """Whether the workers run as ``variant`` says: in the server's session with a niced training thread
     ("as launched"), or in sessions of their own at normal priority ("before fix")."""
@@ -228,7 +224,7 @@ def launch_is(server: Server, variant: str) -> bool:
     try:
         workers = server.workers()
         same_session = [os.getsid(w.pid) == os.getsid(server.proc.pid) for w in workers]
-        niced = [10 in _thread_nice(w.pid) for w in workers]
+        niced = [10 in thread_nice(w.pid).values() for w in workers]
     except (OSError, ValueError, IndexError):
         return False
     if variant == "as launched":

@@ -176,3 +176,13 @@ class Server:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         self.proc = None
+
+
+def thread_nice(pid: int) -> dict[int, int]:
+    """Each thread's nice value by thread id, from Linux's /proc (field 19 of stat, counted after the command
+    name's closing parenthesis, which may itself hold spaces); how the worker priority is checked."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            out[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+    return out

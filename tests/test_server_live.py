@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 
+from bench.server import thread_nice
 from tests.live_server import (
     TINY_GAN,
     TINY_VAE,
@@ -211,16 +212,6 @@ def test_kill_9_of_a_worker_fails_its_run_and_spares_the_rest(server: LiveServer
     assert frames[-1]["status"] == "failed" and [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
 
 
-def _nice_of_threads(pid: int) -> dict[int, int]:
-    """Each thread's niceness, from /proc (field 19 of stat, counted after the command name's closing paren)."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[int(task.name)] = int(fields[16])
-    return out
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads thread priorities from Linux's /proc")
 def test_workers_share_the_servers_session_and_train_below_its_priority(server: LiveServer) -> None:
     run = launch(server, config(TINY_GAN, train__steps=1_000_000))
@@ -235,7 +226,7 @@ def test_workers_share_the_servers_session_and_train_below_its_priority(server: 
         assert os.getsid(worker.pid) == os.getsid(server.proc.pid)
         # Niceness adds up: relative to this test's own, which the server and its workers inherit.
         base = os.getpriority(os.PRIO_PROCESS, 0)
-        nice = _nice_of_threads(worker.pid)
+        nice = thread_nice(worker.pid)
         assert nice[worker.pid] == min(base + 10, 19)  # the training thread, at the default GRADWATCH_WORKER_NICE
         assert base in nice.values()  # the channel thread, started before, streams at the server's priority
         assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == base
