@@ -7,8 +7,9 @@ failed | interrupted``; everything the worker reports arrives through
 seq order, stored, and published to the hub.
 
 Placement: each GPU found gets ``gpu_run_limit`` slots, the CPU gets
-``cpu_run_limit``; a worker on GPU ``N`` sees only that GPU
-(``CUDA_VISIBLE_DEVICES=N``), a CPU worker sees none.
+``cpu_run_limit``; a worker on GPU ``cuda:N`` sees only that GPU (its
+``CUDA_VISIBLE_DEVICES`` is the server's own entry for it, see
+:mod:`app.placement`), a CPU worker sees none.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import psutil
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.hub import Hub
+from app.placement import CUDA_ENV, server_gpu_ids, worker_cuda_visible_devices
 from app.protocol import ProtocolError, decode_chunk
 from app.rate import StepRate
 from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
-from trainer.checkpoint import TEMP_PREFIX, sweep_temp_files
 from trainer.config import ControlRequest, RunConfig
+from trainer.files import is_temp_file, rename_into_place, sweep_temp_files, temp_path
 from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.manager")
@@ -121,6 +123,7 @@ class RunManager:
         self.active: dict[str, Active] = {}
         self.queue: list[str] = []
         self.gpus = 0
+        self.gpu_ids: list[str] = []  # the driver's name of each GPU, by local index (app.placement)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self.rates = StepRate()
@@ -128,7 +131,8 @@ class RunManager:
     # -- life cycle -------------------------------------------------------------
     async def start(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.gpus = await asyncio.to_thread(_count_gpus)
+        self.gpu_ids = await asyncio.to_thread(server_gpu_ids)
+        self.gpus = len(self.gpu_ids)
         running = await asyncio.to_thread(self.store.list_runs, ["running"])
         alive = {rec.id for rec in running if pid_alive(rec.pid, rec.pid_started)}
         await asyncio.to_thread(self._sweep_temp_files, alive)
@@ -170,13 +174,15 @@ class RunManager:
         task.add_done_callback(self._tasks.discard)
 
     def _sweep_temp_files(self, alive: set[str]) -> None:
-        """Remove what killed writers left; a live worker's scratch folder is its own business."""
+        """Remove what killed writers left (trainer.files); a live worker's folders are its own business."""
         for run_dir in self.runs_dir.iterdir() if self.runs_dir.is_dir() else []:
             subs = ["samples", "checkpoints"]
             if run_dir.name not in alive:
-                subs += ["work/samples", "work/checkpoints"]
+                subs += ["work", "work/samples", "work/checkpoints"]
             for sub in subs:
                 sweep_temp_files(run_dir / sub)
+        if not alive:  # the classifier cache is shared by every worker
+            sweep_temp_files(self.cache_dir)
 
     # -- requests -----------------------------------------------------------------
     async def submit(self, cfg: RunConfig, *, sweep_id: str | None = None,
@@ -320,7 +326,7 @@ class RunManager:
         if rec.resume_from:
             args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
         env = {**os.environ, "GRADWATCH_RUN_TOKEN": token,
-               "CUDA_VISIBLE_DEVICES": device.split(":", 1)[1] if device.startswith("cuda:") else "",
+               CUDA_ENV: worker_cuda_visible_devices(device, self.gpu_ids),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH")]))}
         active = Active(rec.id, device, accepted=rec.last_seq)
@@ -540,7 +546,7 @@ class RunManager:
             (run_dir / kind).mkdir(exist_ok=True)
             for path in scratch.iterdir():
                 target = run_dir / kind / path.name
-                if path.is_file() and not path.name.startswith(TEMP_PREFIX) and not target.exists():
+                if path.is_file() and not is_temp_file(path) and not target.exists():
                     os.replace(path, target)
 
     def _prune_checkpoints(self, run_id: str) -> None:
@@ -549,7 +555,7 @@ class RunManager:
             return
         keep = int(rec.config.get("intervals", {}).get("keep_checkpoints", 5))
         folder = self.run_dir(run_id) / "checkpoints"
-        files = sorted(p for p in folder.glob("*.pt") if not p.name.startswith(TEMP_PREFIX))
+        files = sorted(p for p in folder.glob("*.pt") if not is_temp_file(p))
         for old in files[:-(keep + 1)]:  # the periodic ones the trainer keeps, plus the newest (final)
             old.unlink(missing_ok=True)
 
@@ -564,7 +570,7 @@ class RunManager:
                 path, fh = active.uploads.pop(key)
                 fh.close()
                 path.unlink(missing_ok=True)
-            tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{chunk.name}"
+            tmp = temp_path(folder / chunk.name, uuid.uuid4().hex)
             active.uploads[key] = (tmp, await asyncio.to_thread(_open_new, tmp))
         if key not in active.uploads:
             raise ProtocolError(f"artifact {chunk.name}: chunk at offset {chunk.offset} without a start")
@@ -597,11 +603,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _finish_upload(fh: Any, tmp: Path, final: Path) -> None:
-    """Same discipline as checkpoints: fsync, then an atomic rename into place."""
+    """The discipline of every file a run writes (trainer.files): fsync, then an atomic rename into place."""
     fh.flush()
     os.fsync(fh.fileno())
     fh.close()
-    os.replace(tmp, final)
+    rename_into_place(tmp, final)
 
 
 async def _send_acks(ws: WebSocket, acks: asyncio.Queue[int]) -> None:
@@ -640,9 +646,3 @@ def _create_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
-
-
-def _count_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -44,6 +44,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from app.protocol import CHUNK_BYTES, encode_chunk
+from trainer.files import atomic_write
 from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.worker")
@@ -235,12 +236,9 @@ def fetch_resume_checkpoint(server: str, run_id: str, token: str, target: Path) 
     base = server.replace("ws://", "http://", 1).replace("wss://", "https://", 1).rstrip("/")
     request = urllib.request.Request(f"{base}/worker/runs/{run_id}/resume",
                                      headers={"Authorization": f"Bearer {token}"})
-    tmp = target.with_name(f".tmp-{target.name}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy, like the channel
-    with opener.open(request, timeout=60) as response, open(tmp, "wb") as fh:
-        shutil.copyfileobj(response, fh)
-    os.replace(tmp, target)
+    with opener.open(request, timeout=60) as response:
+        atomic_write(target, lambda fh: shutil.copyfileobj(response, fh))
     return target
 
 

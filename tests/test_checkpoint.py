@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import TEMP_PREFIX, load_checkpoint, save_checkpoint, sweep_temp_files
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.files import TEMP_PREFIX, sweep_temp_files
 
 # A child process that overwrites the checkpoint with a large payload, slowly enough to be killed mid-write.
 _WRITER = """

@@ -1,4 +1,5 @@
-"""Run placement and the manager's small helpers (app/manager.py), and the artifact routes (app/api/runs.py).
+"""Run placement (app/placement.py and the manager's slots), the manager's small helpers (app/manager.py), and the
+artifact routes (app/api/runs.py).
 
 Everything runs in-process: the manager is built but never started (no worker is launched), GPUs are faked by
 setting ``manager.gpus``, and busy slots by adding ``Active`` entries.
@@ -22,6 +23,7 @@ from app.api.runs import artifacts_of
 from app.hub import Hub
 from app.main import create_app
 from app.manager import Active, RunError, RunManager, _describe_exit, _stderr_tail, pid_alive, token_hash
+from app.placement import visible_gpu_ids, worker_cuda_visible_devices
 from app.settings import Settings
 from app.store import RunRecord, Store
 from trainer.config import RunConfig
@@ -161,6 +163,73 @@ def test_free_slot_respects_cpu_run_limit(manager: RunManager) -> None:
 def test_free_slot_without_gpus_has_nothing_for_cuda(manager: RunManager) -> None:
     manager.gpus = 0
     assert manager._free_slot("cuda") is None
+
+
+# ----------------------------------------------------------------------------- which GPU a worker sees
+
+
+@pytest.mark.parametrize(
+    ("server_env", "count", "ids"),
+    [
+        (None, 0, []),
+        (None, 3, ["0", "1", "2"]),  # unset: every GPU under its own index
+        ("", 0, []),
+        ("2,3", 2, ["2", "3"]),
+        ("3, 1", 2, ["3", "1"]),  # the server's order is the local order
+        ("GPU-8f0c1a2b-aaaa-bbbb-cccc-0123456789ab,GPU-1234", 2, ["GPU-8f0c1a2b-aaaa-bbbb-cccc-0123456789ab",
+                                                               "GPU-1234"]),
+        ("MIG-5c1f0e7e-aaaa-bbbb-cccc-0123456789ab", 1, ["MIG-5c1f0e7e-aaaa-bbbb-cccc-0123456789ab"]),
+        ("1,5,-1,7", 2, ["1", "5"]),  # CUDA stops reading at the first unusable entry
+    ],
+)
+def test_visible_gpu_ids_follow_the_servers_own_visible_set(server_env: str | None, count: int,
+                                                           ids: list[str]) -> None:
+    assert visible_gpu_ids(server_env, count) == ids
+
+
+def test_visible_gpu_ids_refuse_a_count_the_list_cannot_name() -> None:
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        visible_gpu_ids("4", 2)
+
+
+@pytest.mark.parametrize(
+    ("server_env", "device", "worker_env"),
+    [
+        ("2,3", "cuda:0", "2"),  # not "0": that would be someone else's GPU
+        ("2,3", "cuda:1", "3"),
+        (None, "cuda:1", "1"),
+        ("GPU-aaaa,GPU-bbbb", "cuda:1", "GPU-bbbb"),
+        ("2,3", "cpu", ""),  # a CPU worker sees no GPU at all
+    ],
+)
+def test_worker_sees_the_servers_entry_for_its_gpu(server_env: str | None, device: str, worker_env: str) -> None:
+    assert worker_cuda_visible_devices(device, visible_gpu_ids(server_env, 2)) == worker_env
+
+
+def test_a_launched_worker_gets_the_servers_entry_for_its_gpu(tmp_path: Path, store: Store,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The manager's own launch path, with the worker replaced by a script that reports what it was given.
+    import asyncio
+
+
+    seen = tmp_path / "seen.txt"
+    script = tmp_path / "report_env.py"
+    script.write_text(f"import os; open({str(seen)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])\n")
+    manager = make_manager(tmp_path, store, worker_module="report_env")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    manager.gpu_ids, manager.gpus = ["2", "3"], 2
+    rec = RunRecord(id="r1", name="r", kind="gan", status="queued", config=cfg("cuda:1").model_dump(mode="json"),
+                    created_at=time.time())
+    store.insert_run(rec)
+
+    async def launch() -> None:
+        await manager._launch(rec, cfg("cuda:1"), "cuda:1")
+        active = manager.active["r1"]
+        assert active.process is not None
+        await active.process.wait()
+
+    asyncio.run(launch())
+    assert seen.read_text() == "3"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -357,3 +426,32 @@ def test_download_refuses_a_symlinked_kind_folder(api: TestClient, tmp_path: Pat
     manager.run_dir("abc126").mkdir(parents=True)
     (manager.run_dir("abc126") / "samples").symlink_to(elsewhere, target_is_directory=True)
     assert api.get("/api/runs/abc126/samples/secret.png").status_code == 404
+
+
+# ----------------------------------------------------------------------------- temp files (trainer/files.py)
+
+
+def test_salvage_moves_finished_files_and_never_a_killed_writers_temp_file(manager: RunManager) -> None:
+    scratch = manager.run_dir("r1") / "work" / "samples"
+    scratch.mkdir(parents=True)
+    (scratch / "step_00000100.png").write_bytes(b"png")
+    (scratch / ".tmp-k1ll3d-step_00000200.png").write_bytes(b"half a png")
+    manager._salvage("r1")
+    assert [p.name for p in (manager.run_dir("r1") / "samples").iterdir()] == ["step_00000100.png"]
+
+
+def test_start_sweeps_temp_files_of_dead_runs_and_the_shared_cache(manager: RunManager) -> None:
+    left = [manager.run_dir("r1") / sub / ".tmp-x-step_00000001.png" for sub in ("samples", "work/samples", "work")]
+    left.append(manager.cache_dir / ".tmp-y-classifier-abc.pt")
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    kept = manager.run_dir("r2") / "work" / "checkpoints" / ".tmp-z-step_00000001.pt"  # r2's worker is alive
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"being written")
+    manager._sweep_temp_files({"r2"})
+    assert not any(path.exists() for path in left[:3])
+    assert kept.exists()
+    assert left[3].exists()  # a live worker may be writing the shared cache
+    manager._sweep_temp_files(set())
+    assert not left[3].exists()

@@ -16,8 +16,6 @@ import hashlib
 import io
 import logging
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from scipy import linalg
 from torch import Tensor, nn
 
 from trainer.data import Modes
+from trainer.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -240,31 +239,13 @@ def _save_atomic(path: Path, model: FeatureClassifier, key: str, seed: int) -> N
         "heldout_accuracy": model.heldout_accuracy,
     }
     state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Unique temp name in the same folder: concurrent workers never see a half-written
-        # file, and whichever os.replace lands last wins with an equally valid classifier.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".classifier-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"state_dict": state, "meta": meta}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        with contextlib.suppress(OSError):  # directory fsync is not available everywhere
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        # Concurrent workers never see a half-written file, and whichever rename lands last wins with an
+        # equally valid classifier.
+        atomic_write(path, lambda fh: torch.save({"state_dict": state, "meta": meta}, fh))
     except OSError as exc:
         # The classifier is trained and usable; failing to cache it must not fail the run.
         logger.warning("could not write classifier cache %s: %s", path, exc)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def _train(points: Tensor, labels: Tensor, shape: tuple[int, int, int], seed: int) -> FeatureClassifier:

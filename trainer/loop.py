@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer import evaluation, samples
-from trainer.checkpoint import load_checkpoint, save_checkpoint, sweep_temp_files
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ControlRequest, GanConfig, GLoss, RunConfig
 from trainer.data import Dataset, load_dataset
+from trainer.files import sweep_temp_files
 from trainer.losses import (
     SHADOW_PAIR,
     d_loss_terms,

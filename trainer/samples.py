@@ -1,9 +1,8 @@
 """Sample artefacts a run writes for the browser: image grids and 2-D GAN field snapshots.
 
-Everything here is written atomically (a temporary file in the same folder,
-then ``os.replace``) because the server serves these files while the worker
-keeps rewriting them: a reader must see either the old file or the new one,
-never half a PNG.
+Everything here is written atomically (:func:`trainer.files.atomic_write`)
+because the server serves these files while the worker keeps rewriting them:
+a reader must see either the old file or the new one, never half a PNG.
 
 The 2-D field snapshot is the picture behind SPEC §1: for every fake point it
 records where one generator step would move it under the saturating and the
@@ -24,8 +23,6 @@ import contextlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainer.files import atomic_write
 from trainer.losses import SHADOW_PAIR, dloss_dh
 
 #: Each image in a grid is upscaled (nearest neighbour) until its shorter side is at least this many pixels.
@@ -50,30 +48,6 @@ EXTENT_MARGIN = 0.15
 _GRID_CHUNK = 16384
 #: The reference arrow length (see :func:`_common_arrow_scale`) is drawn as this fraction of the panel width.
 _ARROW_FRACTION = 0.08
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a concurrent reader never sees a partial file.
-
-    The temporary file lives in the same folder because ``os.replace`` is only
-    atomic within one filesystem; it is removed if anything fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp creates 0600; the server (and the user) should be able to read artefacts like any other file.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
 
 
 # --------------------------------------------------------------------------- image grids
@@ -136,7 +110,7 @@ def save_image_grid(images: Tensor, path: Path, *, nrow: int | None = None) -> N
     img = Image.fromarray(canvas[:, :, 0], mode="L") if channels == 1 else Image.fromarray(canvas, mode="RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write(Path(path), buf.getvalue())
 
 
 # --------------------------------------------------------------------------- 2-D field snapshot
@@ -396,5 +370,5 @@ def save_field_plot(snapshot: dict[str, Any], png_path: Path, json_path: Path, *
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _atomic_write_bytes(Path(png_path), buf.getvalue())
-    _atomic_write_bytes(Path(json_path), payload)
+    atomic_write(Path(png_path), buf.getvalue())
+    atomic_write(Path(json_path), payload)

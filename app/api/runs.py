@@ -19,8 +19,9 @@ from app.api.schemas import Artifact, ResumeFrom, RunDetail, RunRequest, RunSumm
 from app.manager import RunError, RunManager
 from app.protocol import ARTIFACT_KINDS, valid_artifact
 from app.store import RunRecord
-from trainer.checkpoint import TEMP_PREFIX, load_checkpoint
+from trainer.checkpoint import load_checkpoint
 from trainer.config import RunConfig
+from trainer.files import is_temp_file
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -34,7 +35,7 @@ def artifacts_of(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
         return []
     out = []
     for path in sorted(folder.iterdir()):
-        if (path.name.startswith(TEMP_PREFIX) or path.is_symlink() or not path.is_file()
+        if (is_temp_file(path) or path.is_symlink() or not path.is_file()
                 or not valid_artifact(kind, path.name)):
             continue  # only finished files the run itself wrote: no temp files, no links out
         match = _STEP.match(path.name)

@@ -1,0 +1,90 @@
+"""Atomic file writes and the sweep of what a killed writer left: one discipline for every file a run writes.
+
+Checkpoints, sample PNGs and JSON, evaluation caches, uploads received by the
+server and checkpoints fetched by a worker are all written the same way: to a
+temporary file in the destination folder whose name starts with
+:data:`TEMP_PREFIX`, flushed and fsynced, then renamed over the destination.
+The server serves these files while workers rewrite them, so a reader sees the
+old file or the new one, never half of one; a crash or ``kill -9`` mid-write
+leaves the previous file intact plus one temp file.
+
+Because every temp file carries the same prefix, one rule finds them all:
+listings and the salvage step skip them, and :func:`sweep_temp_files` removes
+them when nobody can still be writing them (a run's start, the server's start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+#: Every temp file of an atomic write starts with this; nothing else may.
+TEMP_PREFIX = ".tmp-"
+#: Finished files are world-readable like any other file the user makes (mkstemp creates 0600).
+FILE_MODE = 0o644
+
+
+def is_temp_file(path: Path) -> bool:
+    """A write in progress, or one a killed writer abandoned: never listed, served or salvaged."""
+    return path.name.startswith(TEMP_PREFIX)
+
+
+def temp_path(final: Path, tag: str) -> Path:
+    """A temp name beside ``final`` for a writer that opens the file itself (an upload arriving in chunks)."""
+    return final.with_name(f"{TEMP_PREFIX}{tag}-{final.name}")
+
+
+def atomic_write(path: Path, content: bytes | Callable[[IO[bytes]], object]) -> None:
+    """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=f"-{path.name}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(content, bytes):
+                fh.write(content)
+            else:
+                content(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        rename_into_place(Path(tmp_name), path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def rename_into_place(tmp: Path, path: Path) -> None:
+    """Make the complete, fsynced temp file ``tmp`` the file ``path``, durably."""
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is only durable once the directory entry is on disk (not every platform allows this).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sweep_temp_files(folder: Path) -> list[Path]:
+    """Remove the temp files killed writers left in ``folder``; returns what was removed.
+
+    Call it only where no live writer can be mid-write in that folder.
+    """
+    removed = []
+    if folder.is_dir():
+        for leftover in folder.glob(f"{TEMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                leftover.unlink()
+                removed.append(leftover)
+    return removed
