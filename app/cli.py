@@ -80,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app import __version__
     from app.main import create_app
     from app.settings import Settings, generate_token
+    from app.web.assets import missing_vendor_files, setup_report
 
     token, generated = args.token, False
     if token == "generate":
@@ -106,6 +107,9 @@ def _serve(args: argparse.Namespace) -> int:
     lines = [f"gradwatch {__version__} serving on {url} (data in {settings.data_dir})"]
     if generated:
         lines.append(f"access token generated; open {url}?token={token}")
+    report = setup_report(missing_vendor_files())
+    if report:
+        lines.append(report)
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
     # No permessage-deflate: it compresses every frame once per client, and with 20 clients that CPU,

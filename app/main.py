@@ -7,7 +7,6 @@ level, so tests build as many independent apps as they like.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,8 +28,6 @@ from app.settings import Settings
 from app.store import Store
 from app.web import assets, pages
 
-log = logging.getLogger("gradwatch")
-
 
 def worker_url(settings: Settings) -> str:
     """Where local workers reach this server: loopback unless bound to one specific address."""
@@ -51,9 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = Hub(store)
         manager = RunManager(settings, store, hub, server_url=lambda: worker_url(settings))
         app.state.store, app.state.hub, app.state.manager = store, hub, manager
-        missing = assets.missing_vendor_files()
-        if missing:
-            log.warning("dashboard assets missing, pages will not work until `make install`: %s", "; ".join(missing))
         await manager.start()
         try:
             yield
@@ -72,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Autoescaping is on for every template: run names and errors are user text.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(assets.TEMPLATES_DIR), autoescape=True)
     env.globals["assets"] = assets.ASSETS_URL
+    # Every page says what is missing and how to install it (base.html), rather than failing silently.
+    env.globals["missing_assets"] = assets.missing_vendor_files
     app.state.templates = Jinja2Templates(env=env)
     # Worker routes skip the user's token: they take the run's own token instead.
     # Static files hold no data, and the login page needs its CSS before there is a cookie.

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.store import RunRecord
+from app.web import assets
 from app.web.form import errors_by_field, flat_values, form_sections, nested_config
 from trainer.config import RunConfig
 
@@ -200,3 +202,55 @@ def test_compare_shows_at_most_ten_runs_and_says_which_it_left_out(client: TestC
     page = client.get("/compare", params={"runs": ",".join(ids)}).text
     assert page.count('<li data-run="') == 10
     assert f"left out: {ids[10]}, {ids[11]}" in page
+
+
+def _without_htmx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The app as a clone installed without `npm ci` serves it: htmx is not where the pages load it from."""
+    missing = tmp_path / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
+    real = assets.vendor_files()
+    monkeypatch.setattr(assets, "vendor_files", lambda: {**real, "htmx.min.js": missing})
+    return missing
+
+
+def test_every_page_says_htmx_is_missing_and_the_command_that_installs_it(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    rec = _insert(client, name="plain")
+    missing = _without_htmx(monkeypatch, tmp_path)
+    for url in ("/", f"/runs/{rec.id}", f"/compare?runs={rec.id}", "/runs/ffffffffffff"):
+        page = client.get(url, headers={"accept": "text/html"}).text
+        banner = re.search(r'<section class="setup-missing" role="alert" id="setup-missing">(.*?)</section>', page,
+                           re.S)
+        assert banner is not None, url
+        assert "htmx.min.js" in banner.group(1) and str(missing) in banner.group(1)
+        assert "npm ci" in banner.group(1) and "make install" in banner.group(1)
+    home = client.get("/").text
+    # Without htmx the launch button would submit the config as a GET query string: it is disabled, and the
+    # form's own method is POST anyway. The runs table is rendered with the page instead of "Loading runs…".
+    assert re.search(r'<form id="launch-form"[^>]*method="post"', home)
+    assert re.search(r'<button type="submit" class="primary" id="launch-button" disabled', home)
+    assert f'<tr data-run="{rec.id}"' in home and "Loading runs" not in home
+    not_installed = client.get("/assets/vendor/htmx.min.js")
+    assert not_installed.status_code == 404 and "npm ci" in not_installed.json()["detail"]
+
+
+def test_no_setup_message_when_everything_is_installed(client: TestClient) -> None:
+    assert assets.missing_vendor_files() == []  # `make install` ran npm ci
+    page = client.get("/").text
+    assert "setup-missing" not in page
+    assert re.search(r'<button type="submit" class="primary" id="launch-button"\s*>', page)
+
+
+def test_serve_prints_what_is_missing_on_the_terminal_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    from app import cli
+
+    missing = _without_htmx(monkeypatch, tmp_path)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # start, print, do not serve
+    assert cli.main(["serve", "--port", "0", "--data-dir", str(tmp_path / "data")]) == 0
+    err = capsys.readouterr().err
+    assert "serving on http://127.0.0.1:" in err
+    assert "htmx.min.js" in err and str(missing) in err and "npm ci" in err

@@ -7,6 +7,9 @@ served by the app itself (no CDN), so the dashboard works air-gapped.
 
 from __future__ import annotations
 
+import shlex
+import sys
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -28,20 +31,49 @@ def vendor_files() -> dict[str, Path]:
     }
 
 
-def missing_vendor_files() -> list[str]:
-    return [f"{name} (expected at {path})" for name, path in vendor_files().items() if not path.is_file()]
+@dataclass(frozen=True)
+class MissingAsset:
+    """A browser library the pages load that is not installed, and the command that installs it."""
+
+    name: str
+    expected: Path
+    needed_for: str
+    fix: str
+
+
+def missing_vendor_files() -> list[MissingAsset]:
+    """What the pages will fail to load right now (checked on every call: installing it needs no restart)."""
+    needs = {
+        "htmx.min.js": ("the launch form, the runs table and every button",
+                        f"cd {shlex.quote(str(ROOT))} && npm ci   (or: make install)"),
+        "plotly.min.js": ("every chart", f"{shlex.quote(sys.executable)} -m pip install plotly"),
+    }
+    return [MissingAsset(name, path, *needs[name]) for name, path in vendor_files().items() if not path.is_file()]
+
+
+def setup_report(missing: list[MissingAsset]) -> str:
+    """What ``gradwatch serve`` prints at start when the dashboard cannot work: each file, its use, its fix."""
+    if not missing:
+        return ""
+    lines = ["", "!! The dashboard will not work: browser libraries it serves itself are missing."]
+    for asset in missing:
+        lines += [f"!!   {asset.name} (needed for {asset.needed_for}), expected at {asset.expected}",
+                  f"!!   fix: {asset.fix}"]
+    lines += ["!! Then reload the page; the server need not restart. The API works meanwhile.", ""]
+    return "\n".join(lines)
 
 
 def vendor_router() -> APIRouter:
     router = APIRouter(include_in_schema=False)
-    known = vendor_files()
 
     @router.get(ASSETS_URL + "/vendor/{name}")
     async def vendor(name: str) -> FileResponse:
-        path = known.get(name)
-        if path is None or not path.is_file():
-            hint = " (run `make install`: htmx comes from npm at set-up)" if name == "htmx.min.js" else ""
-            raise HTTPException(404, f"no vendor file {name!r}{hint}")
+        path = vendor_files().get(name)  # looked up per request: `npm ci` while serving needs no restart
+        if path is None:
+            raise HTTPException(404, f"no vendor file {name!r}")
+        if not path.is_file():
+            fix = next(a.fix for a in missing_vendor_files() if a.name == name)
+            raise HTTPException(404, f"{name} is not installed; fix: {fix}")
         # Versioned by the installed package, so the browser may keep it for a day without asking again.
         return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
 

@@ -98,10 +98,12 @@ def _preset_values(key: str) -> tuple[dict[str, Any], bool]:
 
 
 @router.get("/", response_class=HTMLResponse)
-async def runs_page(request: Request, templates: TemplatesDep,
+async def runs_page(request: Request, templates: TemplatesDep, store: StoreDep, manager: ManagerDep,
                     preset: Annotated[str, Query(max_length=64)] = "saturation-twin") -> HTMLResponse:
     values, twin = _preset_values(preset)
-    return templates.TemplateResponse(request, "runs.html", _form_context(values, preset=preset, twin=twin))
+    runs = [_row(rec, manager) for rec in await asyncio.to_thread(store.list_runs)]
+    return templates.TemplateResponse(request, "runs.html",
+                                      {**_form_context(values, preset=preset, twin=twin), "runs": runs})
 
 
 @router.get("/ui/form", response_class=HTMLResponse)
