@@ -49,6 +49,8 @@ log = logging.getLogger("gradwatch.manager")
 
 STDERR_TAIL_LINES = 20
 STOP_GRACE_S = 60.0
+#: After a SIGKILL, how long to wait for the kernel to take the process away (it may be inside a write).
+KILL_WAIT_S = 10.0
 
 
 class RunError(Exception):
@@ -150,23 +152,47 @@ class RunManager:
         await self._schedule()
 
     async def shutdown(self) -> None:
-        """Stop every worker (gracefully, then by force) and mark its run interrupted."""
+        """Stop every worker and wait for it: no worker outlives the server.
+
+        Each worker is asked to stop (SIGTERM: final checkpoint, then exit) and
+        given ``shutdown_grace_s``; one that has not exited by then is killed,
+        and waited for too. Its run becomes ``interrupted`` with an error that
+        says whether the final checkpoint was written.
+        """
         for task in list(self._tasks):
             task.cancel()
-        procs = [a for a in self.active.values() if a.pid is not None]
-        for active in procs:
+        workers = [a for a in self.active.values() if a.pid is not None]
+        for active in workers:
             _signal(active.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and any(pid_alive(a.pid, None) and not _reaped(a) for a in procs):
-            await asyncio.sleep(0.1)
-        for active in procs:
-            if pid_alive(active.pid, None) and not _reaped(active):
+        grace = self.settings.shutdown_grace_s
+        exited = await asyncio.gather(*(_wait_exit(a, grace) for a in workers))
+        killed = {a.run_id for a, gone in zip(workers, exited, strict=True) if not gone}
+        for active in workers:
+            if active.run_id in killed:
+                log.warning("run %s: worker still running %.0f s after the shutdown began; killing it",
+                            active.run_id, grace)
                 _signal(active.pid, signal.SIGKILL)
+        await asyncio.gather(*(_wait_exit(a, KILL_WAIT_S) for a in workers if a.run_id in killed))
         for run_id, active in list(self.active.items()):
             self.active.pop(run_id, None)
             if active.final is None:
-                await self._end(run_id, "interrupted", "the server was shut down while this run was training",
-                                accepted=active.accepted)
+                reason = await asyncio.to_thread(self._shutdown_reason, active, run_id in killed)
+                await self._end(run_id, "interrupted", reason, accepted=active.accepted)
+
+    def _shutdown_reason(self, active: Active, killed: bool) -> str:
+        """What a run interrupted by a shutdown can be resumed from, said plainly."""
+        self._salvage(active.run_id)  # the final checkpoint waits in the worker's scratch folder
+        newest = _newest_checkpoint(self.run_dir(active.run_id) / "checkpoints")
+        resume = f"; resume from {newest}" if newest else "; the run has no checkpoint to resume from"
+        said = "the server was shut down while this run was training"
+        if killed:
+            return (f"{said}, and its worker was killed after {self.settings.shutdown_grace_s:g} s without "
+                    f"writing its final checkpoint" + resume)
+        if active.process is None:  # re-attached after a restart: not our child, so its exit code is unknown
+            return said + resume
+        if active.process.returncode != 0:
+            return f"{said} ({_describe_exit(active.process.returncode)})" + resume
+        return f"{said}; its worker saved a final checkpoint" + resume
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -631,8 +657,21 @@ def _max_step(steps: Any) -> int | None:
     return max(steps, default=None)
 
 
-def _reaped(active: Active) -> bool:
-    return active.process is not None and active.process.returncode is not None
+async def _wait_exit(active: Active, timeout: float) -> bool:
+    """Wait until the worker has exited (and, if it is our child, been reaped); False if it outlived ``timeout``."""
+    try:
+        if active.process is not None:
+            await asyncio.wait_for(asyncio.shield(active.process.wait()), timeout)
+        else:  # a worker re-attached after a restart is not our child: watch its pid
+            await asyncio.wait_for(_wait_until(lambda: not pid_alive(active.pid, None)), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _newest_checkpoint(folder: Path) -> str | None:
+    found = sorted(p.name for p in folder.glob("step_*.pt") if not is_temp_file(p)) if folder.is_dir() else []
+    return found[-1] if found else None
 
 
 def _signal(pid: int | None, sig: signal.Signals) -> None:

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         default=20.0, ge=0, le=600, allow_inf_nan=False,
         description="after a restart, how long a still-alive worker has to reconnect before its run is interrupted",
     )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=1, le=3600, allow_inf_nan=False,
+        description="on a graceful shutdown, how long each worker has to write its final checkpoint and exit "
+        "before it is killed (the run then says it has no final checkpoint)",
+    )
     worker_orphan_timeout_s: float = Field(
         default=120.0, ge=1, le=86400, allow_inf_nan=False,
         description="a worker that cannot reach its server for this long stops itself",

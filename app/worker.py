@@ -52,6 +52,10 @@ log = logging.getLogger("gradwatch.worker")
 TOKEN_ENV = "GRADWATCH_RUN_TOKEN"
 MAX_BATCH_BYTES = 4 << 20
 ARTIFACT_FRAMES = {"sample": "samples", "checkpoint": "checkpoints"}
+#: How long a finished run waits for the server to acknowledge its last frames...
+DRAIN_S = 30.0
+#: ...and how long when it was terminated: the server is going away, and keeps the final checkpoint from disk.
+SHUTDOWN_DRAIN_S = 2.0
 
 
 class WorkerChannel:
@@ -82,7 +86,7 @@ class WorkerChannel:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, drain_timeout_s: float = 30.0) -> bool:
+    def close(self, drain_timeout_s: float = DRAIN_S) -> bool:
         """Wait until every frame is acknowledged (or time runs out); True if all were."""
         deadline = time.monotonic() + drain_timeout_s
         with self._cond:
@@ -304,15 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     channel.on_control = trainer.control
     channel.on_stop = trainer.request_stop
 
+    terminated = threading.Event()
+
     def stop(signum: int, _frame: FrameType | None) -> None:
-        trainer.request_stop()
+        # SIGTERM comes from a server shutting down (or from whoever manages this host): it will not acknowledge
+        # much more and may kill us if we dawdle, so write the final checkpoint and go.
+        terminated.set()
+        trainer.request_stop(hurry=True)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
         status = trainer.run()
     finally:
-        if not channel.close():
+        drain = SHUTDOWN_DRAIN_S if terminated.is_set() else DRAIN_S
+        if not channel.close(drain_timeout_s=drain):
             log.error("some frames were never acknowledged by the server")
     return 0 if status in ("completed", "stopped") else 1
 

@@ -168,7 +168,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)  # the server gives each worker shutdown_grace_s (30 s) to save its work
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)

@@ -185,6 +185,29 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path: Path
         assert by_step(resumed, key) == expected, key
 
 
+@pytest.mark.parametrize("hurry", [False, True])
+def test_a_stop_writes_the_final_checkpoint_first_and_a_hurried_one_nothing_else(tmp_path: Path,
+                                                                                 hurry: bool) -> None:
+    # A worker whose server is shutting down stops "hurried": the checkpoint a resume needs, not the slow
+    # matplotlib sample or the evaluation, so it exits before the server's grace runs out.
+    cfg = tiny_gan(**{"train.steps": 1000, "intervals.sample_every": 1000, "intervals.eval_every": 1000,
+                      "intervals.checkpoint_every": 1000})
+    frames: Frames = []
+    trainer = make_trainer(cfg, RunOptions(out_dir=tmp_path, sink=frames.append))
+
+    def stop_at_5(frame: dict[str, Any]) -> None:
+        frames.append(frame)
+        if frame["type"] == "metrics" and frame["step"] and frame["step"][-1] >= 5:
+            trainer.request_stop(hurry=hurry)
+
+    trainer.emitter.sink = stop_at_5
+    assert trainer.run() == "stopped"
+    after = [f["type"] for f in frames if f["type"] in ("checkpoint", "sample", "metrics", "status")]
+    after = after[after.index("checkpoint"):]
+    assert after == (["checkpoint", "status"] if hurry else ["checkpoint", "sample", "sample", "metrics", "status"])
+    assert (tmp_path / "checkpoints" / f"step_{trainer.step:08d}.pt").is_file()
+
+
 def test_checkpoint_loads_weights_only_into_fresh_models(tmp_path: Path) -> None:
     cfg = tiny_gan(**{"train.steps": 5})
     train(cfg, tmp_path)

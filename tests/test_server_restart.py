@@ -128,9 +128,29 @@ def test_graceful_shutdown_leaves_no_worker_and_keeps_the_final_checkpoint(tmp_p
         with server.client() as http:
             detail = http.get(f"/api/runs/{run['id']}").json()
         assert detail["status"] == "interrupted"
-        # The checkpoint the worker wrote as it stopped was salvaged into the run's folder.
-        assert detail["checkpoints"] and detail["checkpoints"][-1]["step"] >= 30
-        _resume_completes(server, detail, detail["checkpoints"][-1])
+        # The checkpoint the worker wrote as it stopped was salvaged into the run's folder, and the run says so.
+        final = detail["checkpoints"][-1]
+        assert final["step"] >= 30
+        assert detail["error"].endswith(f"its worker saved a final checkpoint; resume from {final['name']}")
+        _resume_completes(server, detail, final)
+    finally:
+        server.stop()
+
+
+def test_graceful_shutdown_kills_a_worker_that_will_not_stop_and_the_run_says_so(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path / "data", env={"GRADWATCH_SHUTDOWN_GRACE_S": "3",
+                                                "GRADWATCH_WORKER_MODULE": "tests.stubborn_worker"}).start()
+    try:
+        run, worker = _launch_until_checkpoint(server)
+        server.stop()
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+        server.start()
+        with server.client() as http:
+            detail = http.get(f"/api/runs/{run['id']}").json()
+        assert detail["status"] == "interrupted"
+        newest = detail["checkpoints"][-1]["name"]  # a periodic one: the worker never wrote a final checkpoint
+        assert detail["error"].endswith(f"its worker was killed after 3 s without writing its final checkpoint; "
+                                        f"resume from {newest}")
     finally:
         server.stop()
 

@@ -221,6 +221,7 @@ class Trainer(ABC):
         sweep_temp_files(self.samples_dir)
         self.step = 0
         self._stop = threading.Event()
+        self._hurry = False
         self._controls: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         seed = cfg.train.seed
         self.data_gen = self._generator(seed)
@@ -266,8 +267,13 @@ class Trainer(ABC):
         """Host-side checks on freshly copied values; raise TrainingError to fail the run."""
 
     # -- requests from outside (thread-safe) ----------------------------------
-    def request_stop(self) -> None:
-        """Finish the current step, write a final checkpoint, end as ``stopped``."""
+    def request_stop(self, *, hurry: bool = False) -> None:
+        """Finish the current step, write a final checkpoint, end as ``stopped``.
+
+        ``hurry``: the process is being shut down (its server is going away) and may be killed if it dawdles,
+        so the final checkpoint is all it writes: no final sample or evaluation.
+        """
+        self._hurry = self._hurry or hurry
         self._stop.set()
 
     @property
@@ -324,15 +330,20 @@ class Trainer(ABC):
             raise
 
     def _finish_artifacts(self) -> None:
-        """Every run ends with a checkpoint and a sample of its final state."""
+        """Every run ends with a checkpoint of its final state, then (unless hurried) a sample and an evaluation.
+
+        The checkpoint comes first: it is what a resume needs, and the sample (matplotlib) is the slow part.
+        """
         iv = self.cfg.intervals
         if self.step == 0:
+            return
+        self._checkpoint(self.step, keep=False)
+        if self._hurry:
             return
         if self.step % iv.sample_every:
             self._sample(self.step)
         if self.step % iv.eval_every:
             self._evaluate(self.step)
-        self._checkpoint(self.step, keep=False)
 
     def flush(self) -> None:
         steps, times, table, hists = self.buffer.flush()
