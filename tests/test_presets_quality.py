@@ -1,8 +1,9 @@
 """The shipped presets do what their names promise, at their default steps on CPU.
 
-These are the slowest tests of the suite (a few minutes of CPU in all); they
-train real models end to end, so they are what fails if the training maths,
-the data or the models regress in a way unit tests miss.
+These are the slowest tests of the suite (about ten minutes of CPU in all,
+most of it the saturation twin: both halves for seeds 0–4 at the preset's
+8,000 steps); they train real models end to end, so they are what fails if
+the training maths, the data or the models regress in a way unit tests miss.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def run(cfg: RunConfig, out: Path, cache: Path) -> Frames:
 
 def series(frames: Frames, key: str) -> list[float]:
     return [v for f in frames if f["type"] == "metrics" and key in f["data"] for v in f["data"][key]]
+
+
+def steps_of(frames: Frames, key: str) -> list[int]:
+    return [s for f in frames if f["type"] == "metrics" and key in f["data"] for s in f["step"]]
 
 
 @pytest.mark.slow
@@ -66,6 +71,52 @@ def test_ring8_saturating_preset_stays_collapsed_while_its_twin_recovers(
     twin = run(cfg.with_overrides({"gan.g_loss": "non_saturating"}), tmp_path / "twin", classifier_cache)
     assert not [a for a in twin if a["type"] == "alert"]
     assert max(series(twin, "d/fake_prob")[head_start:]) > 0.05  # the same start, another loss: it escapes
+
+
+def alerts(frames: Frames) -> list[str]:
+    return [f["kind"] for f in frames if f["type"] == "alert"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(5))
+def test_twin_saturating_half_collapses_and_non_saturating_half_learns_the_ring(
+    tmp_path: Path, classifier_cache: Path, seed: int
+) -> None:
+    # The twin as the dashboard launches it: the preset under both losses, same seed, the preset's own steps.
+    cfg = get_preset("ring8-saturating").with_overrides({"train.seed": seed})
+    sat = run(cfg, tmp_path / "saturating", classifier_cache)
+    assert series(sat, "eval/modes")[-1] <= 1, series(sat, "eval/modes")
+    assert "gradient_collapse" in alerts(sat)
+
+    non_sat = run(cfg.with_overrides({"gan.g_loss": "non_saturating"}), tmp_path / "twin", classifier_cache)
+    modes, hq = series(non_sat, "eval/modes"), series(non_sat, "eval/hq_frac")
+    assert modes[-1] >= 6 and hq[-1] >= 0.70, (modes, hq)
+    assert "gradient_collapse" not in alerts(non_sat)
+
+
+@pytest.mark.slow
+def test_flipping_the_collapsed_saturating_run_mid_run_recovers_the_modes(
+    tmp_path: Path, classifier_cache: Path
+) -> None:
+    cfg = get_preset("ring8-saturating").with_overrides(
+        {"intervals.sample_every": 1_000_000, "intervals.checkpoint_every": 10_000_000})
+    flip_at = cfg.train.steps // 2
+    frames: Frames = []
+    trainer = make_trainer(cfg, RunOptions(out_dir=tmp_path, sink=frames.append, cache_dir=classifier_cache))
+
+    def flip_mid_run(frame: dict[str, Any]) -> None:  # what the dashboard's "Flip" button sends, at half time
+        frames.append(frame)
+        if frame["type"] == "metrics" and frame["step"] and frame["step"][-1] >= flip_at and not flipped:
+            flipped.append(trainer.control({"g_loss": "non_saturating"}))
+
+    flipped: list[dict[str, Any]] = []
+    trainer.emitter.sink = flip_mid_run
+    assert trainer.run() == "completed"
+    (control,) = [f for f in frames if f["type"] == "control"]
+    assert flip_at <= control["step"] < flip_at + 100
+    modes = {step: m for step, m in zip(steps_of(frames, "eval/modes"), series(frames, "eval/modes"), strict=True)}
+    assert max(m for step, m in modes.items() if step <= control["step"]) <= 1  # collapsed until the flip...
+    assert modes[cfg.train.steps] >= 6, modes  # ...and the ring recovered by the end
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from app.store import RunRecord
 from app.web import assets
 from app.web.form import errors_by_field, flat_values, form_sections, nested_config
 from trainer.config import RunConfig
+from trainer.presets import get_preset
 
 ORIGIN = {"origin": "http://127.0.0.1:8000"}
 FORM = {"content-type": "application/x-www-form-urlencoded", **ORIGIN}
@@ -85,6 +86,12 @@ def test_the_runs_page_opens_on_the_twin_preset_with_defaults_filled(client: Tes
     assert 'name="twin" value="1"' in page.text
     assert re.search(r'<select name="gan.g_loss"[^>]*>.*?<option value="saturating"\s+selected', page.text, re.S)
     assert 'name="gan.d_head_start" step="1" value="500"' in page.text
+    # What the user will see, said on the page itself (not only in a tooltip), and measured by
+    # test_presets_quality.py: which run collapses, which learns, and how long it takes.
+    blurb = re.search(r'<p class="preset-blurb" data-testid="preset-blurb">(.*?)</p>', page.text, re.S)
+    assert blurb is not None
+    assert "captures 0 of 8 modes" in blurb.group(1) and "7–8 of 8 modes" in blurb.group(1)
+    assert "step 8,000" in blurb.group(1) and f"{get_preset('ring8-saturating').train.steps:,}" == "8,000"
     vae = client.get("/ui/form", params={"preset": "digits-vae"})
     assert 'name="twin" value="0"' in vae.text and 'data-kind="vae"' in vae.text
     assert client.get("/ui/form", params={"preset": "nope"}).status_code == 404

@@ -105,6 +105,14 @@ class GanConfig(_Section):
         description="Generator optimiser. Adam divides each step by the gradient's running RMS, so even a "
         "vanishing gradient moves G at full speed; with SGD a vanishing gradient stalls G, as the theory says.",
     )
+    g_adam_eps: float = Field(
+        1e-8,
+        gt=0.0,
+        le=1.0,
+        description="ε of the generator's Adam, which steps by m/(√v + ε). Gradient components far below ε move G "
+        "in proportion to their size, as SGD would, so a vanishing gradient stalls G; components far above ε get "
+        "Adam's usual per-parameter scaling. The default 1e-8 rescales even a vanishing gradient to full speed.",
+    )
     d_optimizer: Literal["adam", "sgd"] = Field("adam", description="Discriminator optimiser.")
     momentum: Beta = Field(0.9, description="SGD momentum (for a network whose optimiser is 'sgd').")
     d_head_start: int = Field(
@@ -138,6 +146,13 @@ class TrainConfig(_Section):
     batch_size: int = Field(256, ge=2, le=4096, description="Samples per batch.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, data and noise.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    lr_decay_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the run, at its end, over which every learning rate falls linearly towards zero "
+        "(0: constant). Annealing lets a GAN settle on the modes instead of ending mid-oscillation.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -150,11 +150,22 @@ def weighted_generator_gradients(
     return h, grads, weights
 
 
-def make_optimizer(gan: GanConfig, kind: str, params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam with the config's betas, or SGD with momentum."""
+def make_optimizer(gan: GanConfig, kind: str, params: Iterable[Tensor], lr: float,
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
+    """Adam with the config's betas and ``eps``, or SGD with momentum."""
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=gan.momentum)
-    return torch.optim.Adam(params, lr=lr, betas=(gan.beta1, gan.beta2))
+    return torch.optim.Adam(params, lr=lr, betas=(gan.beta1, gan.beta2), eps=eps)
+
+
+def lr_scale(step: int, steps: int, decay_fraction: float) -> float:
+    """1 until the last ``decay_fraction`` of ``steps``, then linearly down to 1/n on the last of those n steps.
+
+    Depends on the step alone, so a run stopped and resumed follows the same schedule as one that never stopped.
+    """
+    decay_steps = round(steps * decay_fraction)
+    left = steps - step + 1  # steps still to take, this one included
+    return 1.0 if left > decay_steps else left / decay_steps
 
 
 def active_units(mu: Tensor) -> Tensor:
@@ -263,6 +274,10 @@ class Trainer(ABC):
     def apply_control(self, changes: dict[str, Any]) -> None: ...
 
     @abstractmethod
+    def scale_learning_rates(self, scale: float) -> None:
+        """Set every optimiser's learning rate to its current base value times ``scale``."""
+
+    @abstractmethod
     def on_flush(self, steps: list[int], table: np.ndarray) -> None:
         """Host-side checks on freshly copied values; raise TrainingError to fail the run."""
 
@@ -296,10 +311,13 @@ class Trainer(ABC):
             if self.options.resume_from is not None:
                 self._resume(self.options.resume_from)
             self.emitter.emit("status", status="running", error=None, step=self.step)
+            decaying = self.cfg.train.lr_decay_fraction > 0
             while self.step < self.cfg.train.steps and not self._stop.is_set():
                 self._drain_controls()
                 self.step += 1
                 step = self.step
+                if decaying:
+                    self.scale_learning_rates(lr_scale(step, self.cfg.train.steps, self.cfg.train.lr_decay_fraction))
                 self.train_step(step, log=step % iv.log_every == 0)
                 if self.buffer.due():
                     self.flush()
@@ -431,7 +449,7 @@ class GanTrainer(Trainer):
         self.d.to(self.device)
         gan = cfg.gan
         self.live = GanLive(gan.g_loss, gan.lr_g, gan.lr_d)
-        self.opt_g = make_optimizer(gan, gan.g_optimizer, self.g.parameters(), gan.lr_g)
+        self.opt_g = make_optimizer(gan, gan.g_optimizer, self.g.parameters(), gan.lr_g, gan.g_adam_eps)
         self.opt_d = make_optimizer(gan, gan.d_optimizer, self.d.parameters(), gan.lr_d)
         self.g_names, self.g_params = zip(*[(n, p) for n, p in self.g.named_parameters()], strict=True)
         self.d_names, self.d_params = zip(*[(n, p) for n, p in self.d.named_parameters()], strict=True)
@@ -551,9 +569,18 @@ class GanTrainer(Trainer):
                     f"for {self.collapse.patience} logged steps ({self.live.g_loss} loss)",
                 )
 
+    def scale_learning_rates(self, scale: float) -> None:
+        for opt, base in ((self.opt_g, self.live.lr_g), (self.opt_d, self.live.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * scale
+
     def apply_control(self, changes: dict[str, Any]) -> None:
-        if "g_loss" in changes:
+        if "g_loss" in changes and changes["g_loss"] != self.live.g_loss:
             self.live.g_loss = changes["g_loss"]
+            # The generator's optimiser statistics (Adam's moments, SGD's momentum) describe the old loss's
+            # gradients, which after a saturated run are ~10⁴ smaller: kept, they would turn the new loss's first
+            # gradients into steps tens of times too large, throw G far off and D with it. They start afresh.
+            self.opt_g.state.clear()
         for key, opt in (("lr_g", self.opt_g), ("lr_d", self.opt_d)):
             if key in changes:
                 setattr(self.live, key, float(changes[key]))
@@ -678,6 +705,10 @@ class VaeTrainer(Trainer):
                 self.alert(step, "posterior_collapse",
                            f"active latent units have stayed at or below half their peak of "
                            f"{int(self.posterior.peak)} for {self.posterior.patience} logged steps (now {int(active)})")
+
+    def scale_learning_rates(self, scale: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.vae.lr * scale
 
     def apply_control(self, changes: dict[str, Any]) -> None:
         raise AssertionError("Trainer.control refuses changes for VAE runs before they are queued")

@@ -1,12 +1,28 @@
 """The demo runs that ship with gradwatch, by name (SPEC §4 ``GET /api/presets``).
 
 Each preset is a complete :class:`~trainer.config.RunConfig`.
-``ring8-saturating`` is built to show the saturation: D trains alone for 500
-steps so that D(G(z)) → 0, and G uses plain SGD with momentum, so a vanishing
-gradient really stalls it. (Adam divides each step by the gradient's running
-RMS and would move G at full speed on a gradient of 1e-5: the norm would still
-collapse on the chart, but G would escape on its own.) Its non-saturating twin
-(same config, ``gan.g_loss`` flipped) recovers within a few dozen steps.
+
+``ring8-saturating`` is the saturation twin's config (the dashboard launches it
+under both generator losses, same seed). D trains alone for 500 steps, so D
+wins (D(G(z)) ≈ 3e-5). G's optimiser must let a vanishing gradient stall G,
+as the theory says: plain Adam would not, because it divides each step by the
+gradient's running RMS and moves G at full speed on a gradient of 1e-5. So G
+uses Adam with ε = 0.01: gradient components far below ε step in proportion to
+their size, as with SGD (learning rate lr/ε = 0.3), while the non-saturating
+loss's gradients, near ε and above, keep Adam's per-parameter scaling, which
+plain SGD lacks: measured, an SGD generator never spread its samples and
+ended as one clump off the ring under either loss. Both networks use Adam
+without momentum (β1 = 0), and both learning rates fall linearly to zero
+over the last 30 % of the 8,000 steps, which lets the non-saturating run
+settle on the modes instead of ending mid-oscillation.
+
+Measured on CPU (``tests/test_presets_quality.py``, seeds 0–4, evaluation at
+the last step; docs/maths.md has the table): the saturating run captures 0 of
+8 modes, its ``gradient_collapse`` alert fires during the head start, and its
+applied gradient stays ~10⁴ below the non-saturating shadow; the
+non-saturating run captures 7–8 modes with ≥ 90 % high-quality samples; the
+saturating run flipped to non-saturating at step 4,000 recovers 7–8 modes by
+the end. One run takes about 35 s on one core of a laptop-class CPU.
 
 ``ring8-non-saturating`` is the configuration that learns the ring well:
 Adam for both networks, a 2-D latent, 3000 steps.
@@ -30,9 +46,11 @@ _RING: dict[str, Any] = {
 _PRESETS: dict[str, dict[str, Any]] = {
     "ring8-saturating": {
         **_RING,
-        "name": "Ring of 8, saturating loss after a D head start (G on SGD)",
-        "gan": {**_RING["gan"], "g_loss": "saturating", "d_head_start": 500, "g_optimizer": "sgd", "lr_g": 0.01,
-                "momentum": 0.9},
+        "name": "Ring of 8, saturating loss after a D head start",
+        "gan": {**_RING["gan"], "g_loss": "saturating", "d_head_start": 500, "lr_g": 3e-3, "g_adam_eps": 1e-2,
+                "beta1": 0.0},
+        "train": {"steps": 8000, "batch_size": 256, "lr_decay_fraction": 0.3},
+        "intervals": {**_RING["intervals"], "sample_every": 500},
     },
     "ring8-non-saturating": {
         **_RING,

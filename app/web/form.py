@@ -31,8 +31,8 @@ SECTION_TITLES: dict[str, str] = {
 #: Fields most runs leave at their defaults: folded under "More options" so the form fits a laptop screen.
 ADVANCED: frozenset[str] = frozenset({
     "data.image_size", "data.channels",
-    "gan.beta1", "gan.beta2", "gan.d_optimizer", "gan.momentum", "gan.gp_weight", "gan.collapse_ratio",
-    "gan.collapse_patience",
+    "gan.beta1", "gan.beta2", "gan.g_adam_eps", "gan.d_optimizer", "gan.momentum", "gan.gp_weight",
+    "gan.collapse_ratio", "gan.collapse_patience",
     "vae.mc_samples",
     "intervals.flush_ms", "intervals.flush_steps", "intervals.keep_checkpoints",
 })
