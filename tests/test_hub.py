@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -125,9 +124,8 @@ def test_publish_to_a_full_queue_leaves_one_resync_marker_and_counts_the_drop(st
         hub.publish(RUN, 2, text(2))
         assert slow.queue.full() and slow.dropped_frames == 0
 
-        started = time.monotonic()
-        hub.publish(RUN, 3, text(3))  # must neither raise QueueFull nor wait for room
-        assert time.monotonic() - started < 0.1
+        # publish is synchronous: it cannot wait for room, so the one thing it must not do is raise QueueFull.
+        hub.publish(RUN, 3, text(3))
         assert slow.dropped_frames >= 2
         assert drain(slow.queue) == [RESYNC]
 

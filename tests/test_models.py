@@ -14,15 +14,20 @@ from trainer.models import build_gan, build_vae
 def test_gan_maps_noise_to_images_and_images_to_one_logit(arch: str, shape: tuple[int, ...]) -> None:
     cfg = ModelConfig(arch=arch, width=8, depth=2, latent_dim=5)
     g, d = build_gan(cfg, shape)
-    x = g(torch.randn(4, 5))
+    x = g(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)))
     assert x.shape == (4, *shape)
     assert x.abs().max() <= 1.0  # tanh: the range of the data
     assert d(x).shape == (4,)
 
 
 def test_two_d_generator_is_unbounded_and_discriminator_has_no_batch_norm() -> None:
+    torch.manual_seed(0)
     g, d = build_gan(ModelConfig(width=16, depth=3, latent_dim=2), (2,))
-    assert g(torch.randn(3, 2) * 100).abs().max() > 1.0
+    # Unbounded for any weights: no squashing module, only ReLU between the linear layers...
+    assert not g.squash and not any(isinstance(m, torch.nn.Tanh | torch.nn.Sigmoid) for m in g.modules())
+    # ...so a ReLU net grows linearly along any ray on which some unit is active (here, the seeded weights).
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    assert g(z * 1000).abs().max() > 10 * g(z).abs().max()
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in d.modules())
     linear = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linear] == [16, 16, 16, 2]
@@ -33,7 +38,7 @@ def test_two_d_generator_is_unbounded_and_discriminator_has_no_batch_norm() -> N
 )
 def test_vae_encodes_to_mean_and_log_variance_and_decodes_back(arch: str, shape: tuple[int, ...]) -> None:
     vae = build_vae(ModelConfig(arch=arch, width=8, depth=2, latent_dim=3), shape)
-    mu, logvar = vae.encode(torch.randn(4, *shape))
+    mu, logvar = vae.encode(torch.randn(4, *shape, generator=torch.Generator().manual_seed(0)))
     assert mu.shape == logvar.shape == (4, 3)
     assert vae.decode(mu).shape == (4, *shape)
 

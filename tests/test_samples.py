@@ -125,7 +125,7 @@ def test_grid_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def failing_replace(src: str, dst: str) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(samples.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
         save_image_grid(torch.full((1, 1, 8, 8), 1.0), path)
     # the old file is untouched and the temporary file is cleaned up
