@@ -31,8 +31,8 @@ def test_train_preset_writes_frames_samples_and_checkpoints(tmp_path: Path) -> N
     assert frames[-1] == {"type": "status", "run": "run", "seq": len(frames), "status": "completed",
                           "error": None, "step": 260}
     assert {"metrics", "hist", "sample", "checkpoint", "status"} <= {f["type"] for f in frames}
-    assert (out / "samples" / "step_00000250.png").is_file()
-    assert (out / "samples" / "step_00000250.json").is_file()
+    assert (out / "samples" / "step_00000260.png").is_file()  # every run ends with a sample of its final state
+    assert (out / "samples" / "step_00000260.json").is_file()
     assert (out / "checkpoints" / "step_00000260.pt").is_file()
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 260
 
