@@ -22,7 +22,8 @@ the last step; docs/maths.md has the table): the saturating run captures 0 of
 applied gradient stays ~10⁴ below the non-saturating shadow; the
 non-saturating run captures 7–8 modes with ≥ 90 % high-quality samples; the
 saturating run flipped to non-saturating at step 4,000 recovers 7–8 modes by
-the end. One run takes about 35 s on one core of a laptop-class CPU.
+the end. One run takes about 30 s headless on one CPU core (``gradwatch train``); the twin
+in the dashboard, both runs at once on 2 cores, about two minutes.
 
 ``ring8-non-saturating`` is the configuration that learns the ring well:
 Adam for both networks, a 2-D latent, 3000 steps.

@@ -49,9 +49,10 @@ PRESETS: tuple[Preset, ...] = (
            "Ring of 8, launched twice with the same seed, saturating and non-saturating loss, side by side. "
            "D trains alone for the first 500 steps and wins. Within them the saturating run's generator gradient "
            "falls about 10,000-fold (its 'gradient collapse' alert lights up) and stays there: its generator never "
-           "moves and captures 0 of 8 modes. The non-saturating run, same weights, same D, keeps a gradient near 1 "
-           "and learns the ring: 7–8 of 8 modes, over 90 % of samples on a mode by step 8,000 (about a minute "
-           "for both on a 2-core CPU). Press 'Flip to non_saturating' on the saturating run and watch it recover.",
+           "moves and captures 0 of 8 modes. The non-saturating run, same weights, same D, keeps a gradient of 1 "
+           "and more, and learns the ring: 7–8 of 8 modes, over 90 % of samples on a mode by step 8,000 (about "
+           "two minutes for both on a 2-core CPU). Press 'Flip to non_saturating' on the saturating run and watch "
+           "it recover.",
            "ring8-saturating", twin=True),
     Preset("ring8-non-saturating", "Ring of 8, non-saturating",
            "The configuration that learns all eight modes.", "ring8-non-saturating"),
