@@ -247,7 +247,7 @@ class RunManager:
             raise RunError(409, f"run {run_id} is {rec.status}, not running")
         active.stop_requested = True
         if not await self._tell(active, {"type": "stop"}):
-            _signal(active.pid, signal.SIGTERM)  # the worker treats SIGTERM as a graceful stop
+            _signal(active.pid, signal.SIGINT)  # a stop like the button's (SIGTERM would mean "the server is leaving")
         self._spawn(self._kill_after(active, STOP_GRACE_S))
         return rec
 

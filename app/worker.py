@@ -12,7 +12,9 @@ trainer runs on the main thread; a channel thread owns the connection:
   frame that announces it, so the frame never points at a missing file, and
   deleted locally once acknowledged;
 - control and stop messages are handed to the trainer, which applies them
-  between two steps;
+  between two steps; ``SIGINT`` stops the run the same way, while ``SIGTERM``
+  (a server shutting down) stops it hurried: the final checkpoint only, and at
+  most 2 s spent on delivering what is left, so the server can exit in time;
 - reconnects back off exponentially; a worker that cannot reach any server
   for ``orphan_timeout_s`` stops itself (final checkpoint kept locally),
   so a server killed with ``kill -9`` leaves no process behind for long.
@@ -311,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     terminated = threading.Event()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        # SIGTERM comes from a server shutting down (or from whoever manages this host): it will not acknowledge
-        # much more and may kill us if we dawdle, so write the final checkpoint and go.
-        terminated.set()
-        trainer.request_stop(hurry=True)
+        # SIGINT is a stop like the dashboard's Stop button (the server sends it when the channel is down).
+        # SIGTERM comes from a server shutting down, or from whoever manages this host: nobody will acknowledge
+        # much more and we may be killed if we dawdle, so write the final checkpoint and go.
+        if signum == signal.SIGTERM:
+            terminated.set()
+        trainer.request_stop(hurry=terminated.is_set())
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
