@@ -124,17 +124,19 @@ class RunManager:
         self.cache_dir = settings.data_dir / "cache"
         self.active: dict[str, Active] = {}
         self.queue: list[str] = []
-        self.gpus = 0
         self.gpu_ids: list[str] = []  # the driver's name of each GPU, by local index (app.placement)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self.rates = StepRate()
 
+    @property
+    def gpus(self) -> int:
+        return len(self.gpu_ids)
+
     # -- life cycle -------------------------------------------------------------
     async def start(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.gpu_ids = await asyncio.to_thread(server_gpu_ids)
-        self.gpus = len(self.gpu_ids)
         running = await asyncio.to_thread(self.store.list_runs, ["running"])
         alive = {rec.id for rec in running if pid_alive(rec.pid, rec.pid_started)}
         await asyncio.to_thread(self._sweep_temp_files, alive)

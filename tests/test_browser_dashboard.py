@@ -199,7 +199,9 @@ def test_flipping_a_collapsed_run_to_non_saturating_revives_its_gradient(
             page.wait_for_function(
                 "() => (document.getElementById('chart-gnorm').layout.shapes || []).length >= 1", timeout=30_000)
             flip_step = page.evaluate("document.getElementById('chart-gnorm').layout.shapes[0].x0")
-            # ...and every applied norm after it is the non-saturating one: orders of magnitude larger.
+            # ...and the applied norms after it are the non-saturating one's: orders of magnitude larger. (Not
+            # every one: G's first big steps can land a batch where D already says "real", whose 1 - D(G(z))
+            # and so its gradient are small again for a step; the flip's step depends on the click's timing.)
             page.wait_for_function(
                 "([step]) => { const c = window.gradwatch.charts.gnorm; const t = c.el.data[c.ids.get('grad/g_norm')];"
                 " return Array.from(t.x).filter((x) => x > step).length >= 50; }",
@@ -207,7 +209,7 @@ def test_flipping_a_collapsed_run_to_non_saturating_revives_its_gradient(
             applied = trace(page, "gnorm", "grad/g_norm")
             assert applied is not None
             after = [y for x, y in zip(applied["x"], applied["y"], strict=True) if x > flip_step][:50]
-            assert min(after) > 100 * collapsed, (min(after), collapsed)
+            assert statistics.median(after) > 100 * collapsed, (after, collapsed)
 
             # A field snapshot taken after the flip...
             page.wait_for_function("(step) => Number(document.getElementById('chart-field').dataset.step) > step",

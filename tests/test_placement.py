@@ -2,7 +2,7 @@
 artifact routes (app/api/runs.py).
 
 Everything runs in-process: the manager is built but never started (no worker is launched), GPUs are faked by
-setting ``manager.gpus``, and busy slots by adding ``Active`` entries.
+setting ``manager.gpu_ids``, and busy slots by adding ``Active`` entries.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def occupy(manager: RunManager, *devices: str) -> None:
     ],
 )
 def test_device_request(manager: RunManager, gpus: int, spec: str, expected: str) -> None:
-    manager.gpus = gpus
+    manager.gpu_ids = [str(i) for i in range(gpus)]
     assert manager._device_request(cfg(spec)) == expected
 
 
@@ -88,7 +88,7 @@ def test_device_request(manager: RunManager, gpus: int, spec: str, expected: str
     [(0, "cuda"), (0, "cuda:0"), (0, "cuda:1"), (2, "cuda:2"), (2, "cuda:10"), (1, "cuda:1")],
 )
 def test_device_request_refuses_a_gpu_this_server_lacks(manager: RunManager, gpus: int, spec: str) -> None:
-    manager.gpus = gpus
+    manager.gpu_ids = [str(i) for i in range(gpus)]
     with pytest.raises(RunError) as info:
         manager._device_request(cfg(spec))
     assert info.value.status == 422
@@ -100,7 +100,7 @@ def test_device_request_refuses_a_gpu_this_server_lacks(manager: RunManager, gpu
 
 
 def test_free_slot_fills_each_gpu_before_refusing(manager: RunManager) -> None:
-    manager.gpus = 2  # gpu_run_limit=1: two GPU slots in all
+    manager.gpu_ids = ["0", "1"]  # gpu_run_limit=1: two GPU slots in all
     placed = []
     for _ in range(2):
         device = manager._free_slot("cuda")
@@ -115,7 +115,7 @@ def test_free_slot_fills_each_gpu_before_refusing(manager: RunManager) -> None:
 
 
 def test_free_slot_for_a_named_gpu_waits_for_that_gpu(manager: RunManager) -> None:
-    manager.gpus = 2
+    manager.gpu_ids = ["0", "1"]
     occupy(manager, "cuda:1")
     assert manager._free_slot("cuda:1") is None
     assert manager._free_slot("cuda:0") == "cuda:0"
@@ -123,7 +123,7 @@ def test_free_slot_for_a_named_gpu_waits_for_that_gpu(manager: RunManager) -> No
 
 
 def test_free_slot_picks_the_free_gpu_not_the_first(manager: RunManager) -> None:
-    manager.gpus = 2
+    manager.gpu_ids = ["0", "1"]
     occupy(manager, "cuda:0")
     assert manager._free_slot("cuda") == "cuda:1"
 
@@ -143,13 +143,13 @@ def test_free_slot_picks_the_free_gpu_not_the_first(manager: RunManager) -> None
 def test_free_slot_picks_the_least_loaded_gpu(tmp_path: Path, store: Store, busy: tuple[str, ...],
                                              expected: str | None) -> None:
     manager = make_manager(tmp_path, store, gpu_run_limit=3)
-    manager.gpus = 3
+    manager.gpu_ids = ["0", "1", "2"]
     occupy(manager, *busy)
     assert manager._free_slot("cuda") == expected
 
 
 def test_free_slot_respects_cpu_run_limit(manager: RunManager) -> None:
-    manager.gpus = 2
+    manager.gpu_ids = ["0", "1"]
     assert manager._free_slot("cpu") == "cpu"
     occupy(manager, "cpu")
     assert manager._free_slot("cpu") == "cpu"
@@ -161,7 +161,7 @@ def test_free_slot_respects_cpu_run_limit(manager: RunManager) -> None:
 
 
 def test_free_slot_without_gpus_has_nothing_for_cuda(manager: RunManager) -> None:
-    manager.gpus = 0
+    manager.gpu_ids = []
     assert manager._free_slot("cuda") is None
 
 
@@ -217,7 +217,7 @@ def test_a_launched_worker_gets_the_servers_entry_for_its_gpu(tmp_path: Path, st
     script.write_text(f"import os; open({str(seen)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])\n")
     manager = make_manager(tmp_path, store, worker_module="report_env")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    manager.gpu_ids, manager.gpus = ["2", "3"], 2
+    manager.gpu_ids = ["2", "3"]
     rec = RunRecord(id="r1", name="r", kind="gan", status="queued", config=cfg("cuda:1").model_dump(mode="json"),
                     created_at=time.time())
     store.insert_run(rec)
