@@ -82,7 +82,11 @@ def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1, what:
         time.sleep(interval)
 
 
-def wait_status(client: httpx.Client, run_id: str, statuses: set[str], timeout: float = 90.0) -> dict[str, Any]:
+#: Default bound on waiting for a run: long, because workers train at nice 10 and a busy CI machine starves them.
+RUN_WAIT_S = 300.0
+
+
+def wait_status(client: httpx.Client, run_id: str, statuses: set[str], timeout: float = RUN_WAIT_S) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         run: dict[str, Any] = client.get(f"/api/runs/{run_id}").json()
         return run if run["status"] in statuses else None
@@ -91,7 +95,7 @@ def wait_status(client: httpx.Client, run_id: str, statuses: set[str], timeout: 
     return result
 
 
-def read_frames(ws: ClientConnection, until: Any, timeout: float = 90.0) -> list[dict[str, Any]]:
+def read_frames(ws: ClientConnection, until: Any, timeout: float = RUN_WAIT_S) -> list[dict[str, Any]]:
     """Frames from an open stream until ``until(frames)`` holds or the server closes."""
     frames: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout

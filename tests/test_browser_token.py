@@ -54,7 +54,7 @@ def test_the_printed_address_logs_the_browser_in_and_the_live_page_works(
         # The run page: history and events over fetch, the live stream over the websocket, all on the cookie.
         page.goto(f"/runs/{run_id}")
         page.wait_for_selector('body[data-ready="true"]', state="attached", timeout=30_000)
-        page.wait_for_function("document.getElementById('run-status').textContent === 'completed'", timeout=90_000)
+        page.wait_for_function("document.getElementById('run-status').textContent === 'completed'", timeout=300_000)
         # The server closed the stream normally after the last frame: the websocket was let in on the cookie.
         page.wait_for_function("document.getElementById('conn').textContent.includes('ended')", timeout=30_000)
         points = page.evaluate("window.gradwatch.charts.gnorm.lengths()[0]")

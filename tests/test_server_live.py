@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def test_twin_sweep_collapse_alert_and_live_flip(server: LiveServer) -> None:
         assert sat["config"]["train"]["seed"] == non_sat["config"]["train"]["seed"]
 
         with server.stream(sat["id"]) as ws:
-            frames = read_frames(ws, lambda fs: any(f["type"] == "alert" for f in fs), timeout=120)
+            frames = read_frames(ws, lambda fs: any(f["type"] == "alert" for f in fs))
         alert = next(f for f in frames if f["type"] == "alert")
         assert alert["kind"] == "gradient_collapse"
         collapsed = metric_series(frames, "grad/g_norm")
@@ -178,7 +179,9 @@ def test_twin_sweep_collapse_alert_and_live_flip(server: LiveServer) -> None:
             after = read_frames(ws, lambda fs: len(_after_control(fs)) >= 40)
         recovered = _after_control(after)
         assert recovered, "no steps after the control frame"
-        assert min(recovered) > 100 * max(low)
+        # The median: the flip's step depends on timing, and once G moves a batch may land where D says
+        # "real", which shrinks 1 - D(G(z)) and that step's norm (seen once in the browser twin of this test).
+        assert statistics.median(recovered) > 100 * max(low)
         for run in (sat, non_sat):
             http.post(f"/api/runs/{run['id']}/stop")
         for run in (sat, non_sat):
