@@ -164,6 +164,7 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         workers = [a for a in self.active.values() if a.pid is not None]
+        signalled_at = time.time()  # a checkpoint file newer than this is a worker's final one
         for active in workers:
             _signal(active.pid, signal.SIGTERM)
         grace = self.settings.shutdown_grace_s
@@ -178,23 +179,31 @@ class RunManager:
         for run_id, active in list(self.active.items()):
             self.active.pop(run_id, None)
             if active.final is None:
-                reason = await asyncio.to_thread(self._shutdown_reason, active, run_id in killed)
+                reason = await asyncio.to_thread(self._shutdown_reason, active, killed=run_id in killed,
+                                                 since=signalled_at)
                 await self._end(run_id, "interrupted", reason, accepted=active.accepted)
 
-    def _shutdown_reason(self, active: Active, killed: bool) -> str:
-        """What a run interrupted by a shutdown can be resumed from, said plainly."""
+    def _shutdown_reason(self, active: Active, *, killed: bool, since: float) -> str:
+        """What became of a run the shutdown interrupted: was its final checkpoint written, what to resume from.
+
+        A worker that had to be killed had not finished stopping, and its final checkpoint comes first in stopping.
+        For one that exited, the files say (its exit code cannot: it is unknown for a worker re-attached after a
+        restart, and 0 for one stopped before its first step): a checkpoint written after ``since``, when it was
+        told to stop, is its final one, since it stops at the end of the step it is in.
+        """
+        run_dir = self.run_dir(active.run_id)
+        saved = any(_written_since(run_dir / sub, since) for sub in ("checkpoints", "work/checkpoints"))
         self._salvage(active.run_id)  # the final checkpoint waits in the worker's scratch folder
-        newest = _newest_checkpoint(self.run_dir(active.run_id) / "checkpoints")
+        newest = _newest_checkpoint(run_dir / "checkpoints")
         resume = f"; resume from {newest}" if newest else "; the run has no checkpoint to resume from"
-        said = "the server was shut down while this run was training"
         if killed:
-            return (f"{said}, and its worker was killed after {self.settings.shutdown_grace_s:g} s without "
-                    f"writing its final checkpoint" + resume)
-        if active.process is None:  # re-attached after a restart: not our child, so its exit code is unknown
-            return said + resume
-        if active.process.returncode != 0:
-            return f"{said} ({_describe_exit(active.process.returncode)})" + resume
-        return f"{said}; its worker saved a final checkpoint" + resume
+            what = (f"its worker was killed after {self.settings.shutdown_grace_s:g} s without writing its final "
+                    "checkpoint")
+        else:
+            what = "its worker saved a final checkpoint" if saved else "its worker wrote no final checkpoint"
+            if active.process is not None and active.process.returncode:
+                what += f" ({_describe_exit(active.process.returncode)})"
+        return f"the server was shut down while this run was training; {what}{resume}"
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -669,6 +678,12 @@ async def _wait_exit(active: Active, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _written_since(folder: Path, since: float) -> bool:
+    """Whether a finished checkpoint in ``folder`` was written at or after ``since`` (a ``time.time()``)."""
+    files = folder.glob("*.pt") if folder.is_dir() else []
+    return any(not is_temp_file(p) and p.stat().st_mtime >= since for p in files)
 
 
 def _newest_checkpoint(folder: Path) -> str | None:

@@ -455,3 +455,40 @@ def test_start_sweeps_temp_files_of_dead_runs_and_the_shared_cache(manager: RunM
     assert left[3].exists()  # a live worker may be writing the shared cache
     manager._sweep_temp_files(set())
     assert not left[3].exists()
+
+
+# ----------------------------------------------------------------------------- what a shutdown leaves (app/manager.py)
+
+
+def _checkpoint_file(manager: RunManager, sub: str, step: int, mtime: float) -> Path:
+    path = manager.run_dir("r1") / sub / f"step_{step:08d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"ckpt")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_shutdown_reason_says_a_final_checkpoint_was_saved_only_when_one_was_written_after_the_stop(
+    manager: RunManager,
+) -> None:
+    told_to_stop = 1_000_000.0
+    _checkpoint_file(manager, "checkpoints", 100, told_to_stop - 5)  # a periodic one, uploaded before
+    said = "the server was shut down while this run was training; "
+    # A worker re-attached after a restart (no exit code to go by) that wrote nothing after the stop...
+    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, since=told_to_stop)
+    assert reason == said + "its worker wrote no final checkpoint; resume from step_00000100.pt"
+    # ...and one whose final checkpoint waits, unacknowledged, in its scratch folder: salvaged and named.
+    _checkpoint_file(manager, "work/checkpoints", 130, told_to_stop + 0.5)
+    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, since=told_to_stop)
+    assert reason == said + "its worker saved a final checkpoint; resume from step_00000130.pt"
+    assert (manager.run_dir("r1") / "checkpoints" / "step_00000130.pt").is_file()
+    # A killed worker had not finished stopping, whatever its periodic checkpoints did meanwhile.
+    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=True, since=told_to_stop)
+    assert reason == said + ("its worker was killed after 30 s without writing its final checkpoint; "
+                             "resume from step_00000130.pt")
+
+
+def test_shutdown_reason_of_a_run_stopped_before_its_first_checkpoint(manager: RunManager) -> None:
+    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, since=time.time())
+    assert reason == ("the server was shut down while this run was training; its worker wrote no final checkpoint; "
+                      "the run has no checkpoint to resume from")
