@@ -45,7 +45,7 @@ def missing_vendor_files() -> list[MissingAsset]:
     """What the pages will fail to load right now (checked on every call: installing it needs no restart)."""
     needs = {
         "htmx.min.js": ("the launch form, the runs table and every button",
-                        f"cd {shlex.quote(str(ROOT))} && npm ci   (or: make install)"),
+                        f"cd {shlex.quote(str(ROOT))} && npm ci"),
         "plotly.min.js": ("every chart", f"{shlex.quote(sys.executable)} -m pip install plotly"),
     }
     return [MissingAsset(name, path, *needs[name]) for name, path in vendor_files().items() if not path.is_file()]
@@ -58,7 +58,7 @@ def setup_report(missing: list[MissingAsset]) -> str:
     lines = ["", "!! The dashboard will not work: browser libraries it serves itself are missing."]
     for asset in missing:
         lines += [f"!!   {asset.name} (needed for {asset.needed_for}), expected at {asset.expected}",
-                  f"!!   fix: {asset.fix}"]
+                  f"!!   fix: {asset.fix}   (in a clone, `make install` does it too)"]
     lines += ["!! Then reload the page; the server need not restart. The API works meanwhile.", ""]
     return "\n".join(lines)
 
