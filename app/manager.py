@@ -164,7 +164,8 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         workers = [a for a in self.active.values() if a.pid is not None]
-        signalled_at = time.time()  # a checkpoint file newer than this is a worker's final one
+        # What checkpoints each run has when its worker is told to stop: any file not among them is its final one.
+        before = {a.run_id: await asyncio.to_thread(self._checkpoint_files, a.run_id) for a in workers}
         for active in workers:
             _signal(active.pid, signal.SIGTERM)
         grace = self.settings.shutdown_grace_s
@@ -180,19 +181,20 @@ class RunManager:
             self.active.pop(run_id, None)
             if active.final is None:
                 reason = await asyncio.to_thread(self._shutdown_reason, active, killed=run_id in killed,
-                                                 since=signalled_at)
+                                                 before=before.get(run_id, frozenset()))
                 await self._end(run_id, "interrupted", reason, accepted=active.accepted)
 
-    def _shutdown_reason(self, active: Active, *, killed: bool, since: float) -> str:
+    def _shutdown_reason(self, active: Active, *, killed: bool, before: frozenset[tuple[str, int]]) -> str:
         """What became of a run the shutdown interrupted: was its final checkpoint written, what to resume from.
 
         A worker that had to be killed had not finished stopping, and its final checkpoint comes first in stopping.
         For one that exited, the files say (its exit code cannot: it is unknown for a worker re-attached after a
-        restart, and 0 for one stopped before its first step): a checkpoint written after ``since``, when it was
-        told to stop, is its final one, since it stops at the end of the step it is in.
+        restart, and 0 for one stopped before its first step): a checkpoint file that was not there (``before``,
+        see :meth:`_checkpoint_files`) when it was told to stop is its final one, since it stops at the end of the
+        step it is in.
         """
         run_dir = self.run_dir(active.run_id)
-        saved = any(_written_since(run_dir / sub, since) for sub in ("checkpoints", "work/checkpoints"))
+        saved = bool(self._checkpoint_files(active.run_id) - before)
         self._salvage(active.run_id)  # the final checkpoint waits in the worker's scratch folder
         newest = _newest_checkpoint(run_dir / "checkpoints")
         resume = f"; resume from {newest}" if newest else "; the run has no checkpoint to resume from"
@@ -204,6 +206,23 @@ class RunManager:
             if active.process is not None and active.process.returncode:
                 what += f" ({_describe_exit(active.process.returncode)})"
         return f"the server was shut down while this run was training; {what}{resume}"
+
+    def _checkpoint_files(self, run_id: str) -> frozenset[tuple[str, int]]:
+        """A run's finished checkpoints, each as (path in the run folder, inode).
+
+        Every checkpoint is renamed into place from a new temp file (trainer.files), so one rewritten under the
+        same name has a new inode: comparing two of these sets tells what was written in between, without
+        trusting file times (coarse, and the kernel's clock may lag the caller's).
+        """
+        run_dir = self.run_dir(run_id)
+        found = set()
+        for sub in ("checkpoints", "work/checkpoints"):
+            folder = run_dir / sub
+            for path in folder.glob("*.pt") if folder.is_dir() else []:
+                if not is_temp_file(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.add((f"{sub}/{path.name}", path.stat().st_ino))
+        return frozenset(found)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -678,12 +697,6 @@ async def _wait_exit(active: Active, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-def _written_since(folder: Path, since: float) -> bool:
-    """Whether a finished checkpoint in ``folder`` was written at or after ``since`` (a ``time.time()``)."""
-    files = folder.glob("*.pt") if folder.is_dir() else []
-    return any(not is_temp_file(p) and p.stat().st_mtime >= since for p in files)
 
 
 def _newest_checkpoint(folder: Path) -> str | None:

@@ -27,6 +27,7 @@ from app.placement import visible_gpu_ids, worker_cuda_visible_devices
 from app.settings import Settings
 from app.store import RunRecord, Store
 from trainer.config import RunConfig
+from trainer.files import atomic_write
 
 BASE = "http://127.0.0.1:8000"
 
@@ -460,35 +461,39 @@ def test_start_sweeps_temp_files_of_dead_runs_and_the_shared_cache(manager: RunM
 # ----------------------------------------------------------------------------- what a shutdown leaves (app/manager.py)
 
 
-def _checkpoint_file(manager: RunManager, sub: str, step: int, mtime: float) -> Path:
-    path = manager.run_dir("r1") / sub / f"step_{step:08d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"ckpt")
-    os.utime(path, (mtime, mtime))
-    return path
+def _write_checkpoint(manager: RunManager, run_id: str, sub: str, step: int) -> None:
+    # As the trainer and the upload path write them: a new file, renamed into place.
+    atomic_write(manager.run_dir(run_id) / sub / f"step_{step:08d}.pt", b"ckpt")
 
 
+SHUT_DOWN = "the server was shut down while this run was training; "
+
+
+@pytest.mark.parametrize("run_id", ["quiet", "final", "killed"])
 def test_shutdown_reason_says_a_final_checkpoint_was_saved_only_when_one_was_written_after_the_stop(
-    manager: RunManager,
+    manager: RunManager, run_id: str
 ) -> None:
-    told_to_stop = 1_000_000.0
-    _checkpoint_file(manager, "checkpoints", 100, told_to_stop - 5)  # a periodic one, uploaded before
-    said = "the server was shut down while this run was training; "
-    # A worker re-attached after a restart (no exit code to go by) that wrote nothing after the stop...
-    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, since=told_to_stop)
-    assert reason == said + "its worker wrote no final checkpoint; resume from step_00000100.pt"
-    # ...and one whose final checkpoint waits, unacknowledged, in its scratch folder: salvaged and named.
-    _checkpoint_file(manager, "work/checkpoints", 130, told_to_stop + 0.5)
-    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, since=told_to_stop)
-    assert reason == said + "its worker saved a final checkpoint; resume from step_00000130.pt"
-    assert (manager.run_dir("r1") / "checkpoints" / "step_00000130.pt").is_file()
-    # A killed worker had not finished stopping, whatever its periodic checkpoints did meanwhile.
-    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=True, since=told_to_stop)
-    assert reason == said + ("its worker was killed after 30 s without writing its final checkpoint; "
-                             "resume from step_00000130.pt")
+    _write_checkpoint(manager, run_id, "checkpoints", 100)  # a periodic one, uploaded
+    _write_checkpoint(manager, run_id, "work/checkpoints", 130)  # a periodic one, not yet acknowledged
+    told_to_stop = manager._checkpoint_files(run_id)
+    if run_id == "final":
+        # The worker stopped at the end of the step of its last periodic checkpoint, so its final checkpoint
+        # replaced that one under the same name: only the file itself is new.
+        _write_checkpoint(manager, run_id, "work/checkpoints", 130)
+    if run_id == "killed":
+        _write_checkpoint(manager, run_id, "work/checkpoints", 200)  # training on, ignoring the stop
+    reason = manager._shutdown_reason(Active(run_id, "cpu"), killed=run_id == "killed", before=told_to_stop)
+    assert reason == SHUT_DOWN + {
+        # e.g. a worker re-attached after a restart, whose exit code the server cannot see
+        "quiet": "its worker wrote no final checkpoint; resume from step_00000130.pt",
+        "final": "its worker saved a final checkpoint; resume from step_00000130.pt",
+        # A killed worker had not finished stopping, whatever its periodic checkpoints did meanwhile.
+        "killed": "its worker was killed after 30 s without writing its final checkpoint; "
+                  "resume from step_00000200.pt",
+    }[run_id]
+    assert (manager.run_dir(run_id) / "checkpoints" / "step_00000130.pt").is_file()  # salvaged from the scratch
 
 
 def test_shutdown_reason_of_a_run_stopped_before_its_first_checkpoint(manager: RunManager) -> None:
-    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, since=time.time())
-    assert reason == ("the server was shut down while this run was training; its worker wrote no final checkpoint; "
-                      "the run has no checkpoint to resume from")
+    reason = manager._shutdown_reason(Active("r1", "cpu"), killed=False, before=frozenset())
+    assert reason == SHUT_DOWN + "its worker wrote no final checkpoint; the run has no checkpoint to resume from"
