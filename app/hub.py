@@ -115,6 +115,12 @@ class Hub:
                 client.queue.put_nowait(_RESYNC)
         self._reap_later(run_id)
 
+    def reopen_topic(self, run_id: str) -> None:
+        """A script's run that was interrupted came back: frames follow again (new subscribers stay open)."""
+        topic = self.topics.get(run_id)
+        if topic is not None:
+            topic.closed = False
+
     def _reap_later(self, run_id: str) -> None:
         asyncio.get_running_loop().call_later(self.linger_s, self._reap, run_id)
 

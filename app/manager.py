@@ -37,10 +37,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.hub import Hub
 from app.placement import CUDA_ENV, server_gpu_ids, worker_cuda_visible_devices
-from app.protocol import ProtocolError, decode_chunk
 from app.rate import StepRate
 from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
+from gradwatch.protocol import ARTIFACT_FRAMES, ProtocolError, artifact_url, decode_chunk, valid_artifact
 from trainer.config import ControlRequest, RunConfig
 from trainer.files import is_temp_file, rename_into_place, sweep_temp_files, temp_path
 from trainer.telemetry import frame_to_json
@@ -76,6 +76,14 @@ class Active:
     stop_requested: bool = False
     attached: asyncio.Event = field(default_factory=asyncio.Event)
     uploads: dict[tuple[str, str], tuple[Path, Any]] = field(default_factory=dict)
+    external: bool = False  # a script's run (gradwatch.run): no process of ours, ends by its frames or its silence
+    offset: int = 0  # frames the server wrote into the stream: the sender's frame n is stored as n + offset
+    grace: asyncio.Task[Any] | None = None  # an external run's countdown to "interrupted" while disconnected
+
+    @property
+    def stored(self) -> int:
+        """The highest seq stored (or queued for storing), in the stream's own numbering."""
+        return self.accepted + self.offset
 
 
 def token_hash(token: str) -> str:
@@ -141,6 +149,12 @@ class RunManager:
         alive = {rec.id for rec in running if pid_alive(rec.pid, rec.pid_started)}
         await asyncio.to_thread(self._sweep_temp_files, alive)
         for rec in running:
+            if rec.external:
+                # A script's run: the script keeps its frames on its own disk and reconnects when we are back.
+                active = self._external_active(rec)
+                active.grace = self._spawn(self._client_grace(
+                    active, "the script did not reconnect after the server restarted"))
+                continue
             if rec.id in alive:
                 # Its worker outlived the old server: give it a while to reconnect.
                 active = Active(rec.id, rec.device or "cpu", pid=rec.pid, accepted=rec.last_seq)
@@ -179,10 +193,19 @@ class RunManager:
         await asyncio.gather(*(_wait_exit(a, KILL_WAIT_S) for a in workers if a.run_id in killed))
         for run_id, active in list(self.active.items()):
             self.active.pop(run_id, None)
+            if active.grace is not None:
+                active.grace.cancel()
+            if active.external:
+                if active.ws is not None:
+                    # A script's run outlives the server: the script spools its frames and resends them to the
+                    # next server on this data folder. Its run stays "running" until then.
+                    with contextlib.suppress(Exception):
+                        await active.ws.close(code=1012, reason="server restarting")
+                continue
             if active.final is None:
                 reason = await asyncio.to_thread(self._shutdown_reason, active, killed=run_id in killed,
                                                  before=before.get(run_id, frozenset()))
-                await self._end(run_id, "interrupted", reason, accepted=active.accepted)
+                await self._end(run_id, "interrupted", reason, accepted=active.stored)
 
     def _shutdown_reason(self, active: Active, *, killed: bool, before: frozenset[tuple[str, int]]) -> str:
         """What became of a run the shutdown interrupted: was its final checkpoint written, what to resume from.
@@ -224,10 +247,11 @@ class RunManager:
                         found.add((f"{sub}/{path.name}", path.stat().st_ino))
         return frozenset(found)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _sweep_temp_files(self, alive: set[str]) -> None:
         """Remove what killed writers left (trainer.files); a live worker's folders are its own business."""
@@ -275,6 +299,13 @@ class RunManager:
         active = self.active.get(run_id)
         if rec.status in TERMINAL_STATUSES or active is None:
             raise RunError(409, f"run {run_id} is {rec.status}, not running")
+        if active.external:
+            if "stop" not in (rec.controls or []):
+                raise RunError(409, f"run {run_id}'s script does not check run.stop_requested, so it cannot be "
+                                    "stopped from here")
+            active.stop_requested = True  # told now, or in the hello when the script reconnects
+            await self._tell(active, {"type": "stop"})
+            return rec
         active.stop_requested = True
         if not await self._tell(active, {"type": "stop"}):
             _signal(active.pid, signal.SIGINT)  # a stop like the button's (SIGTERM would mean "the server is leaving")
@@ -286,6 +317,12 @@ class RunManager:
         if rec.kind != "gan":
             raise RunError(409, "control: live changes apply to GAN runs only")
         request = ControlRequest.model_validate(changes)  # ValidationError → 422 naming the field
+        if rec.controls is not None:
+            missing = [key for key in request.changes() if key not in rec.controls]
+            if missing:
+                have = ", ".join(c for c in rec.controls if c != "stop") or "none"
+                raise RunError(409, f"control: run {run_id}'s script did not register {', '.join(missing)} "
+                                    f"(it registered: {have})")
         active = self.active.get(run_id)
         if rec.status != "running" or active is None:
             raise RunError(409, f"run {run_id} is {rec.status}, not running")
@@ -422,7 +459,7 @@ class RunManager:
             if self.active.get(active.run_id) is active:
                 self.active.pop(active.run_id)
                 await self._end(active.run_id, "interrupted", "the worker did not reconnect after a server restart",
-                                accepted=active.accepted)
+                                accepted=active.stored)
                 await self._schedule()
             return
         while pid_alive(active.pid, None):
@@ -446,7 +483,7 @@ class RunManager:
             if active.stop_requested:
                 reason = f"a stop was requested, but the {reason} before reporting it"
             await self._end(active.run_id, "failed", self._with_log_tail(active.run_id, reason),
-                            accepted=active.accepted)
+                            accepted=active.stored)
         else:
             await asyncio.to_thread(self._salvage, active.run_id)
             if active.final == "failed":
@@ -473,28 +510,124 @@ class RunManager:
             _signal(active.pid, signal.SIGKILL)
 
     async def _end(self, run_id: str, status: str, error: str | None, *, accepted: int) -> None:
-        """Record a terminal status the worker could not report itself, as a frame too."""
+        """Record a terminal status the worker could not report itself, as a frame too.
+
+        ``accepted``: the highest seq already stored or queued for the run (the store's own count may lag).
+        """
         self.rates.forget(run_id)
         rec = await asyncio.to_thread(self.store.get_run, run_id)
         if rec is None:
             return
         await asyncio.to_thread(self._salvage, run_id)
-        seq = max(accepted, rec.last_seq) + 1
-        frame = {"type": "status", "run": run_id, "seq": seq, "status": status, "error": error, "step": rec.step}
-        text = frame_to_json(frame)
-        self.hub.publish(run_id, seq, text)
-        self.store.append(run_id, [(frame, text)])
+        await self._server_frame(rec, {"type": "status", "status": status, "error": error, "step": rec.step},
+                                 accepted=accepted)
         await asyncio.to_thread(self.store.update_run, run_id, status=status, error=error, ended_at=time.time())
         self.hub.close_topic(run_id)
 
+    async def _server_frame(self, rec: RunRecord, fields: dict[str, Any], *, accepted: int) -> int:
+        """Write a frame of the server's own into a run's stream, after seq ``accepted``; returns its seq.
+
+        A script's run may come back after this (its frames wait on its disk): its frames then go after the
+        server's, so the run's ``seq_offset`` grows by the frames the server wrote.
+        """
+        seq = max(accepted, rec.last_seq) + 1
+        frame = {**fields, "run": rec.id, "seq": seq}
+        text = frame_to_json(frame)
+        self.hub.publish(rec.id, seq, text)
+        self.store.append(rec.id, [(frame, text)])
+        if rec.external:
+            rec.seq_offset += seq - accepted
+            rec.last_seq = seq
+            await asyncio.to_thread(self.store.update_run, rec.id, seq_offset=rec.seq_offset)
+        return seq
+
+    # -- runs streamed by a script (gradwatch.run) or by `gradwatch sync` -------------------
+    async def open_external(self, *, name: str, kind: str, config: dict[str, Any], source: dict[str, Any],
+                            uid: str | None) -> tuple[RunRecord, str, bool]:
+        """Create a script's run, or find the one its ``uid`` names; either way with a fresh run token.
+
+        Returns (run, token, created). The token is the run's channel credential, as for a launched worker;
+        only its hash is kept. A second call with the same uid (a sync resumed, a script restarted) gets the
+        same run, so uploading a folder twice makes one run.
+        """
+        token = secrets.token_urlsafe(32)
+        existing = await asyncio.to_thread(self.store.run_by_uid, uid) if uid else None
+        if existing is not None:
+            if not existing.external:
+                raise RunError(409, "uid: names a run the server launched, not a script's run")
+            await asyncio.to_thread(self.store.update_run, existing.id, token_hash=token_hash(token))
+            return await self.get(existing.id), token, False
+        now = time.time()
+        label = source.get("script") or "script"
+        run = RunRecord(
+            id=uuid.uuid4().hex[:12], name=name or f"{label} on {source.get('host') or 'unknown host'}"[:200],
+            kind=kind, status="running", config=config, created_at=now, started_at=now, device="script",
+            token_hash=token_hash(token), source=source, controls=[], uid=uid,
+        )
+        try:
+            await asyncio.to_thread(self.store.insert_run, run)
+        except ValueError as exc:  # the same uid created by a concurrent call a moment ago
+            raise RunError(409, f"uid: {exc}") from exc
+        active = self._external_active(run)
+        active.grace = self._spawn(self._client_grace(active, "the script never connected its channel"))
+        return await self.get(run.id), token, True
+
+    def _external_active(self, rec: RunRecord) -> Active:
+        active = Active(rec.id, "script", accepted=rec.last_seq - rec.seq_offset, external=True,
+                        offset=rec.seq_offset)
+        self.active[rec.id] = active
+        return active
+
+    async def _reopen(self, rec: RunRecord) -> Active:
+        """An interrupted script's run whose script is back: "running" again, after a status frame saying so."""
+        await self._server_frame(rec, {"type": "status", "status": "running", "error": None, "step": rec.step},
+                                 accepted=rec.last_seq)
+        await asyncio.to_thread(self.store.update_run, rec.id, status="running", error=None, ended_at=None)
+        self.hub.reopen_topic(rec.id)
+        return self._external_active(rec)
+
+    async def _client_grace(self, active: Active, reason: str) -> None:
+        """A script's run without its connection for ``client_grace_s`` becomes interrupted (and may come back)."""
+        await asyncio.sleep(self.settings.client_grace_s)
+        if self.active.get(active.run_id) is not active or active.ws is not None or active.final is not None:
+            return
+        self._forget_active(active)
+        await self._end(active.run_id, "interrupted",
+                        f"{reason} (no connection for {self.settings.client_grace_s:g} s); if the script comes back, "
+                        "the run continues with everything it kept on its disk", accepted=active.stored)
+
+    def _forget_active(self, active: Active) -> None:
+        self.active.pop(active.run_id, None)
+        self.rates.forget(active.run_id)
+        for path, fh in active.uploads.values():
+            fh.close()
+            path.unlink(missing_ok=True)
+        active.uploads.clear()
+
+    def _external_disconnected(self, active: Active) -> None:
+        """A script's channel closed: the run has ended (its status frame came first) or its grace period starts."""
+        if self.active.get(active.run_id) is not active or active.ws is not None:
+            return
+        if active.final is not None:
+            self._forget_active(active)
+            self.hub.close_topic(active.run_id)
+        elif active.grace is None or active.grace.done():
+            active.grace = self._spawn(self._client_grace(active, "the script's connection was lost"))
+
     # -- the worker channel -------------------------------------------------------------------
     async def worker_run(self, run_id: str, token: str) -> Active | None:
-        """The live run this token belongs to, or None: the only credential a worker has."""
+        """The live run this token belongs to, or None: the only credential a worker has.
+
+        A script's run that was interrupted (its script away for longer than ``client_grace_s``) comes back to
+        life when its script reconnects: its frames waited on the script's disk.
+        """
         rec = await asyncio.to_thread(self.store.get_run, run_id)
-        active = self.active.get(run_id)
-        if (rec is None or active is None or rec.token_hash is None
+        if (rec is None or rec.token_hash is None
                 or not hmac.compare_digest(token_hash(token), rec.token_hash)):
             return None
+        active = self.active.get(run_id)
+        if active is None and rec.external and rec.status == "interrupted":
+            active = await self._reopen(rec)
         return active
 
     def resume_checkpoint(self, run_id: str) -> Path | None:
@@ -510,6 +643,9 @@ class RunManager:
             await ws.close(code=1008, reason="unknown run or wrong token")
             return
         await ws.accept()
+        if active.grace is not None:
+            active.grace.cancel()
+            active.grace = None
         if active.ws is not None:
             with contextlib.suppress(Exception):
                 await active.ws.close(code=1012, reason="replaced by a new connection")
@@ -518,10 +654,13 @@ class RunManager:
         loop = asyncio.get_running_loop()
         acks: asyncio.Queue[int] = asyncio.Queue()
 
-        def committed(seq: int) -> None:  # called on the store's writer thread
-            loop.call_soon_threadsafe(acks.put_nowait, seq)
+        def committed(seq: int) -> None:  # called on the store's writer thread, with the stored seq
+            loop.call_soon_threadsafe(acks.put_nowait, seq - active.offset)
 
-        await ws.send_text(json.dumps({"type": "hello", "ack": active.accepted}))
+        hello: dict[str, Any] = {"type": "hello", "ack": active.accepted}
+        if active.stop_requested:
+            hello["stop"] = True  # pressed while the sender was away
+        await ws.send_text(json.dumps(hello))
         acker = asyncio.create_task(_send_acks(ws, acks))
         try:
             while True:
@@ -542,6 +681,8 @@ class RunManager:
             acker.cancel()
             if active.ws is ws:
                 active.ws = None
+                if active.external:
+                    self._external_disconnected(active)
 
     async def _frames(self, active: Active, message: dict[str, Any],
                       committed: Callable[[int], None]) -> None:
@@ -555,15 +696,22 @@ class RunManager:
             if seq != active.accepted + 1:
                 raise ProtocolError(f"frame seq {seq} after {active.accepted}: gap")
             frame["run"] = active.run_id
+            frame["seq"] = seq + active.offset
+            kind = ARTIFACT_FRAMES.get(frame["type"])
+            if kind is not None:
+                name = frame.get("name")
+                if not isinstance(name, str) or not valid_artifact(kind, name):
+                    raise ProtocolError(f"frame seq {seq}: {kind} name {name!r} is not an allowed name")
+                frame["url"] = artifact_url(active.run_id, kind, name)  # the server's URL, whoever wrote the frame
             text = frame_to_json(frame)
             active.accepted = seq
-            self.hub.publish(active.run_id, seq, text)
+            self.hub.publish(active.run_id, frame["seq"], text)
             accepted.append((frame, text))
             await self._side_effects(active, frame)
         if accepted:
             self.store.append(active.run_id, accepted, on_commit=committed)
         elif message["frames"]:
-            committed(active.accepted)  # all duplicates: acknowledge again so the worker can forget them
+            committed(active.stored)  # all duplicates: acknowledge again so the worker can forget them
 
     async def _side_effects(self, active: Active, frame: dict[str, Any]) -> None:
         kind = frame["type"]
@@ -571,9 +719,18 @@ class RunManager:
             top = _max_step(frame.get("step"))
             if top is not None:
                 self.rates.observe(active.run_id, top)
+        elif kind == "capabilities" and active.external:
+            await asyncio.to_thread(self.store.update_run, active.run_id, **_capabilities(frame))
+        elif kind == "config" and active.external:
+            config = frame.get("config")
+            if not isinstance(config, dict):
+                raise ProtocolError("a config frame needs a config object")
+            await asyncio.to_thread(self.store.update_run, active.run_id, config=config)
         elif kind == "status":
             status = frame["status"]
-            if status == "running":
+            if status == "running" and active.external:
+                pass  # a script's run is running from its creation
+            elif status == "running":
                 await asyncio.to_thread(self.store.update_run, active.run_id, status="running",
                                         started_at=time.time())
             elif status in TERMINAL_STATUSES:
@@ -584,7 +741,7 @@ class RunManager:
         elif kind == "alert":
             alert = {k: frame.get(k) for k in ("step", "kind", "message")}
             await asyncio.to_thread(self.store.update_run, active.run_id, last_alert=alert)
-        elif kind == "checkpoint":
+        elif kind == "checkpoint" and not active.external:  # a script keeps the checkpoints it chose to save
             await asyncio.to_thread(self._prune_checkpoints, active.run_id)
 
     def _salvage(self, run_id: str) -> None:
@@ -637,6 +794,20 @@ class RunManager:
         if chunk.last:
             del active.uploads[key]
             await asyncio.to_thread(_finish_upload, fh, path, folder / chunk.name)
+
+
+#: What a script may register: the dashboard shows it only those controls.
+SCRIPT_CONTROLS = ("stop", "g_loss", "lr_g", "lr_d")
+
+
+def _capabilities(frame: dict[str, Any]) -> dict[str, Any]:
+    """A script's ``capabilities`` frame: its model family and the controls it registered."""
+    kind, controls = frame.get("kind"), frame.get("controls")
+    if kind not in ("gan", "vae", "custom"):
+        raise ProtocolError("capabilities: kind must be gan, vae or custom")
+    if not isinstance(controls, list) or not all(c in SCRIPT_CONTROLS for c in controls):
+        raise ProtocolError(f"capabilities: controls must be a list drawn from {', '.join(SCRIPT_CONTROLS)}")
+    return {"kind": kind, "controls": list(dict.fromkeys(controls))}
 
 
 def _write_file(path: Path, text: str) -> None:

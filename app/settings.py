@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="on a graceful shutdown, how long each worker has to write its final checkpoint and exit "
         "before it is killed (the run then says it has no final checkpoint)",
     )
+    client_grace_s: float = Field(
+        default=30.0, ge=0.1, le=86400, allow_inf_nan=False,
+        description="how long a script's run (the Python client) may be without its connection before it becomes "
+        "interrupted; the script may still come back later and continue it",
+    )
     worker_orphan_timeout_s: float = Field(
         default=120.0, ge=1, le=86400, allow_inf_nan=False,
         description="a worker that cannot reach its server for this long stops itself",

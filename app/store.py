@@ -85,7 +85,14 @@ EXPORT_WINDOW_CHUNKS: Final = 256
 _CSV_ROWS_PER_PIECE: Final = 2048
 _BUSY_TIMEOUT_MS: Final = 30_000
 _LOCKED_RETRIES: Final = 10
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
+#: Columns added after schema 1, added in place to an older database (``ALTER TABLE ... ADD COLUMN``).
+_ADDED_RUN_COLUMNS: Final = {
+    "source": "TEXT",
+    "controls": "TEXT",
+    "seq_offset": "INTEGER NOT NULL DEFAULT 0",
+    "uid": "TEXT",
+}
 
 _DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
 #: MinMaxLTTB keeps the extremes of ``minmax_ratio * n_out`` buckets before LTTB picks (tsdownsample's default).
@@ -157,7 +164,11 @@ CREATE TABLE IF NOT EXISTS runs (
     token_hash TEXT,
     last_alert TEXT,
     resume_from TEXT,
-    last_seq INTEGER NOT NULL DEFAULT 0
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    source TEXT,
+    controls TEXT,
+    seq_offset INTEGER NOT NULL DEFAULT 0,
+    uid TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at DESC, id);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
@@ -228,11 +239,24 @@ class RunRecord:
     last_alert: dict[str, Any] | None = None  # {"step", "kind", "message"} of the newest alert frame
     resume_from: dict[str, Any] | None = None  # {"run": id, "checkpoint": name}
     last_seq: int = 0  # highest frame seq stored for this run
+    # A run streamed by a user's own script or `gradwatch sync` (gradwatch.run), not launched by the server:
+    # {"origin": "script"|"sync", "host", "script", "git": {...}, ...}; None for a launched run.
+    source: dict[str, Any] | None = None
+    controls: list[str] | None = None  # the live controls its script registered; None: all (a launched run)
+    # Frames the server itself wrote into a script's stream (an "interrupted", then a "running" when it came back):
+    # the script numbers its frames 1, 2, 3, ... and the server stores frame n at seq n + seq_offset.
+    seq_offset: int = 0
+    uid: str | None = None  # the script's own id for the run: creating it again returns this run
+
+    @property
+    def external(self) -> bool:
+        """Streamed from outside (a script, a sync) rather than launched by the server."""
+        return self.source is not None
 
 
 _RUN_COLUMNS: Final = tuple(f.name for f in fields(RunRecord))
 _UPDATABLE: Final = frozenset(_RUN_COLUMNS) - {"id"}
-_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from"})
+_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from", "source", "controls"})
 
 Float64Array = npt.NDArray[np.float64]
 Int64Array = npt.NDArray[np.int64]
@@ -558,6 +582,11 @@ class Store:
                 self._runs_conn.close()
                 raise RuntimeError(f"{self.path} was written by a newer gradwatch (schema {version})")
             self._runs_conn.executescript(_SCHEMA)
+            present = {row[1] for row in self._runs_conn.execute("PRAGMA table_info(runs)")}
+            for column, decl in _ADDED_RUN_COLUMNS.items():
+                if column not in present:
+                    self._runs_conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {decl}")
+            self._runs_conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_by_uid ON runs (uid) WHERE uid IS NOT NULL")
             self._runs_conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._write_conn = _connect(self.path)
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
@@ -659,6 +688,11 @@ class Store:
 
     def get_run(self, run_id: str) -> RunRecord | None:
         row = self._reader().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else _record_from_row(row)
+
+    def run_by_uid(self, uid: str) -> RunRecord | None:
+        """The run a script created under its own id ``uid``, if any."""
+        row = self._reader().execute("SELECT * FROM runs WHERE uid = ?", (uid,)).fetchone()
         return None if row is None else _record_from_row(row)
 
     def list_runs(self, statuses: Iterable[str] | None = None) -> list[RunRecord]:

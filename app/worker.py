@@ -19,222 +19,46 @@ trainer runs on the main thread; a channel thread owns the connection:
   for ``orphan_timeout_s`` stops itself (final checkpoint kept locally),
   so a server killed with ``kill -9`` leaves no process behind for long.
 
-Nothing here imports the web server: a worker on another host needs only
-this module, the trainer and ``websockets``.
+The channel itself is :mod:`gradwatch.channel`, shared with a user's own
+script and ``gradwatch sync``. Nothing here imports the web server: a worker
+on another host needs only this module, the trainer and ``websockets``.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
-
-from app.protocol import CHUNK_BYTES, encode_chunk
+from gradwatch.channel import DRAIN_S, Channel, MemoryOutbox
 from trainer.files import atomic_write
-from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.worker")
 
 TOKEN_ENV = "GRADWATCH_RUN_TOKEN"
-MAX_BATCH_BYTES = 4 << 20
-ARTIFACT_FRAMES = {"sample": "samples", "checkpoint": "checkpoints"}
-#: How long a finished run waits for the server to acknowledge its last frames...
-DRAIN_S = 30.0
-#: ...and how long when it was terminated: the server is going away, and keeps the final checkpoint from disk.
+#: How long a terminated worker waits for acks (a finished one waits DRAIN_S): the server is going away, and keeps
+#: the final checkpoint from disk.
 SHUTDOWN_DRAIN_S = 2.0
 
 
-class WorkerChannel:
-    """The worker's end of the channel; ``send_frame`` is the trainer's sink."""
+class WorkerChannel(Channel):
+    """A launched worker's channel: frames in memory, artifacts deleted from the scratch folder once the server has
+    them, and a run that stops itself after ``orphan_timeout_s`` without a server."""
 
     def __init__(self, url: str, token: str, out_dir: Path, *, orphan_timeout_s: float = 120.0) -> None:
+        super().__init__(lambda: (url, token), MemoryOutbox(), out_dir, orphan_timeout_s=orphan_timeout_s,
+                         delete_acked_artifacts=True)
         self.url = url
         self.token = token
         self.out_dir = out_dir
-        self.orphan_timeout_s = orphan_timeout_s
-        self.on_control: Callable[[dict[str, Any]], object] = lambda changes: None
-        self.on_stop: Callable[[], None] = lambda: None
-        self._cond = threading.Condition()
-        self._outbox: collections.deque[tuple[dict[str, Any], str]] = collections.deque()
-        self._send_from = 1  # seq of the first frame not yet sent on the current connection
-        self._closing = False
-        self._gave_up = False
-        self._refused = False
-        self._thread = threading.Thread(target=self._run, name="gradwatch-channel", daemon=True)
-
-    # -- trainer side ------------------------------------------------------------
-    def send_frame(self, frame: dict[str, Any]) -> None:
-        text = frame_to_json(frame)
-        with self._cond:
-            self._outbox.append((frame, text))
-            self._cond.notify_all()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self, drain_timeout_s: float = DRAIN_S) -> bool:
-        """Wait until every frame is acknowledged (or time runs out); True if all were."""
-        deadline = time.monotonic() + drain_timeout_s
-        with self._cond:
-            while self._outbox and not self._gave_up and not self._refused:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(min(remaining, 0.2))
-            drained = not self._outbox
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(timeout=5.0)
-        return drained
-
-    # -- channel thread ---------------------------------------------------------
-    def _run(self) -> None:
-        delay = 0.05
-        last_contact = time.monotonic()
-        while not self._closing:
-            try:
-                headers = {"Authorization": f"Bearer {self.token}"}
-                with connect(self.url, additional_headers=headers, proxy=None, open_timeout=5,
-                             max_size=1 << 20, compression=None) as ws:
-                    delay = 0.05
-                    self._session(ws)
-                    last_contact = time.monotonic()
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                if status in (401, 403, 404):
-                    # The server no longer knows this run (deleted, or ended while we were away).
-                    log.error("server refused the channel (HTTP %s); stopping", status)
-                    self._refuse()
-                    return
-            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
-                log.warning("channel down: %s", exc)
-            else:
-                last_contact = time.monotonic()
-            if self._closing:
-                return
-            if time.monotonic() - last_contact > self.orphan_timeout_s:
-                log.error("no server for %.0f s; stopping the run", self.orphan_timeout_s)
-                self._gave_up = True
-                self.on_stop()
-                with self._cond:
-                    self._cond.notify_all()
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    def _refuse(self) -> None:
-        self._refused = True
-        self.on_stop()
-        with self._cond:
-            self._cond.notify_all()
-
-    def _session(self, ws: ClientConnection) -> None:
-        hello = json.loads(ws.recv(timeout=10))
-        if hello.get("type") != "hello":
-            raise ConnectionError(f"unexpected first message {hello!r}")
-        ack = int(hello["ack"])
-        self._ack(ack)
-        with self._cond:
-            self._send_from = ack + 1  # everything after what the server has, again if need be
-        receiver = threading.Thread(target=self._receive, args=(ws,), daemon=True)
-        receiver.start()
-        while receiver.is_alive():
-            with self._cond:
-                while not self._unsent() and not self._closing and receiver.is_alive():
-                    self._cond.wait(0.1)
-                if self._closing:
-                    return
-                pending = [item for item in self._outbox if item[0]["seq"] >= self._send_from]
-            if pending:
-                self._send_pending(ws, pending)
-        receiver.join()
-
-    def _unsent(self) -> bool:
-        return bool(self._outbox) and self._outbox[-1][0]["seq"] >= self._send_from
-
-    def _send_pending(self, ws: ClientConnection, pending: list[tuple[dict[str, Any], str]]) -> None:
-        batch: list[str] = []
-        size = 0
-        last = 0
-
-        def flush() -> None:
-            nonlocal batch, size
-            if batch:
-                ws.send('{"type":"frames","frames":[' + ",".join(batch) + "]}")
-                with self._cond:
-                    # By seq, not by count: acks may remove frames from the outbox meanwhile.
-                    self._send_from = max(self._send_from, last + 1)
-                batch, size = [], 0
-
-        for frame, text in pending:
-            kind = ARTIFACT_FRAMES.get(frame["type"])
-            if kind is not None:
-                flush()
-                self._upload(ws, kind, str(frame["name"]))
-            batch.append(text)
-            size += len(text)
-            last = int(frame["seq"])
-            if size >= MAX_BATCH_BYTES or len(batch) >= 512:
-                flush()
-        flush()
-
-    def _upload(self, ws: ClientConnection, kind: str, name: str) -> None:
-        path = self.out_dir / kind / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return  # already uploaded and removed, or pruned before it could go: the frame goes anyway
-        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
-            ws.send(encode_chunk(kind, name, offset, len(data), data[offset:offset + CHUNK_BYTES]))
-
-    def _receive(self, ws: ClientConnection) -> None:
-        try:
-            for message in ws:
-                if isinstance(message, bytes):
-                    continue
-                msg = json.loads(message)
-                if msg.get("type") == "ack":
-                    self._ack(int(msg["seq"]))
-                elif msg.get("type") == "control":
-                    try:
-                        self.on_control(msg["changes"])
-                    except ValueError as exc:
-                        log.warning("control refused: %s", exc)
-                elif msg.get("type") == "stop":
-                    self.on_stop()
-        except ConnectionClosed:
-            pass
-        finally:
-            with self._cond:
-                self._cond.notify_all()
-
-    def _ack(self, seq: int) -> None:
-        """Forget frames up to ``seq``; their artifacts are on the server now."""
-        done: list[dict[str, Any]] = []
-        with self._cond:
-            while self._outbox and self._outbox[0][0]["seq"] <= seq:
-                done.append(self._outbox.popleft()[0])
-            self._cond.notify_all()
-        for frame in done:
-            kind = ARTIFACT_FRAMES.get(frame["type"])
-            if kind is not None:
-                (self.out_dir / kind / str(frame["name"])).unlink(missing_ok=True)
 
 
 def fetch_resume_checkpoint(server: str, run_id: str, token: str, target: Path) -> Path:
@@ -295,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume_from_server:
             resume = fetch_resume_checkpoint(args.server, args.run_id, token, args.work_dir / "resume.pt")
         options = RunOptions(out_dir=args.work_dir, sink=channel.send_frame, run_id=args.run_id,
-                             resume_from=resume,
-                             artifact_url=lambda kind, name: f"/api/runs/{args.run_id}/{kind}/{name}")
+                             resume_from=resume)
         if args.cache_dir is not None:
             options.cache_dir = args.cache_dir
         trainer = make_trainer(cfg, options)

@@ -71,14 +71,14 @@ class SyntheticChannel(WorkerChannel):
     def send_text(self, seq: int, frame_type: str, text: str) -> None:
         """Queue a frame whose JSON is already built; the channel needs only its type and seq besides the text."""
         with self._cond:
-            self._outbox.append(({"type": frame_type, "seq": seq}, text))
+            self.outbox.append({"type": frame_type, "seq": seq}, text)  # type: ignore[attr-defined]
             self._cond.notify_all()
 
     def wait_window(self, window: int, timeout: float = 1.0) -> bool:
         """Block until fewer than ``window`` frames await their ack; False if that did not happen in time."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self._outbox) >= window:
+            while self.pending() >= window:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._gave_up or self._refused:
                     return False

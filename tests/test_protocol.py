@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from app.protocol import (
+from gradwatch.protocol import (
     ARTIFACT_KINDS,
     MAGIC,
     ArtifactChunk,

@@ -15,10 +15,20 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.api.deps import ManagerDep, StoreDep
-from app.api.schemas import Artifact, ResumeFrom, RunDetail, RunRequest, RunSummary, SweepOut, SweepRequest
+from app.api.schemas import (
+    Artifact,
+    ResumeFrom,
+    RunDetail,
+    RunRequest,
+    RunSummary,
+    ScriptRunOut,
+    ScriptRunRequest,
+    SweepOut,
+    SweepRequest,
+)
 from app.manager import RunError, RunManager
-from app.protocol import ARTIFACT_KINDS, valid_artifact
 from app.store import RunRecord
+from gradwatch.protocol import ARTIFACT_KINDS, artifact_url, valid_artifact
 from trainer.checkpoint import load_checkpoint
 from trainer.config import RunConfig
 from trainer.files import is_temp_file
@@ -40,7 +50,7 @@ def artifacts_of(manager: RunManager, run_id: str, kind: str) -> list[Artifact]:
             continue  # only finished files the run itself wrote: no temp files, no links out
         match = _STEP.match(path.name)
         out.append(Artifact(name=path.name, step=int(match.group(1)) if match else None,
-                            size=path.stat().st_size, url=f"/api/runs/{run_id}/{kind}/{path.name}"))
+                            size=path.stat().st_size, url=artifact_url(run_id, kind, path.name)))
     return out
 
 
@@ -83,6 +93,9 @@ async def _resumed_config(manager: RunManager, request: RunRequest, resume: Resu
         state = await asyncio.to_thread(load_checkpoint, path)
     except (OSError, ValueError, RuntimeError) as exc:
         raise _field_error(("resume_from", "checkpoint"), f"cannot load it: {exc}") from exc
+    if state.get("kind") not in ("gan", "vae") or not isinstance(state.get("config"), dict) or "step" not in state:
+        raise _field_error(("resume_from", "checkpoint"), "is not the checkpoint of a run the server launched "
+                                                          "(a script's checkpoints are the script's to load)")
     step = int(state["step"])
     changes = request.model_dump(mode="json", exclude_unset=True, exclude={"resume_from"})
     raw = _merge(state["config"], changes)
@@ -113,6 +126,23 @@ async def create_run(request: RunRequest, manager: ManagerDep) -> RunDetail:
         cfg = await _resumed_config(manager, request, request.resume_from)
         rec = await manager.submit(cfg, resume_from=request.resume_from.model_dump())
     return await _detail(manager, rec)
+
+
+@router.post("/client/runs", status_code=201, response_model=ScriptRunOut)
+async def create_script_run(request: ScriptRunRequest, manager: ManagerDep, response: Response) -> ScriptRunOut:
+    """A run streamed by a user's own script (the ``gradwatch`` Python client) or by ``gradwatch sync``.
+
+    Answers the run and its channel token; the script then streams on ``/ws/worker/{id}`` exactly as a
+    launched worker does. With a ``uid`` seen before, the same run (200) with a fresh token: a resumed
+    sync or a restarted script continues it.
+    """
+    rec, token, created = await manager.open_external(
+        name=request.name or "", kind=request.kind, config=request.config,
+        source=request.source.model_dump(mode="json", exclude_none=True), uid=request.uid)
+    if not created:
+        response.status_code = 200
+    return ScriptRunOut(run=await _detail(manager, rec), token=token, channel=f"/ws/worker/{rec.id}",
+                        url=f"/runs/{rec.id}", created=created, received=rec.last_seq - rec.seq_offset)
 
 
 @router.post("/sweeps", status_code=201, response_model=SweepOut)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.protocol import ARTIFACT_NAME
 from app.store import RunRecord
+from gradwatch.protocol import ARTIFACT_NAME
 from trainer.config import RunConfig
 
 MAX_SWEEP_RUNS = 64
@@ -58,6 +59,65 @@ class SweepRequest(BaseModel):
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.vary.values())]
 
 
+#: The largest free-form config a script may attach to its run (JSON text).
+MAX_SCRIPT_CONFIG_BYTES = 64 << 10
+_SHORT = 500
+
+
+class GitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    commit: str = Field(..., pattern=r"^[0-9a-f]{7,64}$")
+    branch: str | None = Field(None, max_length=_SHORT)
+    dirty: bool = False
+
+
+class ScriptSource(BaseModel):
+    """Where a script's run comes from, shown in the run's header."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    origin: Literal["script", "sync"] = Field("script", description="a live script, or a folder uploaded later")
+    host: str | None = Field(None, max_length=255)
+    script: str | None = Field(None, max_length=_SHORT, description="the script's file name, or <notebook>")
+    argv: list[str] = Field(default_factory=list, max_length=64)
+    git: GitInfo | None = None
+    python: str | None = Field(None, max_length=64)
+    pid: int | None = Field(None, ge=0, le=2**31)
+    gradwatch: str | None = Field(None, max_length=64, description="the client's version")
+    project: str | None = Field(None, max_length=200)
+    folder: str | None = Field(None, max_length=_SHORT, description="the run's local folder on that host")
+
+    @field_validator("argv")
+    @classmethod
+    def _short_args(cls, argv: list[str]) -> list[str]:
+        return [arg[:_SHORT] for arg in argv]
+
+
+class ScriptRunRequest(BaseModel):
+    """A run a user's own script (or ``gradwatch sync``) streams: the Python client's first call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200)
+    kind: Literal["gan", "vae", "custom"] = Field("custom", description="set again when the script watches a model")
+    config: dict[str, Any] = Field(default_factory=dict, description="the script's own settings, free-form")
+    source: ScriptSource = Field(default_factory=ScriptSource)
+    uid: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{8,64}$",
+                            description="the script's own id for the run: the same uid again returns the same run")
+
+    @field_validator("config")
+    @classmethod
+    def _bounded_json(cls, config: dict[str, Any]) -> dict[str, Any]:
+        try:
+            text = json.dumps(config, allow_nan=False)
+        except ValueError as exc:
+            raise ValueError("must be JSON without NaN or infinity") from exc
+        if len(text) > MAX_SCRIPT_CONFIG_BYTES:
+            raise ValueError(f"is {len(text)} bytes as JSON; at most {MAX_SCRIPT_CONFIG_BYTES}")
+        return config
+
+
 class RunSummary(BaseModel):
     id: str
     name: str
@@ -72,6 +132,8 @@ class RunSummary(BaseModel):
     device: str | None
     last_alert: dict[str, Any] | None
     last_seq: int
+    source: dict[str, Any] | None = Field(None, description="for a script's run: where it comes from")
+    controls: list[str] | None = Field(None, description="for a script's run: the live controls it registered")
     steps_per_s: float | None = Field(
         None, description="Training steps per second over the last ~10 s; null unless the run is training."
     )
@@ -95,6 +157,15 @@ class RunDetail(RunSummary):
     resume_from: dict[str, Any] | None
     samples: list[Artifact]
     checkpoints: list[Artifact]
+
+
+class ScriptRunOut(BaseModel):
+    run: RunDetail
+    token: str = Field(..., description="the run's channel token (shown once; only its hash is kept)")
+    channel: str = Field(..., description="the websocket path the script streams to")
+    url: str = Field(..., description="the run's page")
+    created: bool = Field(..., description="false when the uid named a run that already existed")
+    received: int = Field(..., description="how many of the script's frames the server has stored")
 
 
 class SweepOut(BaseModel):

@@ -35,7 +35,7 @@ def _bearer(headers: Mapping[str, str]) -> str:
 
 @router.websocket("/ws/worker/{run_id}")
 async def worker_channel(ws: WebSocket, run_id: str, manager: ManagerDep) -> None:
-    """The authenticated channel of one run's worker (see app/protocol.py)."""
+    """The authenticated channel of one run's worker (see gradwatch/protocol.py)."""
     await manager.attach(ws, run_id, _bearer(ws.headers))
 
 

@@ -28,6 +28,8 @@ from typing import Any
 MAGIC = b"GWA1"
 CHUNK_BYTES = 1 << 20
 ARTIFACT_KINDS = ("samples", "checkpoints")
+#: The frame types that announce an artifact, and the folder (kind) it lives in.
+ARTIFACT_FRAMES = {"sample": "samples", "checkpoint": "checkpoints"}
 # Artifact names are ours (step_00000020.png), never a client's path: one
 # path component, no leading dot, nothing that a filesystem interprets.
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -53,6 +55,11 @@ class ArtifactChunk:
 
 def valid_artifact(kind: str, name: str) -> bool:
     return kind in ARTIFACT_KINDS and bool(ARTIFACT_NAME.fullmatch(name)) and ".." not in name
+
+
+def artifact_url(run_id: str, kind: str, name: str) -> str:
+    """Where the server serves a run's artifact: the one place this URL is spelled."""
+    return f"/api/runs/{run_id}/{kind}/{name}"
 
 
 def _is_int(value: object) -> bool:
