@@ -11,14 +11,14 @@ import torch
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import RunConfig
+from trainer.gan import GanTrainer
+from trainer.gradients import generator_gradients
 from trainer.loop import (
     GAN_KEYS,
     VAE_KEYS,
-    GanTrainer,
     RunOptions,
     TrainingError,
     active_units,
-    generator_gradients,
     lr_scale,
     make_trainer,
     resolve_device,
@@ -67,7 +67,7 @@ def test_generator_gradients_on_one_graph_equal_fresh_autograd_per_loss(arch: st
     params = tuple(g.parameters())
     z = torch.randn(16, 4)
     names = ["saturating", "non_saturating", "hinge", "least_squares"]
-    h_shared, together = generator_gradients(g(z), d, params, names)  # type: ignore[arg-type]
+    h_shared, together, _ = generator_gradients(g(z), d, params, names)  # type: ignore[arg-type]
     assert not h_shared.requires_grad
     for row, name in enumerate(names):
         h = d(g(z))  # a fresh graph per loss: the reference
@@ -78,7 +78,7 @@ def test_generator_gradients_on_one_graph_equal_fresh_autograd_per_loss(arch: st
         return  # batch norm couples samples (and refuses a batch of one); the ratio below is per sample
     # Per sample, the saturating and non-saturating gradients are σ(h)- and (1 − σ(h))-weighted
     # multiples of the same ∇θ h, so with one sample their ratio is exactly D/(1 − D) = exp(h).
-    one, (sat, non_sat) = generator_gradients(g(z[:1]), d, params, ["saturating", "non_saturating"])
+    one, (sat, non_sat), _ = generator_gradients(g(z[:1]), d, params, ["saturating", "non_saturating"])
     ratio = torch.exp(one.double()).item()
     for a, b in zip(sat, non_sat, strict=True):
         torch.testing.assert_close(a.double(), b.double() * ratio, rtol=1e-4, atol=1e-9)

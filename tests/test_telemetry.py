@@ -13,7 +13,8 @@ from trainer.telemetry import (
     CollapseDetector,
     DropDetector,
     FrameEmitter,
-    ScalarBuffer,
+    MetricBuffer,
+    StepRow,
     dldh_samples,
     frame_to_json,
     grad_norms,
@@ -34,24 +35,31 @@ def test_grad_norms_match_per_tensor_and_global_norms() -> None:
     assert torch.allclose(total_norm(layers), torch.cat([g.flatten() for g in grads]).norm())
 
 
+def _row(**values: float) -> StepRow:
+    row = StepRow()
+    row.add(tuple(values), torch.tensor(list(values.values())))
+    return row
+
+
 def test_buffer_flushes_everything_in_order_with_one_table() -> None:
-    buf = ScalarBuffer(["a", "b"], flush_steps=3, flush_ms=60_000)
+    buf = MetricBuffer(flush_steps=3, flush_ms=60_000)
     assert not buf.due()
     for step in range(1, 4):
-        buf.append(step, torch.tensor([float(step), -float(step)]))
+        buf.append(step, _row(a=float(step), b=-float(step)))
     buf.append_hist(2, logit_histogram(torch.tensor([0.0, 1.0]), torch.tensor([-1.0])))
     assert buf.due()
-    steps, times, table, hists = buf.flush()
-    assert steps == [1, 2, 3]
-    assert times == sorted(times)
-    np.testing.assert_array_equal(table, [[1, -1], [2, -2], [3, -3]])
+    (group,), hists = buf.flush()
+    assert group.keys == ("a", "b")
+    assert group.steps == [1, 2, 3]
+    assert group.times == sorted(group.times)
+    np.testing.assert_array_equal(group.table, [[1, -1], [2, -2], [3, -3]])
     assert hists[0][0] == 2 and hists[0][1].sum() - hists[0][1][:2].sum() == 3
-    assert buf.flush()[0] == []
+    assert buf.flush() == ([], [])
 
 
 def test_buffer_is_due_after_flush_ms() -> None:
-    buf = ScalarBuffer(["a"], flush_steps=1000, flush_ms=1)
-    buf.append(1, torch.tensor([1.0]))
+    buf = MetricBuffer(flush_steps=1000, flush_ms=1)
+    buf.append(1, _row(a=1.0))
     buf._last_flush -= 1.0
     assert buf.due()
 

@@ -58,9 +58,12 @@ def d_loss_terms(name: GLoss, h_real: Tensor, h_fake: Tensor) -> tuple[Tensor, T
 
 
 def gradient_penalty(
-    critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, generator: torch.Generator
+    critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, generator: torch.Generator | None
 ) -> Tensor:
-    """WGAN-GP penalty E[(‖∇ₓ h(x̂)‖ − 1)²] on random interpolates (Gulrajani et al. 2017)."""
+    """WGAN-GP penalty E[(‖∇ₓ h(x̂)‖ − 1)²] on random interpolates (Gulrajani et al. 2017).
+
+    The interpolation weights are drawn from ``generator`` (the global stream if None).
+    """
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
     alpha = torch.rand(shape, device=real.device, generator=generator)
     x_hat = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)

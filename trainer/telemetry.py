@@ -1,12 +1,15 @@
 """Telemetry: keep per-step values on the device, move them to the host in bulk.
 
 A ``.item()`` per metric per step would force a GPU→CPU sync every step and
-stall the training pipeline. Instead each logged step contributes one small
-device tensor (all its scalars stacked) to a buffer, and the buffer reaches the
-host with a single ``torch.stack(...).cpu()`` when it is due: every
-``flush_steps`` buffered steps or every ``flush_ms`` milliseconds, whichever
-comes first. Checks that need host values (non-finite losses, gradient
-collapse) run at flush time on the copied numbers.
+stall the training pipeline. Instead each logged step contributes a
+:class:`StepRow` (named segments of small device tensors, plus any Python
+floats kept on the host) to a :class:`MetricBuffer`, which reaches the host
+with a single ``torch.cat(...).cpu()`` when it is due: every ``flush_steps``
+buffered steps or every ``flush_ms`` milliseconds, whichever comes first. Rows
+may name different keys from step to step; the flush returns one group per
+key tuple, each one ``metrics`` frame. Checks that need host values
+(non-finite losses, gradient collapse) run at flush time on the copied
+numbers.
 
 Frames follow SPEC §4: JSON objects with ``type``, ``run`` and a per-run
 ``seq`` that increases by one with every frame emitted.
@@ -14,12 +17,13 @@ Frames follow SPEC §4: JSON objects with ``type``, ``run`` and a per-run
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -122,24 +126,227 @@ class FrameEmitter:
         return frame
 
 
-@dataclass
-class ScalarBuffer:
-    """Buffered scalar telemetry for one fixed, ordered set of keys."""
+class RowPlan:
+    """How the raw values of a row with one segment layout become its named columns.
 
-    keys: list[str]
-    flush_steps: int
-    flush_ms: int
-    _steps: list[int] = field(default_factory=list)
-    _times: list[float] = field(default_factory=list)
-    _rows: list[Tensor] = field(default_factory=list)
-    _hists: list[tuple[int, Tensor]] = field(default_factory=list)
-    _last_flush: float = field(default_factory=time.monotonic)
+    Built once per layout (the names of its segments and which of them are host floats) and cached:
+    every logged step of a run has the same layout, so the per-step cost of naming is a dict lookup.
+    ``keys`` keeps each name once, at the place of the last segment that holds it ("the later one
+    wins"); ``device_src``/``device_dst`` and ``host_src``/``host_dst`` map raw columns (device
+    segments concatenated, host floats in order) onto ``keys``. ``identity`` marks the common layout
+    with neither host floats nor repeated names, whose raw device values already are the row.
+    """
 
-    def append(self, step: int, values: Tensor) -> None:
-        """Buffer one step's scalars (a 1-D device tensor aligned with ``keys``)."""
-        self._steps.append(step)
-        self._times.append(time.time())
-        self._rows.append(values.detach().float())
+    __slots__ = ("device_dst", "device_src", "host_dst", "host_src", "identity", "keys", "n_device", "n_host",
+                 "pieces")
+
+    def __init__(self, layout: tuple[tuple[str, ...], ...], on_host: tuple[bool, ...]) -> None:
+        last: dict[str, tuple[int, int]] = {}
+        for i, names in enumerate(layout):
+            for j, name in enumerate(names):
+                last[name] = (i, j)
+        keys: list[str] = []
+        device_src: list[int] = []
+        device_dst: list[int] = []
+        host_src: list[int] = []
+        host_dst: list[int] = []
+        #: Per segment, the (start, stop) runs of its entries that survive, for :meth:`StepRow.values`.
+        pieces: list[list[tuple[int, int]]] = []
+        n_device = n_host = 0
+        for i, (names, host) in enumerate(zip(layout, on_host, strict=True)):
+            kept = [j for j, name in enumerate(names) if last[name] == (i, j)]
+            for j in kept:
+                (host_dst if host else device_dst).append(len(keys))
+                (host_src if host else device_src).append((n_host if host else n_device) + j)
+                keys.append(names[j])
+            runs: list[tuple[int, int]] = []
+            for j in kept:
+                if runs and runs[-1][1] == j:
+                    runs[-1] = (runs[-1][0], j + 1)
+                else:
+                    runs.append((j, j + 1))
+            pieces.append(runs)
+            if host:
+                n_host += len(names)
+            else:
+                n_device += len(names)
+        self.keys = tuple(keys)
+        self.n_device, self.n_host = n_device, n_host
+        self.device_src, self.device_dst = np.array(device_src, dtype=np.intp), np.array(device_dst, dtype=np.intp)
+        self.host_src, self.host_dst = np.array(host_src, dtype=np.intp), np.array(host_dst, dtype=np.intp)
+        self.identity = n_host == 0 and len(keys) == n_device
+        self.pieces = pieces
+
+    def assemble(self, device: np.ndarray, host: np.ndarray) -> np.ndarray:
+        """The named table (rows × ``keys``) from the raw device and host tables of rows of this layout."""
+        if self.identity:
+            return device
+        table = np.empty((max(device.shape[0], host.shape[0]), len(self.keys)), dtype=np.float64)
+        if self.n_device:
+            table[:, self.device_dst] = device[:, self.device_src]
+        if self.n_host:
+            table[:, self.host_dst] = host[:, self.host_src]
+        return table
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_plan(layout: tuple[tuple[str, ...], ...], on_host: tuple[bool, ...]) -> RowPlan:
+    return RowPlan(layout, on_host)
+
+
+class StepRow:
+    """One step's scalars, every value named, each left where it was computed until the flush.
+
+    Producers add *segments*: a 1-D device tensor together with the names of its entries (one
+    segment per producer: a probe's discriminator part, its generator part, a user's own
+    ``run.log``). Naming the values where they are made, instead of by their position in one
+    stacked tensor, lets independent producers build a row without agreeing on a column order, and
+    lets rows of different steps carry different keys. A Python float stays on the host (a
+    segment of its own) and joins the device values only on the host at the flush, so logging one
+    never launches a kernel or waits for the device. Adding the same names again replaces the
+    earlier segment; a name present in two segments takes the later one's value.
+    """
+
+    __slots__ = ("_plan", "_segments")
+
+    def __init__(self) -> None:
+        self._segments: dict[tuple[str, ...], Tensor | float] = {}
+        self._plan: RowPlan | None = None
+
+    def add(self, names: Sequence[str], values: Tensor) -> None:
+        """A segment: ``values`` (1-D, one entry per name) under ``names``."""
+        names = tuple(names)
+        if values.dim() != 1 or values.shape[0] != len(names):
+            raise ValueError(f"{len(names)} names for values of shape {tuple(values.shape)}")
+        self._put(names, values.detach() if values.requires_grad else values)
+
+    def add_scalar(self, name: str, value: Tensor | float) -> None:
+        """One value: a tensor with one element (it stays on its device) or a Python number (on the host)."""
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name}: a scalar must have one element, got shape {tuple(value.shape)}")
+            self._put((name,), value.detach().reshape(1))
+        else:
+            self._put((name,), float(value))
+
+    def _put(self, names: tuple[str, ...], segment: Tensor | float) -> None:
+        segments = self._segments
+        if names in segments:
+            del segments[names]  # re-inserted last: it is now the later segment
+        segments[names] = segment
+        self._plan = None
+
+    @property
+    def empty(self) -> bool:
+        return not self._segments
+
+    def plan(self) -> RowPlan:
+        """The cached :class:`RowPlan` of this row's layout (the same object for every row laid out alike)."""
+        if self._plan is None:
+            segments = self._segments
+            self._plan = _row_plan(tuple(segments), tuple(type(v) is float for v in segments.values()))
+        return self._plan
+
+    def keys(self) -> tuple[str, ...]:
+        return self.plan().keys
+
+    def values(self) -> Tensor:
+        """The row as one 1-D float32 tensor aligned with :meth:`keys`, with a single ``torch.cat``.
+
+        Host floats become one-element tensors made by ``torch.full`` on the row's device: the value
+        travels as a kernel argument, never as a host→device copy, so this does not synchronise.
+        """
+        plan = self.plan()
+        tensors = [v for v in self._segments.values() if isinstance(v, Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        parts: list[Tensor] = []
+        for segment, runs in zip(self._segments.values(), plan.pieces, strict=True):
+            if not isinstance(segment, Tensor):
+                if runs:
+                    parts.append(torch.full((1,), segment, dtype=torch.float32, device=device))
+            elif len(runs) == 1 and runs[0] == (0, segment.shape[0]):
+                parts.append(segment)
+            else:
+                parts.extend(segment[a:b] for a, b in runs)
+        if not parts:
+            return torch.zeros(0)
+        return torch.cat(parts).float()
+
+    def device_values(self) -> Tensor | None:
+        """The raw device segments, concatenated (names repeated across segments included): what a buffer keeps.
+
+        Always a new tensor (``torch.cat`` copies even one segment), so a producer that later updates a
+        logged tensor in place does not change the value buffered for this step.
+        """
+        tensors = [v for v in self._segments.values() if isinstance(v, Tensor)]
+        if not tensors:
+            return None
+        return torch.cat(tensors).float()
+
+    def host_values(self) -> tuple[float, ...]:
+        """The raw host floats, in segment order."""
+        return tuple(v for v in self._segments.values() if type(v) is float)
+
+
+class MetricGroup(NamedTuple):
+    """Buffered rows that share one key tuple: the content of one SPEC §4 ``metrics`` frame."""
+
+    keys: tuple[str, ...]
+    steps: list[int]
+    times: list[float]
+    table: np.ndarray
+
+
+class _Pending:
+    """The rows of one layout waiting for a flush."""
+
+    __slots__ = ("device", "host", "order", "plan", "steps", "times")
+
+    def __init__(self, plan: RowPlan) -> None:
+        self.plan = plan
+        self.steps: list[int] = []
+        self.times: list[float] = []
+        self.order: list[int] = []
+        self.device: list[Tensor] = []
+        self.host: list[tuple[float, ...]] = []
+
+
+class MetricBuffer:
+    """Buffered telemetry: named rows of any key sets, and histogram packets, off the device in one copy.
+
+    Rows are grouped by layout as they arrive (a dict lookup on a cached plan), so a run that logs
+    ``val/acc`` every hundred steps beside its per-step keys costs nothing extra on the other
+    steps. :meth:`flush` moves every buffered device value, histogram packets included, to the host
+    with a single ``torch.cat(...).cpu()`` and returns one :class:`MetricGroup` per key tuple, in
+    the order of each group's first row.
+    """
+
+    def __init__(self, flush_steps: int, flush_ms: int) -> None:
+        self.flush_steps = flush_steps
+        self.flush_ms = flush_ms
+        self._groups: dict[RowPlan, _Pending] = {}
+        self._hists: list[tuple[int, Tensor]] = []
+        self._rows = 0
+        self._last_flush = time.monotonic()
+
+    def append(self, step: int, row: StepRow) -> None:
+        """Buffer one step's row (an empty row is nothing to report and is ignored)."""
+        if row.empty:
+            return
+        plan = row.plan()
+        pending = self._groups.get(plan)
+        if pending is None:
+            pending = self._groups[plan] = _Pending(plan)
+        pending.steps.append(step)
+        pending.times.append(time.time())
+        pending.order.append(self._rows)
+        if plan.n_device:
+            device = row.device_values()
+            assert device is not None
+            pending.device.append(device)
+        if plan.n_host:
+            pending.host.append(row.host_values())
+        self._rows += 1
 
     def append_hist(self, step: int, packed: Tensor) -> None:
         self._hists.append((step, packed.detach()))
@@ -147,28 +354,72 @@ class ScalarBuffer:
     def due(self) -> bool:
         if not self._rows and not self._hists:
             return False
-        if len(self._rows) >= self.flush_steps:
+        if self._rows >= self.flush_steps:
             return True
         return (time.monotonic() - self._last_flush) * 1000.0 >= self.flush_ms
 
-    def flush(self) -> tuple[list[int], list[float], np.ndarray, list[tuple[int, np.ndarray]]]:
-        """Everything buffered, on the host, with one device→host copy."""
+    def flush(self) -> tuple[list[MetricGroup], list[tuple[int, np.ndarray]]]:
+        """Everything buffered, on the host, with one device→host copy: the groups, then the histogram packets."""
         self._last_flush = time.monotonic()
-        steps, times, rows, hists = self._steps, self._times, self._rows, self._hists
-        self._steps, self._times, self._rows, self._hists = [], [], [], []
-        if not rows and not hists:
-            return [], [], np.zeros((0, len(self.keys)), dtype=np.float32), []
-        # One copy for scalars and histograms alike: pad into a single flat tensor.
-        parts = ([torch.stack(rows).flatten()] if rows else []) + [h for _, h in hists]
-        flat = torch.cat(parts).cpu().numpy()
-        n_scalar = len(rows) * len(self.keys)
-        table = flat[:n_scalar].reshape(len(rows), len(self.keys))
+        pending, hists = list(self._groups.values()), self._hists
+        self._groups, self._hists, self._rows = {}, [], 0
+        if not pending and not hists:
+            return [], []
+        tensors = [t for p in pending for t in p.device] + [h for _, h in hists]
+        flat = _to_host(tensors)
+        offset = 0
+        tables: list[tuple[_Pending, np.ndarray]] = []
+        for p in pending:
+            n, width = len(p.steps), p.plan.n_device
+            device = flat[offset : offset + n * width].reshape(n, width)
+            offset += n * width
+            host = np.array(p.host, dtype=np.float64).reshape(len(p.host), p.plan.n_host)
+            tables.append((p, p.plan.assemble(device, host)))
         out_hists = []
-        offset = n_scalar
         for step, packed in hists:
             out_hists.append((step, flat[offset : offset + packed.numel()]))
             offset += packed.numel()
-        return steps, times, table, out_hists
+        return _merge(tables), out_hists
+
+
+def _to_host(tensors: list[Tensor]) -> np.ndarray:
+    """Concatenate 1-D tensors on the host, with one copy per device they live on (in practice one)."""
+    if not tensors:
+        return np.zeros(0, dtype=np.float32)
+    device = tensors[0].device
+    if all(t.device == device for t in tensors):
+        return torch.cat(tensors).cpu().numpy()
+    # A row mixing devices (a user's CPU metric beside a CUDA model): one copy per device, order restored.
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    arrays: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(tensors)
+    for idx in by_device.values():
+        flat = torch.cat([tensors[i].float() for i in idx]).cpu().numpy()
+        sizes = np.cumsum([tensors[i].numel() for i in idx])[:-1]
+        for i, part in zip(idx, np.split(flat, sizes), strict=True):
+            arrays[i] = part
+    return np.concatenate(arrays)
+
+
+def _merge(tables: list[tuple[_Pending, np.ndarray]]) -> list[MetricGroup]:
+    """One group per key tuple, rows in arrival order; layouts that name the same keys are merged."""
+    by_keys: dict[tuple[str, ...], list[tuple[_Pending, np.ndarray]]] = {}
+    for p, table in tables:
+        by_keys.setdefault(p.plan.keys, []).append((p, table))
+    groups = []
+    for keys, parts in by_keys.items():
+        if len(parts) == 1:
+            p, table = parts[0]
+            groups.append((p.order[0], MetricGroup(keys, p.steps, p.times, table)))
+            continue
+        order = np.concatenate([np.array(p.order) for p, _ in parts])
+        at = np.argsort(order, kind="stable")
+        steps = [s for p, _ in parts for s in p.steps]
+        times = [t for p, _ in parts for t in p.times]
+        table = np.concatenate([t.astype(np.float64) for _, t in parts])[at]
+        groups.append((int(order[at[0]]), MetricGroup(keys, [steps[i] for i in at], [times[i] for i in at], table)))
+    return [group for _, group in sorted(groups, key=lambda g: g[0])]
 
 
 def metrics_frame_fields(

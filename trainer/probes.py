@@ -1,0 +1,450 @@
+"""Probes: the SPEC §2 telemetry of a GAN or VAE step, for any user's modules.
+
+A probe owns the maths of one model family's telemetry and nothing else: it
+takes the step's backward pass in the user's place (so it can see the
+gradients as they are made), leaves ``.grad`` exactly where ``backward()``
+would, and records every SPEC §2 key of the step into a named
+:class:`~trainer.telemetry.StepRow`. The built-in trainers (trainer/gan.py,
+trainer/vae.py) and a user's own script (``run.watch_gan`` / ``run.watch_vae``
+of the client) use the same probes, so there is one implementation of the
+maths, and a user's run reports the same keys, computed the same way, as a
+built-in one.
+
+Nothing here waits for the device: every recorded value is a device tensor
+(or a reduction of one) that reaches the host in bulk through
+:class:`~trainer.telemetry.MetricBuffer`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, get_args
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import GLoss
+from trainer.gradients import as_logits, couples_samples, generator_gradients
+from trainer.losses import (
+    SHADOW_PAIR,
+    d_loss_terms,
+    g_loss_per_sample,
+    gaussian_kl,
+    gaussian_kl_mc,
+    gaussian_kl_mc_from_noise,
+    gradient_penalty,
+)
+from trainer.telemetry import StepRow, grad_norms, logit_packet, total_norm
+
+#: What a discriminator_backward records, in row order, before the per-tensor norms ``grad/d_layer/<param>``.
+D_STEP_KEYS = ("loss/d", "loss/d_real", "loss/d_fake", "grad/d_norm", "d/real_prob", "d/real_logit")
+#: What a generator_backward records, in row order, before the per-tensor norms ``grad/g_layer/<param>``.
+G_STEP_KEYS = (
+    "loss/g",
+    "d/fake_prob",
+    "d/fake_logit",
+    "dldh/saturating",
+    "dldh/non_saturating",
+    "grad/g_norm",
+    "grad/g_norm_saturating",
+    "grad/g_norm_non_saturating",
+)
+#: Every fixed SPEC §2 GAN key (a run adds one ``grad/g_layer/*`` and ``grad/d_layer/*`` per parameter tensor).
+GAN_KEYS = [
+    "loss/d",
+    "loss/d_real",
+    "loss/d_fake",
+    "loss/g",
+    "d/real_prob",
+    "d/fake_prob",
+    "d/real_logit",
+    "d/fake_logit",
+    "grad/d_norm",
+    "grad/g_norm",
+    "grad/g_norm_saturating",
+    "grad/g_norm_non_saturating",
+    "dldh/saturating",
+    "dldh/non_saturating",
+]
+#: Every fixed SPEC §2 VAE key (a run adds one ``kl/dim/<i>`` per latent dimension).
+VAE_KEYS = ["loss/elbo", "loss/recon", "loss/kl", "kl/mc", "vae/active_units", "grad/enc_norm", "grad/dec_norm"]
+#: Burda et al. 2016: a latent unit is active when Cov_x(E_q[z_i]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+G_LOSSES: tuple[GLoss, ...] = get_args(GLoss)
+UnclaimedRowHook = Callable[[StepRow], None]
+
+
+def active_units(mu: Tensor) -> Tensor:
+    """Latent dimensions whose encoder mean varies across inputs (Burda et al. 2016), as a device scalar."""
+    return (mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().float()
+
+
+def _trainable(module: nn.Module) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """Names and tensors of the parameters a step trains (``requires_grad``), in ``named_parameters()`` order."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    return tuple(n for n, _ in named), tuple(p for _, p in named)
+
+
+def _current_grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """Each parameter's ``.grad`` as it stands; a parameter the loss did not reach counts as a zero gradient."""
+    return [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
+
+
+def _learning_rate(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key}: a learning rate must be a finite number above 0, got {value!r}")
+    return float(value)
+
+
+def _g_loss(value: Any) -> GLoss:
+    if value not in G_LOSSES:
+        raise ValueError(f"g_loss: must be one of {', '.join(G_LOSSES)}, got {value!r}")
+    return value
+
+
+def _every(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
+    return value
+
+
+class _Steps:
+    """A probe's step bookkeeping: the row being recorded, the histogram packet, and unclaimed completed steps.
+
+    A step is complete once its last backward call is done; its row then waits for ``take_row``.
+    Should the next step begin first, the completed step is handed to ``on_unclaimed_row`` (a client
+    commits it as a step the user never logged) or dropped: a row never mixes two steps.
+    """
+
+    #: Called with a completed step's row when the next step begins before anyone took it; None drops it.
+    on_unclaimed_row: UnclaimedRowHook | None = None
+
+    def __init__(self) -> None:
+        self._row = StepRow()
+        self._hist: Tensor | None = None
+        self._complete = False
+        #: Completed steps (calls of the step's last backward), counting from 1.
+        self.calls = 0
+
+    def take_row(self) -> StepRow:
+        """Everything recorded since the last take; the probe starts a fresh row."""
+        row, self._row = self._row, StepRow()
+        self._complete = False
+        return row
+
+    def take_hist(self) -> Tensor | None:
+        """The last histogram step's packet (:func:`~trainer.telemetry.logit_packet`) if not yet taken."""
+        packet, self._hist = self._hist, None
+        return packet
+
+    def _begin(self) -> None:
+        """Settle a completed step nobody took before recording into a new one."""
+        if not self._complete:
+            return
+        if self.on_unclaimed_row is not None and (not self._row.empty or self._hist is not None):
+            # The hook may still take_hist() for that step; whatever it leaves is dropped with the step.
+            self.on_unclaimed_row(self.take_row())
+        else:
+            self.take_row()
+        self._hist = None
+
+
+class GanProbe(_Steps):
+    """SPEC §2 GAN telemetry for a user's generator and discriminator.
+
+    ``discriminator_backward`` and ``generator_backward`` each replace one
+    ``loss.backward()`` of a GAN step; the user keeps calling ``zero_grad`` and
+    ``step`` on the optimisers. The generator step takes the applied gradient
+    (``g_loss``) and, on logged steps, the *shadow* gradient of the other of
+    saturating / non-saturating at the same parameters and batch, which is what
+    lets one run show what the other loss would do right now.
+
+    Two ways to take the generator gradients (trainer/gradients.py): the fast
+    path shares one backward pass through D between both losses and is exact
+    for a D that scores each sample on its own; the exact path differentiates
+    each loss's batch mean in full and is needed when D couples the samples of
+    a batch (batch norm in training mode, minibatch discrimination, ...).
+    ``couples_samples=None`` detects coupling once, on the first generator
+    step; ``True``/``False`` says it up front. :attr:`fast_path` tells which
+    path is in use.
+
+    ``log=None`` / ``hist=None`` let the probe decide by its own counters:
+    every ``log_every``-th / ``hist_every``-th generator step (counting from 1)
+    is logged / sends a logit histogram. A caller with its own schedule (the
+    built-in trainer) passes explicit flags.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        *,
+        g_loss: GLoss = "non_saturating",
+        opt_g: torch.optim.Optimizer | None = None,
+        opt_d: torch.optim.Optimizer | None = None,
+        gp_weight: float = 10.0,
+        couples_samples: bool | None = None,
+        log_every: int = 1,
+        hist_every: int = 50,
+        generator_rng: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self._g_loss = _g_loss(g_loss)
+        self.opt_g = opt_g
+        self.opt_d = opt_d
+        self.gp_weight = float(gp_weight)
+        self.log_every = _every("log_every", log_every)
+        self.hist_every = _every("hist_every", hist_every)
+        self.generator_rng = generator_rng
+        self._couples = couples_samples
+        g_names, self._g_params = _trainable(generator)
+        d_names, self._d_params = _trainable(discriminator)
+        self._g_keys = G_STEP_KEYS + tuple(f"grad/g_layer/{n}" for n in g_names)
+        self._d_keys = D_STEP_KEYS + tuple(f"grad/d_layer/{n}" for n in d_names)
+        self._h_real: Tensor | None = None
+
+    @property
+    def g_loss(self) -> GLoss:
+        """The generator loss in force (the dashboard's flip changes it between steps)."""
+        return self._g_loss
+
+    @g_loss.setter
+    def g_loss(self, value: GLoss) -> None:
+        self._g_loss = _g_loss(value)
+
+    @property
+    def fast_path(self) -> bool | None:
+        """True: the shared-backward fast path; False: the exact path for a coupling D; None: not detected yet."""
+        return None if self._couples is None else not self._couples
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key a logged step records (D part, then G part)."""
+        return self._d_keys + self._g_keys
+
+    # -- the two backward passes of a GAN step ----------------------------------------------------
+    def discriminator_backward(self, real: Tensor, fake: Tensor, *, log: bool | None = None) -> Tensor:
+        """D's loss under the current loss family, back-propagated into D's ``.grad``; returns it detached.
+
+        ``fake`` is detached here, so G never receives a gradient from D's loss. For ``wasserstein``
+        the gradient penalty (``gp_weight`` > 0) draws its interpolation weights from
+        ``generator_rng``. Gradients accumulate as with ``backward()``. Called ``d_steps`` times per
+        step, the last call's values are the step's; its real logits feed the step's histogram.
+        """
+        self._begin()
+        if log is None:
+            log = (self.calls + 1) % self.log_every == 0
+        d = self.discriminator
+        fake = fake.detach()
+        h_real, h_fake = as_logits(d(real)), as_logits(d(fake))
+        loss_real, loss_fake = d_loss_terms(self._g_loss, h_real, h_fake)
+        loss_d = loss_real + loss_fake
+        if self._g_loss == "wasserstein" and self.gp_weight > 0:
+            loss_d = loss_d + self.gp_weight * gradient_penalty(d, real, fake, self.generator_rng)
+        loss_d.backward()
+        self._h_real = h_real = h_real.detach()
+        if log:
+            with torch.no_grad():
+                # One fused norm call over D's gradient as it now stands (what opt_d.step() applies).
+                layers = grad_norms(_current_grads(self._d_params))
+                terms = torch.stack([loss_d, loss_real, loss_fake, total_norm(layers)])
+                real_stats = torch.stack([torch.sigmoid(h_real), h_real]).mean(1)
+                self._row.add(self._d_keys, torch.cat([terms, real_stats, layers]))
+        return loss_d.detach()
+
+    def generator_backward(self, fake: Tensor, *, log: bool | None = None, hist: bool | None = None) -> Tensor:
+        """The applied generator gradient (under :attr:`g_loss`) added into G's ``.grad``; returns the loss, detached.
+
+        ``fake`` must still be attached to G's graph. On logged steps the shadow gradient(s) are
+        taken too and every generator key is recorded; on histogram steps a logit packet is kept
+        for :meth:`take_hist`. D's parameters receive no ``.grad``. This completes the step.
+        """
+        if not fake.requires_grad:
+            raise ValueError("generator_backward: fake must still be attached to G's graph (G(z), not G(z).detach())")
+        self._begin()
+        self.calls += 1
+        if log is None:
+            log = self.calls % self.log_every == 0
+        if hist is None:
+            hist = self.calls % self.hist_every == 0
+        if self._couples is None:
+            self._couples = couples_samples(self.discriminator, fake)
+        losses: list[GLoss] = [self._g_loss]
+        if log:
+            losses += [name for name in SHADOW_PAIR if name != self._g_loss]
+        h, grads, weights = generator_gradients(fake, self.discriminator, self._g_params, losses,
+                                                per_sample=not self._couples)
+        for param, grad in zip(self._g_params, grads[0], strict=True):
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+        with torch.no_grad():
+            if log:
+                loss = self._record_generator(losses, h, grads, weights)
+            else:
+                loss = g_loss_per_sample(self._g_loss, h).mean()
+            if hist:
+                # Histograms and the saturation panel's per-sample points share one buffered tensor.
+                real = self._h_real if self._h_real is not None else h.new_zeros(0)
+                self._hist = logit_packet(real, h)
+        self._h_real = None  # the next step's histogram takes the next step's real logits, or none
+        self._complete = True
+        return loss
+
+    def _record_generator(
+        self, losses: list[GLoss], h: Tensor, grads: list[tuple[Tensor, ...]], weights: list[Tensor]
+    ) -> Tensor:
+        """The generator part of a logged row, in as few kernels as possible; returns the applied loss.
+
+        This runs on every logged step (every step by default), so each op counts: on a CPU a small
+        op costs a few microseconds of dispatch whatever its size. Every loss's per-tensor norms come
+        from one fused call, whose slices give the global norms; ``dldh/*`` reuse the weights the
+        gradients were scaled by instead of taking them again.
+        """
+        n = len(self._g_params)
+        layers = grad_norms([t for g in grads for t in g])
+        norm_of = {name: total_norm(layers[i * n : (i + 1) * n]) for i, name in enumerate(losses)}
+        weight_of = dict(zip(losses, weights, strict=True))
+        # Five per-sample quantities, one mean over the batch. Mean |∂loss/∂h| per fake sample is the
+        # autograd derivative of the loss itself (SPEC: σ(h) and 1 − σ(h)).
+        means = torch.stack([
+            g_loss_per_sample(losses[0], h),
+            torch.sigmoid(h),
+            h,
+            weight_of["saturating"].abs(),
+            weight_of["non_saturating"].abs(),
+        ]).mean(1)
+        norms = torch.stack([norm_of[losses[0]], norm_of["saturating"], norm_of["non_saturating"]])
+        self._row.add(self._g_keys, torch.cat([means, norms, layers[:n]]))
+        return means[0]
+
+    # -- live controls ------------------------------------------------------------------------------
+    def controls(self) -> list[str]:
+        """The live changes this probe can apply: ``g_loss`` always, a learning rate per optimiser it was given."""
+        names = ["g_loss"]
+        if self.opt_g is not None:
+            names.append("lr_g")
+        if self.opt_d is not None:
+            names.append("lr_d")
+        return names
+
+    def apply_control(self, changes: Mapping[str, Any]) -> None:
+        """Apply a live change between two steps; ValueError naming the key if any part cannot apply (then none does).
+
+        A flip of ``g_loss`` clears the generator optimiser's state: its statistics (Adam's moments,
+        SGD's momentum) describe the old loss's gradients, which after a saturated run are ~10⁴
+        smaller; kept, they would turn the new loss's first gradients into steps tens of times too
+        large, throw G far off and D with it. They start afresh. ``lr_g`` / ``lr_d`` set every
+        parameter group's learning rate.
+        """
+        allowed = self.controls()
+        for key in changes:
+            if key not in allowed:
+                why = "no optimiser was given for it" if key in ("lr_g", "lr_d") else "not a live control"
+                raise ValueError(f"{key}: cannot change it on this run ({why}; controls: {', '.join(allowed)})")
+        g_loss = _g_loss(changes["g_loss"]) if "g_loss" in changes else self._g_loss
+        rates = {key: _learning_rate(key, changes[key]) for key in ("lr_g", "lr_d") if key in changes}
+        if g_loss != self._g_loss:
+            self._g_loss = g_loss
+            if self.opt_g is not None:
+                self.opt_g.state.clear()
+        for key, opt in (("lr_g", self.opt_g), ("lr_d", self.opt_d)):
+            if key in rates and opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = rates[key]
+
+
+class VaeProbe(_Steps):
+    """SPEC §2 VAE telemetry for a user's encoder and decoder.
+
+    :meth:`backward` replaces the ELBO's ``loss.backward()``: the user passes the
+    reconstruction term and the posterior's parameters, the probe forms the
+    loss (mean −log p(x|z) + β·KL, the KL in closed form), back-propagates it
+    and records the ELBO terms, the per-dimension KL, the Monte-Carlo KL as a
+    live check of the closed form, the active units and the encoder's and
+    decoder's gradient norms.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        *,
+        beta: float = 1.0,
+        opt: torch.optim.Optimizer | None = None,
+        log_every: int = 1,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.beta = float(beta)
+        self.opt = opt
+        self.log_every = _every("log_every", log_every)
+        _, enc_params = _trainable(encoder)
+        _, dec_params = _trainable(decoder)
+        self._params = enc_params + dec_params
+        self._n_enc = len(enc_params)
+        self._keys: dict[tuple[int, bool], tuple[str, ...]] = {}
+
+    def backward(
+        self,
+        nll: Tensor,
+        mu: Tensor,
+        logvar: Tensor,
+        z: Tensor | None = None,
+        *,
+        eps: Tensor | None = None,
+        log: bool | None = None,
+    ) -> Tensor:
+        """Back-propagate mean ``nll`` + β·KL(q(z|x) ‖ N(0, I)); returns that loss (the negative ELBO), detached.
+
+        ``nll``: −log p(x|z), per sample ((B,) or (mc, B): any shape whose mean is the batch mean) or
+        already the batch mean. ``mu``, ``logvar``: (B, latent). ``z``, if given ((B, latent) or
+        (mc, B, latent), drawn from q), adds ``kl/mc``; ``eps``, the standard normal noise z was drawn
+        with (z = μ + σ·ε), computes it in a form with fewer operations and no cancellation.
+        """
+        self._begin()
+        self.calls += 1
+        if log is None:
+            log = self.calls % self.log_every == 0
+        recon = nll.mean()
+        kl_dims = gaussian_kl(mu, logvar).mean(0)
+        kl = kl_dims.sum()
+        loss = recon + self.beta * kl
+        loss.backward()
+        if log:
+            with torch.no_grad():
+                self._record(loss, recon, kl, kl_dims, mu, logvar, z, eps)
+        self._complete = True
+        return loss.detach()
+
+    def _record(self, loss: Tensor, recon: Tensor, kl: Tensor, kl_dims: Tensor, mu: Tensor, logvar: Tensor,
+                z: Tensor | None, eps: Tensor | None) -> None:
+        # Encoder then decoder tensors, one norm call; slices give the two totals.
+        layers = grad_norms(_current_grads(self._params))
+        enc, dec = total_norm(layers[: self._n_enc]), total_norm(layers[self._n_enc :])
+        values = [-loss, recon, kl]
+        if z is not None:
+            kl_mc = gaussian_kl_mc_from_noise(z, eps, logvar) if eps is not None else gaussian_kl_mc(mu, logvar, z)
+            values.append(kl_mc.mean())
+        values += [active_units(mu), enc, dec]
+        keys = self._keys.get((kl_dims.shape[0], z is not None))
+        if keys is None:
+            fixed = VAE_KEYS if z is not None else [k for k in VAE_KEYS if k != "kl/mc"]
+            keys = self._keys[(kl_dims.shape[0], z is not None)] = (
+                *fixed, *(f"kl/dim/{i}" for i in range(kl_dims.shape[0])))
+        self._row.add(keys, torch.cat([torch.stack(values), kl_dims]))
+
+    def controls(self) -> list[str]:
+        """None: SPEC §4's live controls (``g_loss``, ``lr_g``, ``lr_d``) are GAN settings."""
+        return []
+
+    def apply_control(self, changes: Mapping[str, Any]) -> None:
+        """Refuse every change, naming the first key: a VAE run has no live controls."""
+        for key in changes:
+            raise ValueError(f"{key}: a VAE run has no live controls")
