@@ -23,7 +23,7 @@ serve: $(STAMP)
 	$(VENV)/bin/gradwatch serve $(SERVE_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check app trainer tests bench
+	$(PY) -m ruff check app trainer gradwatch tests bench examples
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

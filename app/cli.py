@@ -64,6 +64,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if status in ("completed", "stopped") else 1
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from gradwatch.sync import SyncError, sync
+
+    status = 0
+    for folder in args.folders:
+        try:
+            result = sync(folder, server=args.server, token=args.token, progress=not args.no_progress)
+        except SyncError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            status = 1
+            continue
+        if result["uploaded"]:
+            sys.stderr.write(f"{folder}: {result['uploaded']} frames uploaded → {result['url']}\n")
+        else:
+            sys.stderr.write(f"{folder}: already on the server → {result['url']}\n")
+    return status
+
+
 def _presets(_args: argparse.Namespace) -> int:
     from trainer.presets import all_presets
 
@@ -144,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-hosts", help="extra Host names to accept, comma-separated (a reverse proxy's name)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
+
+    sync = sub.add_parser("sync", help="upload run folders (a script's offline run, or a `train --out` folder)")
+    sync.add_argument("folders", nargs="+", metavar="DIR", help="run folder(s) holding events.jsonl")
+    sync.add_argument("--server", help="the server (default: $GRADWATCH_URL, else http://127.0.0.1:8000)")
+    sync.add_argument("--token", help="the server's access token (default: $GRADWATCH_TOKEN)")
+    sync.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sync.set_defaults(func=_sync)
 
     presets = sub.add_parser("presets", help="print the shipped presets as JSON")
     presets.set_defaults(func=_presets)

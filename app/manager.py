@@ -76,7 +76,7 @@ class Active:
     stop_requested: bool = False
     attached: asyncio.Event = field(default_factory=asyncio.Event)
     uploads: dict[tuple[str, str], tuple[Path, Any]] = field(default_factory=dict)
-    external: bool = False  # a script's run (gradwatch.run): no process of ours, ends by its frames or its silence
+    external: bool = False  # a script's run (gradwatch.client): no process of ours, ends by its frames or its silence
     offset: int = 0  # frames the server wrote into the stream: the sender's frame n is stored as n + offset
     grace: asyncio.Task[Any] | None = None  # an external run's countdown to "interrupted" while disconnected
 
@@ -541,7 +541,7 @@ class RunManager:
             await asyncio.to_thread(self.store.update_run, rec.id, seq_offset=rec.seq_offset)
         return seq
 
-    # -- runs streamed by a script (gradwatch.run) or by `gradwatch sync` -------------------
+    # -- runs streamed by a script (gradwatch.client) or by `gradwatch sync` -------------------
     async def open_external(self, *, name: str, kind: str, config: dict[str, Any], source: dict[str, Any],
                             uid: str | None) -> tuple[RunRecord, str, bool]:
         """Create a script's run, or find the one its ``uid`` names; either way with a fresh run token.

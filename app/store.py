@@ -239,7 +239,7 @@ class RunRecord:
     last_alert: dict[str, Any] | None = None  # {"step", "kind", "message"} of the newest alert frame
     resume_from: dict[str, Any] | None = None  # {"run": id, "checkpoint": name}
     last_seq: int = 0  # highest frame seq stored for this run
-    # A run streamed by a user's own script or `gradwatch sync` (gradwatch.run), not launched by the server:
+    # A run streamed by a user's own script or `gradwatch sync` (gradwatch.client), not launched by the server:
     # {"origin": "script"|"sync", "host", "script", "git": {...}, ...}; None for a launched run.
     source: dict[str, Any] | None = None
     controls: list[str] | None = None  # the live controls its script registered; None: all (a launched run)

@@ -14,6 +14,12 @@ Same model, data, batch size and seed in every variant:
     keys every step, computed as a user would (``.item()`` per value, a norm per
     parameter), and ``add_histogram`` of the logits every ``hist_every`` steps.
 (d) ``wandb``: the same values through ``wandb.log`` in offline mode.
+(e) ``client``: loop (a) instrumented with gradwatch's Python client, as a
+    user's own script is (``run.watch_gan`` / ``run.watch_vae``, then the
+    probe's backward calls in place of ``loss.backward()``), streaming live to
+    the same server as (b). Its ratio to (a) is the client's price; SPEC's
+    issue holds it within 0.03 of (b)'s, the built-in trainer computing the
+    same keys with the same probes.
 
 (c) and (d) leave out the shadow gradient (``grad/g_norm_saturating`` and
 ``grad/g_norm_non_saturating``): it needs a second backward pass that no
@@ -77,8 +83,8 @@ CASES = {
     "digits-gan": "digits conv GAN",
     "digits-vae": "digits MLP VAE",
 }
-VARIANTS = ("bare", "gradwatch", "tensorboard", "wandb")
-LETTER = dict(zip(VARIANTS, "abcd", strict=True))
+VARIANTS = ("bare", "gradwatch", "tensorboard", "wandb", "client")
+LETTER = dict(zip(VARIANTS, "abcde", strict=True))
 TERMINAL = {"completed", "stopped", "failed", "interrupted"}
 #: How long one round may take, process start-up included, before the benchmark gives up on it.
 ROUND_TIMEOUT_S = 180.0
@@ -166,13 +172,16 @@ def make_logger(variant: str, cfg: RunConfig, log_dir: Path) -> MetricLogger | N
 # -- the loop a user writes -------------------------------------------------------------------------
 
 
-def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None) -> Callable[[int], None]:
+def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None, client: Any = None) -> Callable[[int], None]:
     """A plain PyTorch loop as a user would write it; with a logger, plus the metrics a user would log.
 
     Without a logger it is variant (a). With one, each step also computes
     gradwatch's keys the way a user of that logger does: ``.item()`` per value,
     a norm per parameter tensor in a Python loop, global norms from those on the
-    host; histograms of the logits every ``hist_every`` steps.
+    host; histograms of the logits every ``hist_every`` steps. With a
+    gradwatch ``client`` run instead (variant (e)), the loop hands its models
+    to ``client.watch_gan`` / ``client.watch_vae`` and calls the probe's backward
+    passes where it called ``loss.backward()``, as a user's own script does.
     """
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data, device)
@@ -185,6 +194,7 @@ def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None) -> Callable[[i
         vae = build_vae(cfg.model, data.shape).to(device)
         opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae.lr)
         beta = cfg.vae.beta
+        watch_vae = client.watch_vae(vae.encoder, vae.decoder, beta=beta, opt=opt) if client is not None else None
 
         def vae_steps(n: int) -> None:
             nonlocal step
@@ -197,8 +207,13 @@ def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None) -> Callable[[i
                 logits = vae.decode(z)
                 recon = F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="none").flatten(1).sum(1)
                 kl = 0.5 * (logvar.exp() + mu**2 - 1 - logvar).sum(1)
-                loss = (recon + beta * kl).mean()
                 opt.zero_grad(set_to_none=True)
+                if watch_vae is not None:
+                    watch_vae.backward(recon, mu, logvar, z, eps=eps)
+                    opt.step()
+                    client.log({}, step=step)
+                    continue
+                loss = (recon + beta * kl).mean()
                 loss.backward()
                 opt.step()
                 if logger is not None:
@@ -229,6 +244,7 @@ def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None) -> Callable[[i
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.gan.lr_g, betas=betas)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.gan.lr_d, betas=betas)
     g_named, d_named = list(g.named_parameters()), list(d.named_parameters())
+    watch_gan = client.watch_gan(g, d, opt_g=opt_g, opt_d=opt_d) if client is not None else None
 
     def gan_steps(n: int) -> None:
         nonlocal step
@@ -236,6 +252,15 @@ def bare_loop(cfg: RunConfig, logger: MetricLogger | None = None) -> Callable[[i
             step += 1
             real = data.sample(batch, data_gen)
             fake = g(torch.randn(batch, latent, device=device, generator=noise_gen))
+            if watch_gan is not None:
+                opt_d.zero_grad(set_to_none=True)
+                watch_gan.discriminator_backward(real, fake.detach())
+                opt_d.step()
+                opt_g.zero_grad(set_to_none=True)
+                watch_gan.generator_backward(fake)
+                opt_g.step()
+                client.log({}, step=step)
+                continue
             h_real = d(real)
             loss_real = F.softplus(-h_real).mean()
             loss_fake = F.softplus(d(fake.detach())).mean()
@@ -357,8 +382,9 @@ def _child(args: argparse.Namespace) -> int:
     result: dict[str, Any]
     try:
         cfg = _quiet(get_preset(args.preset), args.device)
-        logger = make_logger(args.child, cfg, args.log_dir)
-        run = bare_loop(cfg, logger)
+        client = _client_run(cfg, args.server, args.log_dir) if args.child == "client" else None
+        logger = make_logger(args.child, cfg, args.log_dir) if client is None else None
+        run = bare_loop(cfg, logger, client)
         window = Window(args.warmup, args.seconds, args.warmup_steps, args.steps)
         step = 0
         while True:
@@ -368,6 +394,8 @@ def _child(args: argparse.Namespace) -> int:
                 break
         if logger is not None:
             logger.close()
+        if client is not None:
+            client.finish()
         result = {"ok": True, **window.summary()}
     except Unavailable as exc:
         result = {"ok": False, "reason": str(exc)}
@@ -375,7 +403,19 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
-def child_round(variant: str, preset: str, args: argparse.Namespace, threads: int, tmp: Path) -> dict[str, Any]:
+def _client_run(cfg: RunConfig, server: str | None, folder: Path) -> Any:
+    """Variant (e)'s gradwatch client run: live to ``server``, or offline into ``folder`` (``--inprocess``)."""
+    import gradwatch
+
+    iv = cfg.intervals
+    return gradwatch.init(name=f"bench client {cfg.kind}", config=cfg.model_dump(mode="json"), server=server,
+                          mode="online" if server else "offline", out=folder / "client-run", quiet=True,
+                          log_every=iv.log_every, hist_every=iv.hist_every, flush_steps=iv.flush_steps,
+                          flush_ms=iv.flush_ms)
+
+
+def child_round(variant: str, preset: str, args: argparse.Namespace, threads: int, tmp: Path,
+                server: str | None = None) -> dict[str, Any]:
     """Variant (a), (c) or (d) for one round, in its own process; ``{"ok": False, "reason"}`` if unavailable."""
     tag = uuid.uuid4().hex[:8]
     result = tmp / f"{variant}-{tag}.json"
@@ -386,6 +426,8 @@ def child_round(variant: str, preset: str, args: argparse.Namespace, threads: in
         cmd += ["--warmup-steps", str(args.warmup_steps)]
     if args.steps is not None:
         cmd += ["--steps", str(args.steps)]
+    if server is not None:
+        cmd += ["--server", server]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=ROUND_TIMEOUT_S,
@@ -486,6 +528,10 @@ def summarize(preset: str, variants: list[str], rounds: dict[str, list[dict[str,
         if v != "bare" and "bare" in rates:
             entry["ratio_to_bare"] = _ratios(rates["bare"], rates[v])
         out["variants"][v] = entry
+    client, builtin = (out["variants"].get(v, {}).get("ratio_to_bare") for v in ("client", "gradwatch"))
+    if client and builtin and client["median"] is not None and builtin["median"] is not None:
+        # The issue's bar: a script instrumented with the client costs what the built-in trainer costs.
+        out["client_minus_builtin"] = client["median"] - builtin["median"]
     return out
 
 
@@ -509,6 +555,10 @@ def print_table(results: list[dict[str, Any]], variants: list[str]) -> None:
     reasons = {(v, r["variants"][v]["reason"]) for r in results for v in variants if r["variants"][v]["reason"]}
     for variant, reason in sorted(reasons):
         sys.stdout.write(f"({LETTER[variant]}) {variant} not available: {reason}\n")
+    for r in results:
+        if "client_minus_builtin" in r:
+            gap = r["client_minus_builtin"]
+            sys.stdout.write(f"{r['case']}: (e) client's ratio minus (b) built-in's: {gap:+.3f}\n")
     sys.stdout.write("steps/s: median over rounds; xR: median of per-round ratios to (a) [min-max]\n")
     sys.stdout.flush()
 
@@ -528,7 +578,7 @@ def run_separate(args: argparse.Namespace, presets: list[str], variants: list[st
     with TemporaryDirectory(prefix="gradwatch-bench-") as tmp_name:
         tmp = Path(tmp_name)
         server = None
-        if "gradwatch" in variants:
+        if "gradwatch" in variants or "client" in variants:
             server = Server(tmp / "server", env={"GRADWATCH_CPU_RUN_LIMIT": str(limit),
                                                  "OMP_NUM_THREADS": str(threads)}).start()
         try:
@@ -545,6 +595,10 @@ def run_separate(args: argparse.Namespace, presets: list[str], variants: list[st
                         if v == "gradwatch":
                             assert server is not None
                             outcome = gradwatch_round(server, cfg, args)
+                        elif v == "client":
+                            assert server is not None
+                            outcome = child_round(v, preset, args, threads, tmp, server.url)
+                            server.wait_workers_gone()
                         else:
                             outcome = child_round(v, preset, args, threads, tmp)
                         outcome["round_wall_s"] = time.monotonic() - began
@@ -582,6 +636,9 @@ def run_inprocess(args: argparse.Namespace, presets: list[str], variants: list[s
             for v in variants:
                 if v == "gradwatch":
                     loops[v] = instrumented_loop(cfg, tmp / preset)
+                    continue
+                if v == "client":
+                    loops[v] = bare_loop(cfg, None, _client_run(cfg, None, tmp / f"{preset}-client"))
                     continue
                 try:
                     logger = make_logger(v, cfg, tmp / f"{preset}-{v}")
@@ -629,7 +686,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="every variant in this process, (b) without a server (for profiling)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "overhead.json")
     # One round of a bare-loop variant in a child process (used by the benchmark itself).
-    parser.add_argument("--child", choices=["bare", "tensorboard", "wandb"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["bare", "tensorboard", "wandb", "client"], help=argparse.SUPPRESS)
+    parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", type=Path, help=argparse.SUPPRESS)

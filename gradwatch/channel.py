@@ -1,7 +1,7 @@
 """The run's end of the authenticated channel to a gradwatch server (protocol: :mod:`gradwatch.protocol`).
 
 One implementation for everything that streams a run: a worker the server
-launched (``app.worker``), a user's own script (:mod:`gradwatch.run`) and
+launched (``app.worker``), a user's own script (:mod:`gradwatch.client`) and
 ``gradwatch sync`` (:mod:`gradwatch.sync`). They differ only in where frames
 wait for their acknowledgement — the *outbox*:
 

@@ -83,9 +83,11 @@ def test_missing_libraries_are_reported_not_fatal(tmp_path: Path, monkeypatch: p
 @pytest.mark.slow  # a server, a worker and a bare-loop process start: about 10 s on a 2-core machine
 def test_live_benchmark_streams_through_a_real_server(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    assert overhead.main(["--cases", "ring8-non-saturating", "--variants", "bare,gradwatch", "--rounds", "1",
-                          "--steps", "5", "--warmup-steps", "1", "--json", str(out)]) == 0
+    assert overhead.main(["--cases", "ring8-non-saturating", "--variants", "bare,gradwatch,client", "--rounds",
+                          "1", "--steps", "5", "--warmup-steps", "1", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
-    _check_shape(payload, ["bare", "gradwatch"])
+    _check_shape(payload, ["bare", "gradwatch", "client"])
     (live,) = payload["results"][0]["variants"]["gradwatch"]["rounds"]
     assert live["metric_keys"] == 30  # every SPEC §2 key of this GAN (14 + 8 G and 8 D tensors) went through
+    # (e), a user loop with the client streaming to the same server, is reported beside (b).
+    assert "client_minus_builtin" in payload["results"][0]

@@ -8,6 +8,7 @@ waits for the GPU between flushes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,43 @@ def test_saturating_preset_collapses_on_cuda(tmp_path: Path) -> None:
     assert "gradient_collapse" in {f["kind"] for f in frames if f["type"] == "alert"}
     last = [f for f in frames if f["type"] == "metrics" and "loss/d" in f["data"]][-1]["data"]
     assert last["grad/g_norm_saturating"][-1] < 1e-2 * last["grad/g_norm_non_saturating"][-1]
+
+
+def test_a_scripts_client_loop_never_syncs_with_the_host_between_flushes(tmp_path: Path) -> None:
+    """The Python client's promise (SPEC §8): a user's loop on the GPU, logging tensors every step, never waits."""
+    from torch import nn
+
+    from gradwatch.client import Run
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2)).to(device)
+    d = nn.Sequential(nn.Linear(2, 32), nn.BatchNorm1d(32), nn.LeakyReLU(0.2), nn.Linear(32, 1)).to(device)
+    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
+    run = Run(mode="offline", out=tmp_path / "run", quiet=True, flush_steps=1000, flush_ms=600_000, hist_every=5)
+    gan = run.watch_gan(g, d, opt_g=opt_g, opt_d=opt_d)
+
+    def step(i: int) -> None:
+        real = torch.randn(64, 2, device=device)
+        fake = g(torch.randn(64, 4, device=device))
+        opt_d.zero_grad()
+        gan.discriminator_backward(real, fake.detach())
+        opt_d.step()
+        opt_g.zero_grad()
+        gan.generator_backward(fake)
+        opt_g.step()
+        run.log({"my/fake_mean": fake.mean(), "my/constant": 1.0}, step=i)
+
+    step(1)  # the first step detects whether D couples samples (one check, once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 21):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    run.finish()
+    frames = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    metrics = [f for f in frames if f["type"] == "metrics"]
+    assert sorted(s for f in metrics for s in f["step"]) == list(range(1, 21))
+    assert all(v is not None for f in metrics for v in f["data"]["grad/g_norm_saturating"])
