@@ -261,3 +261,128 @@ def test_serve_prints_what_is_missing_on_the_terminal_at_start(
     err = capsys.readouterr().err
     assert "serving on http://127.0.0.1:" in err
     assert "htmx.min.js" in err and str(missing) in err and "npm ci" in err
+
+
+# --------------------------------------------------------------------------- a script's run (SPEC §8)
+
+HOSTILE_CONFIG = {"gan": 5, "train": "x", "data": [1], "<script>x</script>": "<b>hostile</b>",
+                  "intervals": {"eval_every": "<i>often</i>"}, "nested": {"deep": {"list": [1, "<img src=x>"]}}}
+HOSTILE_SOURCE = {"origin": "script", "host": "<h1>host</h1>", "script": "<script>alert(1)</script>.py",
+                  "argv": ["--lr", "<b>argv</b>", "two words"], "python": "3.11.7", "pid": 4242, "gradwatch": "0.1.0",
+                  "git": {"commit": "0123456789abcdef0123", "branch": "<em>main</em>", "dirty": True}}
+#: What none of the hostile values may ever become: markup.
+RAW = ("<b>hostile", "<script>x", "<img src=x>", "<h1>host", "<em>main", "<script>alert", "<b>argv", "<i>often")
+
+
+def _insert_script_run(client: TestClient, run_id: str, *, kind: str = "gan", status: str = "running",
+                       config: dict[str, object] | None = None, controls: list[str] | None = None,
+                       source: dict[str, object] | None = None, name: str = "my script") -> RunRecord:
+    """A script's run as the server keeps it (free-form config, a source, the controls it registered)."""
+    rec = RunRecord(id=run_id, name=name, kind=kind, status=status,
+                    config=HOSTILE_CONFIG if config is None else config, created_at=time.time(), step=7,
+                    device="script", source=HOSTILE_SOURCE if source is None else source,
+                    controls=[] if controls is None else controls, uid=f"uid-{run_id}")
+    client.app.state.store.insert_run(rec)  # type: ignore[attr-defined]
+    return rec
+
+
+def _tag(page: str, pattern: str) -> str:
+    match = re.search(pattern, page, re.S)
+    assert match is not None, pattern
+    return match.group(0)
+
+
+def test_a_scripts_run_with_a_hostile_free_form_config_renders_escaped_on_every_page(client: TestClient) -> None:
+    ids = [_insert_script_run(client, f"{kind}00000000", kind=kind).id for kind in ("gan", "vae", "custom")]
+    pages = {url: client.get(url) for url in (*(f"/runs/{i}" for i in ids), "/", "/ui/runs-table",
+                                              f"/compare?runs={','.join(ids)}", f"/ui/runs/{ids[0]}/config")}
+    for url, response in pages.items():
+        assert response.status_code == 200, (url, response.text[-2000:])
+        for raw in RAW:
+            assert raw not in response.text, (url, raw)
+    run_page = pages[f"/runs/{ids[0]}"].text
+    # The config, flattened to dotted keys, shown as text.
+    rows = dict(re.findall(r"<tr><th scope=\"row\">(.*?)</th><td>(.*?)</td></tr>", run_page))
+    assert rows["gan"] == "5" and rows["train"] == "x" and rows["data"] == "[1]"
+    assert rows["&lt;script&gt;x&lt;/script&gt;"] == "&lt;b&gt;hostile&lt;/b&gt;"
+    assert rows["intervals.eval_every"] == "&lt;i&gt;often&lt;/i&gt;"
+    assert rows["nested.deep.list"] == '[1, &#34;&lt;img src=x&gt;&#34;]'
+    # Where it came from, escaped too.
+    source = _tag(run_page, r'<p class="meta source" id="run-source" data-origin="script">.*?</p>')
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.py" in source and "&lt;h1&gt;host&lt;/h1&gt;" in source
+    assert "--lr &#39;&lt;b&gt;argv&lt;/b&gt;&#39; &#39;two words&#39;" in source  # argv, quoted as a shell would
+    assert ">0123456789<" not in source and ">01234567</code>" in source and "&lt;em&gt;main&lt;/em&gt;" in source
+    assert "dirty" in source and "Python <b>3.11.7</b>" in source
+    # Nothing in it is read as settings: no dataset, no step target, no learning rates, no eval interval.
+    meta = _tag(run_page, r'<p class="meta">.*?</p>')
+    assert " on <b>" not in meta and "step <b id=\"run-step\">7</b> /" not in meta
+    assert 'placeholder=""' in run_page
+    assert "every " not in _tag(run_page, r'<section class="card panel" id="eval-panel".*?</section>')
+    boot = re.search(r'<script id="boot" type="application/json">(.*?)</script>', run_page, re.S)
+    assert boot is not None and "<" not in boot.group(1)
+    data = json.loads(boot.group(1))
+    assert data["config"] == HOSTILE_CONFIG and data["external"] is True and data["g_loss"] is None
+    # The runs table: the script's device, no dataset, and no Stop for a script that does not check it.
+    table = pages["/ui/runs-table"].text
+    row = _tag(table, rf'<tr data-run="{ids[2]}" data-status="running">.*?</tr>')
+    assert "CUSTOM · <span class=\"origin\">script &lt;script&gt;alert(1)&lt;/script&gt;.py</span>" in row
+    assert "None" not in row and "<td>script<span class=\"sub\">&lt;h1&gt;host&lt;/h1&gt;</span></td>" in row
+    assert "/stop" not in row
+    compare = pages[f"/compare?runs={','.join(ids)}"].text
+    assert compare.count('<li data-run="') == 3 and "None" not in compare
+
+
+STOP_TAG = r'<button type="button" id="stop-button"[^>]*>'
+
+
+def test_a_scripts_run_shows_only_the_controls_it_registered(client: TestClient) -> None:
+    def shown(page: str) -> dict[str, bool]:
+        tags = {"stop": STOP_TAG, "form": r'<form id="control-form"[^>]*>',
+                "g_loss": r'<label data-control="g_loss"[^>]*>', "lr_g": r'<label data-control="lr_g"[^>]*>',
+                "lr_d": r'<label data-control="lr_d"[^>]*>',
+                "flip": r'<button type="button" class="primary" id="flip-button"[^>]*>'}
+        return {name: " hidden" not in _tag(page, pattern) for name, pattern in tags.items()}
+
+    some = _insert_script_run(client, "some00000000", controls=["lr_g"])
+    assert shown(client.get(f"/runs/{some.id}").text) == {
+        "stop": False, "form": True, "g_loss": False, "lr_g": True, "lr_d": False, "flip": False}
+    none = _insert_script_run(client, "none00000000", controls=[])
+    assert not any(shown(client.get(f"/runs/{none.id}").text).values())
+    every = _insert_script_run(client, "all000000000", controls=["stop", "g_loss", "lr_g", "lr_d"])
+    assert all(shown(client.get(f"/runs/{every.id}").text).values())
+    launched = _insert(client, name="launched", status="running")  # a launched run: controls None, all of them
+    page = client.get(f"/runs/{launched.id}").text
+    assert all(shown(page).values()) and 'id="run-source"' not in page and 'id="script-config"' not in page
+    assert re.search(r'name="lr_g"[^>]*placeholder="[0-9.e-]+"', page)  # its config's learning rate
+    # A custom run has no live-change form at all, only Stop when registered.
+    custom = _insert_script_run(client, "cust00000000", kind="custom", controls=["stop"])
+    page = client.get(f"/runs/{custom.id}").text
+    assert 'id="control-form"' not in page and " hidden" not in _tag(page, STOP_TAG)
+    table = client.get("/ui/runs-table").text
+    assert f'hx-post="/ui/table/runs/{custom.id}/stop"' in table
+    assert f'hx-post="/ui/table/runs/{none.id}/stop"' not in table
+
+
+def test_a_synced_train_folder_reads_its_run_config_but_a_scripts_partial_one_is_not_read(client: TestClient) -> None:
+    cfg = RunConfig.model_validate({"train": {"steps": 40}}).model_dump(mode="json")
+    synced = _insert_script_run(client, "sync00000000", status="completed", config=cfg, controls=[],
+                                source={"origin": "sync", "script": "train", "host": "box"})
+    page = client.get(f"/runs/{synced.id}").text
+    assert "GAN on <b>ring8</b>" in page and "/ 40" in page and 'id="chart-field"' in page
+    assert "uploaded with <code>gradwatch sync</code> from" in page
+    partial = _insert_script_run(client, "part00000000", status="completed", config={"train": {"steps": 40}},
+                                 controls=[], source={"origin": "script", "script": "s.py"})
+    page = client.get(f"/runs/{partial.id}").text
+    assert "/ 40" not in page and 'id="chart-field"' not in page and 'id="sample-img"' in page
+    assert "ring8" not in page
+
+
+def test_config_rows_flatten_any_json_to_text() -> None:
+    from app.web.pages import CONFIG_ROWS, CONFIG_VALUE_CHARS, config_rows
+
+    rows, cut = config_rows({"a": {"b": 1, "c": {"d": None}}, "e": [1, {"f": 2}], "g": "text", "h": {}, "i": True})
+    assert rows == [("a.b", "1"), ("a.c.d", "null"), ("e", '[1, {"f": 2}]'), ("g", "text"), ("h", "{}"),
+                    ("i", "true")] and not cut
+    rows, cut = config_rows({f"k{i}": "v" * (CONFIG_VALUE_CHARS + 5) for i in range(CONFIG_ROWS + 5)})
+    assert len(rows) == CONFIG_ROWS and cut and rows[0][1].endswith("…") and len(rows[0][1]) == CONFIG_VALUE_CHARS + 1
+    assert config_rows({}) == ([], False) and config_rows(None) == ([], False)

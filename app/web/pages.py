@@ -9,6 +9,8 @@ browser can do nothing an API client cannot, and is refused what they are.
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
 import time
 import uuid
 from collections.abc import Awaitable
@@ -26,7 +28,7 @@ from app.api.runs import artifacts_of
 from app.manager import RunError, RunManager
 from app.store import TERMINAL_STATUSES, RunRecord
 from app.web.form import FormField, errors_by_field, flat_values, form_sections, nested_config
-from trainer.config import RunConfig
+from trainer.config import TWO_D_DATASETS, RunConfig
 from trainer.presets import get_preset
 
 #: A launch form is a few kilobytes; anything much larger is not one.
@@ -73,15 +75,110 @@ TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 router = APIRouter(include_in_schema=False)
 
 
+def _at(obj: Any, *path: str) -> Any:
+    """``obj[path[0]][path[1]]…``, or None where a level is missing or not a dict (a script's config is free-form)."""
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
+    """``value`` if it is of ``kind`` (never a bool standing in for a number), else None."""
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _run_config(rec: RunRecord) -> dict[str, Any]:
+    """The run's config where it is a run config (a launched run, a synced ``gradwatch train`` folder), else {}.
+
+    A script's config is whatever its script passed (any JSON): nothing in it is read as settings, unless it is
+    exactly a complete run config (which is what a headless ``gradwatch train --out`` folder carries).
+    """
+    if not rec.external:
+        return rec.config
+    try:
+        valid = RunConfig.model_validate(rec.config).model_dump(mode="json") == rec.config
+    except (ValidationError, TypeError, ValueError):
+        valid = False
+    return rec.config if valid else {}
+
+
+def _source(rec: RunRecord) -> dict[str, Any] | None:
+    """What a script's run header shows of where it came from, every value a plain string (or None)."""
+    if rec.source is None:
+        return None
+    src = rec.source
+
+    def text(value: Any) -> str | None:
+        return str(value) if value not in (None, "") and not isinstance(value, (dict, list)) else None
+
+    git = src.get("git") if isinstance(src.get("git"), dict) else None
+    commit = text(git.get("commit")) if git else None
+    argv = src.get("argv") if isinstance(src.get("argv"), list) else []
+    return {
+        "origin": "sync" if src.get("origin") == "sync" else "script",
+        "host": text(src.get("host")), "script": text(src.get("script")) or "script",
+        "argv": shlex.join(str(a) for a in argv) if argv else None,
+        "commit": commit, "short": commit[:8] if commit else None, "branch": text(git.get("branch")) if git else None,
+        "dirty": bool(git.get("dirty")) if git else False,
+        "python": text(src.get("python")), "gradwatch": text(src.get("gradwatch")), "project": text(src.get("project")),
+        "pid": text(src.get("pid")), "folder": text(src.get("folder")),
+    }
+
+
+#: A script's config shown in its header: at most this many rows, each value cut to this many characters.
+CONFIG_ROWS = 300
+CONFIG_VALUE_CHARS = 300
+
+
+def config_rows(config: Any) -> tuple[list[tuple[str, str]], bool]:
+    """A free-form config as ``(dotted key, value as text)`` rows, nested dicts flattened; and whether it was cut.
+
+    Strings are shown as they are, anything else as compact JSON. Text only: the template escapes it.
+    """
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any, depth: int) -> None:
+        if len(rows) > CONFIG_ROWS:
+            return
+        if isinstance(value, dict) and value and depth < 6:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item, depth + 1)
+            return
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        if len(shown) > CONFIG_VALUE_CHARS:
+            shown = shown[:CONFIG_VALUE_CHARS] + "…"
+        rows.append((prefix or "(config)", shown))
+
+    if isinstance(config, dict):
+        for key, item in config.items():
+            walk(str(key), item, 1)
+    elif config is not None:
+        walk("", config, 0)
+    return rows[:CONFIG_ROWS], len(rows) > CONFIG_ROWS
+
+
+def _allowed(rec: RunRecord) -> dict[str, bool]:
+    """Which controls the run page shows: all for a launched run, only those its script registered for a script's."""
+    controls = rec.controls
+    show = {c: controls is None or c in controls for c in ("stop", "g_loss", "lr_g", "lr_d")}
+    show["form"] = show["g_loss"] or show["lr_g"] or show["lr_d"]
+    return show
+
+
 def _row(rec: RunRecord, manager: RunManager) -> dict[str, Any]:
-    cfg = rec.config
+    cfg = _run_config(rec)
+    steps = _typed(_at(cfg, "train", "steps"), int)
+    source = _source(rec)
     return {
         "id": rec.id, "name": rec.name, "kind": rec.kind, "status": rec.status, "step": rec.step,
-        "steps": cfg.get("train", {}).get("steps"), "dataset": cfg.get("data", {}).get("name"),
-        "g_loss": cfg.get("gan", {}).get("g_loss") if rec.kind == "gan" else None,
+        "steps": steps if steps and steps > 0 else None, "dataset": _typed(_at(cfg, "data", "name"), str),
+        "g_loss": _typed(_at(cfg, "gan", "g_loss"), str) if rec.kind == "gan" else None,
         "rate": manager.steps_per_s(rec.id), "device": rec.device or "—", "alert": rec.last_alert,
         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.created_at)),
         "ended": rec.status in TERMINAL_STATUSES, "error": rec.error,
+        "external": rec.external, "source": source, "can_stop": _allowed(rec)["stop"],
     }
 
 
@@ -190,12 +287,25 @@ async def run_page(run_id: str, request: Request, templates: TemplatesDep, manag
     samples, checkpoints = await asyncio.gather(asyncio.to_thread(artifacts_of, manager, run_id, "samples"),
                                                 asyncio.to_thread(artifacts_of, manager, run_id, "checkpoints"))
     run = _row(rec, manager)
+    cfg = _run_config(rec)
     boot = {"id": rec.id, "name": rec.name, "kind": rec.kind, "status": rec.status, "config": rec.config,
-            "last_seq": rec.last_seq, "step": rec.step}
+            "last_seq": rec.last_seq, "step": rec.step, "external": rec.external, "controls": rec.controls,
+            "g_loss": run["g_loss"]}
+    rows, cut = config_rows(rec.config)
     return templates.TemplateResponse(request, "run.html", {
         "run": run, "rec": rec, "boot": boot, "samples": samples, "checkpoints": checkpoints,
-        "is_2d": rec.config.get("data", {}).get("name") in ("ring8", "grid25", "spiral", "moons"),
+        "is_2d": _at(cfg, "data", "name") in TWO_D_DATASETS, "show": _allowed(rec),
+        "lr_g": _typed(_at(cfg, "gan", "lr_g"), (int, float)), "lr_d": _typed(_at(cfg, "gan", "lr_d"), (int, float)),
+        "eval_every": _typed(_at(cfg, "intervals", "eval_every"), int), "config_rows": rows, "config_cut": cut,
     })
+
+
+@router.get("/ui/runs/{run_id}/config", response_class=HTMLResponse)
+async def script_config(run_id: str, request: Request, templates: TemplatesDep, manager: ManagerDep) -> HTMLResponse:
+    """A script's config as key/value rows: the run page reloads it when the script changes its config."""
+    rec = await manager.get(run_id)
+    rows, cut = config_rows(rec.config)
+    return templates.TemplateResponse(request, "partials/config_rows.html", {"config_rows": rows, "config_cut": cut})
 
 
 @router.get("/ui/runs/{run_id}/downloads", response_class=HTMLResponse)
@@ -254,7 +364,7 @@ async def compare_page(request: Request, templates: TemplatesDep, manager: Manag
     ids = list(dict.fromkeys(r for r in runs.split(",") if r))
     dropped = ids[MAX_COMPARE:]
     records = [await manager.get(run_id) for run_id in ids[:MAX_COMPARE]]
+    rows = [_row(r, manager) for r in records]
     boot = [{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "last_seq": r.last_seq,
-             "g_loss": r.config.get("gan", {}).get("g_loss")} for r in records]
-    return templates.TemplateResponse(request, "compare.html", {"runs": [_row(r, manager) for r in records],
-                                                                "boot": boot, "dropped": dropped})
+             "g_loss": row["g_loss"], "external": r.external} for r, row in zip(records, rows, strict=True)]
+    return templates.TemplateResponse(request, "compare.html", {"runs": rows, "boot": boot, "dropped": dropped})

@@ -8,6 +8,8 @@
 
 import { LineChart, PALETTE, plain } from "./charts.js";
 import { connectionIndicator, RunStream } from "./stream.js";
+import { specFamily } from "./keys.js";
+import { ExtraCharts } from "./extra.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -23,6 +25,9 @@ const charts = {
   eval: new LineChart($("cmp-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" } }),
   elbo: new LineChart($("cmp-elbo"), { yaxis: { title: { text: "ELBO (nats)" } } }),
 };
+
+// Every key outside SPEC §2 that any compared run logs (a script's own "val/acc"…): one chart per key, a line per run.
+const extra = new ExtraCharts($("cmp-panels"), (key) => ({ title: key, note: "logged by the runs" }));
 
 /** Shadow norm per point: whichever of the two losses' norms is not the applied one. */
 function shadow(steps, applied, sat, nonsat) {
@@ -78,6 +83,9 @@ function plot(run, index, steps, data) {
   for (const key of ["eval/modes", "eval/classes"]) {
     if (data[key]) charts.eval.append(`${run.id}:${key}`, steps, data[key], { ...line(), mode: "lines+markers", name: `${name} · ${key.slice(5)}` });
   }
+  for (const [key, values] of Object.entries(data)) {
+    if (specFamily(key) === null) extra.append(key, `${run.id}:${key}`, steps, values, line());
+  }
 }
 
 function onFrame(run, index, frame) {
@@ -119,8 +127,8 @@ async function start(run, index, indicate) {
     for (const key of ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"]) data[key] = alignedHistory(m, key, steps);
     plot(run, index, steps, data);
   }
-  for (const key of ["loss/g", "d/fake_prob", "loss/d", "loss/elbo", "eval/modes", "eval/classes"]) {
-    if (m[key]) plot(run, index, m[key].step, { [key]: m[key].value });
+  for (const [key, h] of Object.entries(m)) {
+    if (!key.startsWith("grad/g_norm")) plot(run, index, h.step, { [key]: h.value });
   }
   for (const frame of events.frames) if (frame.type !== "metrics") onFrame(run, index, frame);
   const stream = new RunStream(run.id, (frame) => onFrame(run, index, frame), (s) => indicate(run.id, s));
@@ -134,8 +142,9 @@ async function main() {
   const kinds = new Set(boot.map((r) => r.kind));
   if (!kinds.has("vae")) $("cmp-elbo").closest(".panel").hidden = true;
   if (!kinds.has("gan")) for (const id of ["cmp-gnorm", "cmp-gloss", "cmp-dfake", "cmp-dloss"]) $(id).closest(".panel").hidden = true;
+  if (!kinds.has("gan") && !kinds.has("vae")) $("cmp-eval").closest(".panel").hidden = true;  // scripts' own metrics only
   const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
-  window.gradwatch = { charts, streams };
+  window.gradwatch = { charts, extra, streams };
   document.body.dataset.ready = "true";
 }
 

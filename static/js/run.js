@@ -1,10 +1,14 @@
 // The run page: history first, then the live stream from where history ends.
 
 /* global htmx */
-import { cssVar, LineChart, SnapshotChart } from "./charts.js";
+import { cssVar, LineChart, plain, SnapshotChart } from "./charts.js";
 import { connectionIndicator, RunStream } from "./stream.js";
 import { FieldView } from "./field.js";
 import { SaturationView } from "./saturation.js";
+import { groupOf, planned } from "./keys.js";
+import { ExtraCharts } from "./extra.js";
+import { SampleView } from "./samples.js";
+import { lossFromNorms, showControls, showGLoss } from "./controls.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -14,10 +18,14 @@ const TERMINAL = new Set(["completed", "stopped", "failed", "interrupted"]);
 const HISTORY_POINTS = 2000;
 
 const charts = {};
-const state = { gLoss: boot.config?.gan?.g_loss, step: boot.step, klDims: new Map(), evalLatest: new Map(), alerts: new Set() };
+// boot.g_loss: the config's, for a launched run; a script's GAN run tells it by its norms (lossFromNorms).
+const state = { gLoss: boot.g_loss, step: boot.step, klDims: new Map(), evalLatest: new Map(), alerts: new Set() };
+// Keys no panel was made for (a script's own): a chart per prefix, after the built-in panels.
+const extra = new ExtraCharts($("panels"), (group) => (group === "other"
+  ? { title: "Other metrics", note: "keys without a prefix" } : { title: `${group}/…`, note: "logged by the run" }));
 
-function log(extra = {}) {
-  return { yaxis: { type: "log", exponentformat: "power", ...extra } };
+function log(axis = {}) {
+  return { yaxis: { type: "log", exponentformat: "power", ...axis } };
 }
 
 function buildCharts() {
@@ -29,7 +37,7 @@ function buildCharts() {
       showlegend: false, hovermode: "closest" });
     charts.saturation = new SaturationView($("chart-saturation"));
     if ($("chart-field")) charts.field = new FieldView($("chart-field"));
-  } else {
+  } else if (boot.kind === "vae") {
     charts.elbo = new LineChart($("chart-elbo"), { yaxis: { title: { text: "nats per input" } } });
     charts.kl = new LineChart($("chart-kl"), { yaxis: { title: { text: "KL (nats)" } } });
     charts.active = new LineChart($("chart-active"), { yaxis: { title: { text: "latent dimensions" }, rangemode: "tozero" } });
@@ -71,8 +79,14 @@ const SERIES = {
 const COUNT_EVALS = new Set(["eval/modes", "eval/classes", "eval/active_units"]);
 const FRACTION_EVALS = new Set(["eval/hq_frac", "eval/precision", "eval/recall", "eval/coverage"]);
 
-/** Route one key's points to its chart. */
+/** Route one key's points to its chart: its built-in panel if this run's kind has one, else a generic chart. */
 function series(key, steps, values) {
+  if (!planned(key, boot.kind)) {
+    if (key.startsWith("eval/")) noteEval(key, steps, values);
+    const group = groupOf(key);
+    extra.append(group, key, steps, values, { name: plain(group === "other" ? key : key.slice(group.length + 1)) });
+    return;
+  }
   const route = SERIES[key];
   if (route && charts[route[0]]) {
     const spec = typeof route[1] === "function" ? route[1]() : route[1];
@@ -100,6 +114,7 @@ function series(key, steps, values) {
 
 function noteEval(key, steps, values) {
   if (!steps.length) return;
+  $("eval-panel").hidden = false;
   state.evalLatest.set(key, { step: steps[steps.length - 1], value: values[values.length - 1] });
   const rows = [...state.evalLatest.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([k, { step, value }]) => {
     const tr = document.createElement("tr");
@@ -117,8 +132,31 @@ function noteEval(key, steps, values) {
   $("eval-table").replaceChildren(table);
 }
 
+const NORMS = ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"];
+
+/** A script's GAN run: the loss in force, told by the newest step whose norms say it. */
+function noteGLoss(steps, data) {
+  const [g, sat, ns] = NORMS.map((k) => data[k]);
+  if (!boot.external || boot.kind !== "gan" || !g || !sat || !ns) return;
+  for (let i = steps.length - 1; i >= 0; i--) {
+    const loss = lossFromNorms(g[i], sat[i], ns[i]);
+    if (loss) {
+      if (loss !== state.gLoss) setGLoss(loss);
+      return;
+    }
+  }
+}
+
+/** The newest point of each of ``keys`` in a history, as a one-step frame's data, if they share that step. */
+function newestShared(metrics, keys) {
+  const last = keys.map((k) => metrics[k]).map((h) => (h?.step.length ? [h.step.at(-1), h.value.at(-1)] : null));
+  if (last.some((p) => p === null || p[0] !== last[0][0])) return null;
+  return { step: [last[0][0]], data: Object.fromEntries(keys.map((k, i) => [k, [last[i][1]]])) };
+}
+
 function onMetrics(frame) {
   for (const [key, values] of Object.entries(frame.data)) series(key, frame.step, values);
+  noteGLoss(frame.step, frame.data);
   const step = frame.step[frame.step.length - 1];
   if (step > state.step && !Object.keys(frame.data).every((k) => k.startsWith("eval/"))) {
     state.step = step;
@@ -150,15 +188,27 @@ function showAlert(frame) {
 
 function setGLoss(loss) {
   state.gLoss = loss;
-  if ($("run-gloss")) $("run-gloss").textContent = loss;
-  const flip = $("flip-button");
-  if (flip) {
-    const other = loss === "saturating" ? "non_saturating" : "saturating";
-    flip.dataset.other = other;
-    flip.textContent = `Flip to ${other}`;
-    flip.setAttribute("hx-vals", JSON.stringify({ g_loss: other }));
-    htmx.process(flip);
+  showGLoss(loss);
+}
+
+/** A script's run that starts watching a model changes kind (custom → gan): its page has other panels. */
+let reloading = false;
+async function followKind(kind) {
+  if (reloading) return;
+  reloading = true;
+  // The frame is published before the server records the new kind: wait until a reload would render it.
+  for (let i = 0; i < 40; i++) {
+    const run = await getJSON(`/api/runs/${boot.id}`).catch(() => null);
+    if (run?.kind === kind) return window.location.reload();
+    await new Promise((done) => setTimeout(done, 250));
   }
+  reloading = false;
+}
+
+function onCapabilities(frame) {
+  if (frame.kind && frame.kind !== boot.kind) return followKind(frame.kind);
+  boot.controls = frame.controls;
+  return showControls(frame.controls);
 }
 
 function setStatus(status, error) {
@@ -174,36 +224,21 @@ function setStatus(status, error) {
   }
 }
 
-const sampleSteps = [];
-function addSample(frame) {
-  const isJson = frame.url.endsWith(".json");
-  if (charts.field ? !isJson : isJson) return;
-  if (sampleSteps.some((s) => s.url === frame.url)) return;
-  sampleSteps.push({ step: frame.step, url: frame.url });
-  sampleSteps.sort((a, b) => a.step - b.step);
-  const slider = $("sample-slider");
-  const following = slider.disabled || Number(slider.value) === Number(slider.max);
-  slider.max = String(sampleSteps.length - 1);
-  slider.disabled = sampleSteps.length < 2;
-  if (following) {
-    slider.value = slider.max;
-    showSample(sampleSteps.length - 1);
-  }
-}
-
-function showSample(index) {
-  const sample = sampleSteps[index];
-  if (!sample) return;
-  $("sample-label").textContent = `step ${sample.step.toLocaleString("en")} · ${index + 1} of ${sampleSteps.length}`;
-  if (charts.field) {
-    charts.field.load(sample.url);
-  } else {
-    const img = $("sample-img");
+const img = $("sample-img");
+const samples = $("sample-slider") && new SampleView({
+  slider: $("sample-slider"), label: $("sample-label"), pick: $("sample-pick"), panel: $("sample-panel"),
+  // The 2-D plane draws the JSON snapshots; an image panel, the PNG grids.
+  accept: (frame) => typeof frame.url === "string" && frame.url.endsWith(".json") === Boolean(charts.field),
+  show: (sample) => {
+    if (charts.field) return charts.field.load(sample.url);
     img.src = sample.url;
+    img.alt = sample.label;
     img.hidden = false;
     img.dataset.step = sample.step;
-  }
-}
+    img.dataset.label = sample.label;
+    return undefined;
+  },
+});
 
 function onFrame(frame) {
   switch (frame.type) {
@@ -211,7 +246,7 @@ function onFrame(frame) {
     case "hist": return charts.saturation?.hist(frame);
     case "dldh": return charts.saturation?.samples(frame);
     case "sample":
-      addSample(frame);
+      samples?.add(frame);
       return htmx.trigger(document.body, "artifacts");
     case "checkpoint": return htmx.trigger(document.body, "artifacts");
     case "alert": return showAlert(frame);
@@ -222,6 +257,8 @@ function onFrame(frame) {
       }
       return;
     case "status": return setStatus(frame.status, frame.error);
+    case "capabilities": return onCapabilities(frame);
+    case "config": return htmx.trigger(document.body, "config-changed");
     default: return undefined;
   }
 }
@@ -234,7 +271,6 @@ async function getJSON(url) {
 
 async function main() {
   buildCharts();
-  $("sample-slider")?.addEventListener("input", (e) => showSample(Number(e.target.value)));
   // History up to (at least) last_seq, then every frame after it live: the chart
   // drops points it already has, so the overlap leaves no gap and no duplicate.
   const since = boot.last_seq;
@@ -243,6 +279,8 @@ async function main() {
     getJSON(`/api/runs/${boot.id}/events?until=${since}`),
   ]);
   for (const [key, h] of Object.entries(history.metrics)) series(key, h.step, h.value);
+  const newest = newestShared(history.metrics, NORMS);
+  if (newest) noteGLoss(newest.step, newest.data);
   for (const frame of events.frames) {
     if (frame.type !== "metrics") onFrame(frame);
   }
@@ -250,7 +288,7 @@ async function main() {
   const stream = new RunStream(boot.id, onFrame, (s) => indicate(boot.id, s));
   stream.open(since);
   // onFrame: the stream's own handler, so that a benchmark can time the page's work per frame without a server.
-  window.gradwatch = { charts, stream, state, sampleSteps, onFrame };
+  window.gradwatch = { charts, extra, stream, state, onFrame, get sampleSteps() { return samples ? samples.steps : []; } };
   document.body.dataset.ready = "true";
 }
 
