@@ -161,11 +161,16 @@ class SpoolOutbox:
             start = self._offsets[index]
             end = self._offsets[index + 1] if index + 1 < len(self._offsets) else self._end
             text = os.pread(self._fd, end - start, start).decode("utf-8").strip()
-            frame = json.loads(text)
             seq = self._base + index
-            if self.renumber and frame.get("seq") != seq:
-                frame["seq"] = seq
-                text = frame_to_json(frame)
+            if self.renumber or text.startswith(_ARTIFACT_PREFIXES):
+                frame = json.loads(text)
+                if frame.get("seq") != seq:
+                    frame["seq"] = seq
+                    text = frame_to_json(frame)
+            else:
+                # The run's own writer put "type" first: parsing every metrics frame again here would cost the
+                # training loop's process (the GIL) for nothing, since only artifact frames need their fields.
+                frame = {"type": _frame_type(text), "seq": seq}
             out.append((frame, text))
             size += len(text)
             index += 1
@@ -185,6 +190,19 @@ class SpoolOutbox:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+_ARTIFACT_PREFIXES = tuple(f'{{"type":"{kind}"' for kind in ARTIFACT_FRAMES)
+
+
+def _frame_type(text: str) -> str:
+    """The type of a frame written by :func:`~trainer.telemetry.frame_to_json` with ``type`` first."""
+    if text.startswith('{"type":"'):
+        end = text.find('"', 9)
+        if end > 9:
+            return text[9:end]
+    frame_type: str = json.loads(text).get("type", "")
+    return frame_type
 
 
 Endpoint = Callable[[], tuple[str, str]]

@@ -43,13 +43,12 @@ from gradwatch.source import script_source
 from trainer.alerts import Alert, GanAlerts, VaeAlerts
 from trainer.config import ControlRequest, GanConfig
 from trainer.files import atomic_write
-from trainer.telemetry import MetricBuffer, MetricGroup, StepRow, logit_frames_fields, metrics_frame_fields
+from trainer.telemetry import MetricBuffer, MetricGroup, StepRow, flush_to_frames
 
 log = logging.getLogger("gradwatch")
 
 Mode = Literal["auto", "online", "offline"]
 DEFAULT_OUT = Path("gradwatch-runs")
-HIST_KEYS = ("hist/real_logit", "hist/fake_logit")
 #: How long ``finish`` waits for the server to acknowledge the last frames while it is connected...
 FINISH_DRAIN_S = 30.0
 #: ...and while it is not (the frames wait in the folder for a reconnect or ``gradwatch sync``).
@@ -410,13 +409,7 @@ class Run:
             self._flush()
 
     def _flush(self) -> None:
-        groups, hists = self.buffer.flush()
-        for group in groups:
-            self.folder.emit("metrics", **metrics_frame_fields(group.keys, group.steps, group.times, group.table))
-        for step, packed in hists:
-            for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
-                self.folder.emit(kind, **fields)
-        for group in groups:
+        for group in flush_to_frames(self.buffer, self.folder.emit):
             for check in self._alert_checks:
                 # A script's run reports a divergence and lets the script decide; a built-in run would fail.
                 for alert in check(group)[0]:

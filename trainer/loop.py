@@ -37,12 +37,13 @@ from trainer.data import Dataset, load_dataset
 from trainer.files import sweep_temp_files
 from trainer.probes import GAN_KEYS, VAE_KEYS, active_units
 from trainer.telemetry import (
+    HIST_KEYS,
     FrameEmitter,
     FrameSink,
     MetricBuffer,
     MetricGroup,
     StepRow,
-    logit_frames_fields,
+    flush_to_frames,
     metrics_frame_fields,
 )
 
@@ -61,7 +62,6 @@ __all__ = [
     "resolve_device",
 ]
 
-HIST_KEYS = ("hist/real_logit", "hist/fake_logit")
 SAMPLE_GRID = 64
 
 
@@ -280,13 +280,7 @@ class Trainer(ABC):
 
     def flush(self) -> None:
         """Everything buffered to the host in one copy: a ``metrics`` frame per key group, then the histograms."""
-        groups, hists = self.buffer.flush()
-        for group in groups:
-            self.emitter.emit("metrics", **metrics_frame_fields(group.keys, group.steps, group.times, group.table))
-        for step, packed in hists:
-            for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
-                self.emitter.emit(kind, **fields)
-        for group in groups:
+        for group in flush_to_frames(self.buffer, self.emitter.emit):
             self.on_flush(group)
 
     def alert(self, step: int, kind: str, message: str) -> None:

@@ -35,6 +35,8 @@ Frame = dict[str, Any]
 FrameSink = Callable[[Frame], None]
 
 HIST_BINS = 40
+#: The histogram keys of a GAN run (SPEC §2), in the order a logit packet holds them.
+HIST_KEYS = ("hist/real_logit", "hist/fake_logit")
 #: Fake samples per ``dldh`` frame: enough points to trace both curves, few enough to send every hist step.
 DLDH_SAMPLES = 64
 
@@ -420,6 +422,21 @@ def _merge(tables: list[tuple[_Pending, np.ndarray]]) -> list[MetricGroup]:
         table = np.concatenate([t.astype(np.float64) for _, t in parts])[at]
         groups.append((int(order[at[0]]), MetricGroup(keys, [steps[i] for i in at], [times[i] for i in at], table)))
     return [group for _, group in sorted(groups, key=lambda g: g[0])]
+
+
+def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object]) -> list[MetricGroup]:
+    """Flush ``buffer`` (one device→host copy) into SPEC §4 frames through ``emit(type, **fields)``.
+
+    One ``metrics`` frame per key group, then each histogram step's ``hist`` and ``dldh`` frames; returns
+    the groups for the host-side checks (alerts) that follow. Built-in runs and scripts flush alike.
+    """
+    groups, hists = buffer.flush()
+    for group in groups:
+        emit("metrics", **metrics_frame_fields(group.keys, group.steps, group.times, group.table))
+    for step, packed in hists:
+        for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
+            emit(kind, **fields)
+    return groups
 
 
 def metrics_frame_fields(
