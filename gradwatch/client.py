@@ -56,7 +56,7 @@ FINISH_DRAIN_AWAY_S = 3.0
 MAX_ERROR_CHARS = 20_000
 
 
-def _checkplain(obj: Any, where: str = "obj", depth: int = 0) -> None:
+def _check_plain(obj: Any, where: str = "obj", depth: int = 0) -> None:
     """A checkpoint holds tensors and plain data only (SPEC §7), so ``torch.load(weights_only=True)`` opens it."""
     if depth > 64:
         raise ValueError(f"save_checkpoint: {where} is nested too deeply")
@@ -66,11 +66,11 @@ def _checkplain(obj: Any, where: str = "obj", depth: int = 0) -> None:
         for key, value in obj.items():
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 raise ValueError(f"save_checkpoint: {where} has a key of type {type(key).__name__}")
-            _checkplain(value, f"{where}[{key!r}]", depth + 1)
+            _check_plain(value, f"{where}[{key!r}]", depth + 1)
         return
     if isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            _checkplain(value, f"{where}[{i}]", depth + 1)
+            _check_plain(value, f"{where}[{i}]", depth + 1)
         return
     raise ValueError(f"save_checkpoint: {where} is a {type(obj).__name__}; a checkpoint holds tensors and plain "
                      "data only (state_dict()s, numbers, strings, lists, dicts), so that it loads with "
@@ -100,12 +100,12 @@ class Run:
         self.project = project
         self.log_every, self.hist_every = log_every, hist_every
         self.quiet = quiet
-        self.folder_path = Path(out) if out is not None else DEFAULT_OUT / self.local_id
-        self.folder = RunFolder(self.folder_path, self.local_id)
         data = plain(config) if config is not None else {}
         if not isinstance(data, dict):
             raise TypeError(f"gradwatch.init: config must be a dict or an argparse Namespace, not "
                             f"{type(config).__name__}")
+        self.folder_path = Path(out) if out is not None else DEFAULT_OUT / self.local_id
+        self.folder = RunFolder(self.folder_path, self.local_id)
         self.config = Config(data, on_change=self._config_changed)
         self.kind = "custom"
         self.step = 0
@@ -146,7 +146,7 @@ class Run:
         body = {"name": self.name or None, "kind": self.kind, "config": self.config.as_dict(), "source": source,
                 "uid": self.uid}
         uploader = Uploader(self.folder, base, srv.configured_token(token), body)
-        uploader.on_created.append(self._created)
+        uploader.on_created.append(lambda created: self._created(base, created))
         try:
             uploader.create()
         except srv.ServerError as exc:
@@ -163,8 +163,9 @@ class Run:
         uploader.start()
         return uploader
 
-    def _created(self, created: dict[str, Any]) -> None:
-        self._meta["server"] = {"url": self.uploader.base if self.uploader else None, "run": created["run"]["id"]}
+    def _created(self, base: str, created: dict[str, Any]) -> None:
+        """The server has the run: its folder says where, for whoever looks at it later."""
+        self._meta["server"] = {"url": base, "run": created["run"]["id"]}
         with contextlib.suppress(OSError):
             self.folder.write_meta(self._meta)
 
@@ -239,7 +240,7 @@ class Run:
         It loads with ``torch.load(path, weights_only=True)``, as every gradwatch checkpoint does.
         """
         self._check_open()
-        _checkplain(obj)
+        _check_plain(obj)
         step = self.step if step is None else step
         file = file_name(step, name or "", ".pt")
         path = self.folder_path / "checkpoints" / file

@@ -15,7 +15,6 @@ same folder with no uploader, for ``gradwatch sync`` to send later.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -109,8 +108,10 @@ class Uploader:
         created = srv.create_run(self.base, self.token, self.body)
         self.created = created
         for callback in self.on_created:
-            with contextlib.suppress(Exception):
+            try:
                 callback(created)
+            except Exception:  # a callback's bug must not stop the upload; say it, though
+                log.exception("gradwatch: on_created callback failed")
         return created
 
     def _endpoint(self) -> tuple[str, str]:

@@ -86,6 +86,8 @@ def test_a_scripts_gan_streams_every_spec_key_with_norms_equal_to_plain_autograd
                *(["--bn"] if bn else []))
     ref = json.loads((tmp_path / "ref.json").read_text())
     assert ref["fast_path"] is (not bn)  # batch norm couples the batch: the probe must have noticed
+    meta = json.loads((tmp_path / ref["folder"] / "run.json").read_text())  # relative to the script's folder
+    assert meta["server"] == {"url": live.url, "run": ref["run"]} and meta["status"] == "completed"
     with live.client() as http:
         detail = wait_status(http, ref["run"], TERMINAL)
         assert detail["status"] == "completed" and detail["source"]["script"] == "client_gan.py"
