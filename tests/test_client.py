@@ -275,3 +275,19 @@ def test_a_diverged_gan_is_reported_and_left_to_the_script(tmp_path: Path) -> No
     frames = frames_of(tmp_path / "run")
     assert [(f["step"], f["kind"]) for f in frames if f["type"] == "alert"] == [(3, "diverged")]
     assert frames[-1]["status"] == "completed"  # the script decides what a divergence means for it
+
+
+def test_sync_of_a_folder_that_is_not_a_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    assert main(["sync", str(tmp_path), "--server", "http://127.0.0.1:9", "--no-progress"]) == 1
+    assert "has no events.jsonl: not a gradwatch run folder" in capsys.readouterr().err
+
+
+def test_sync_without_a_server_says_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    with offline(tmp_path) as run:
+        run.log({"x": 1.0})
+    assert main(["sync", str(tmp_path / "run"), "--server", "http://127.0.0.1:9", "--no-progress"]) == 1
+    assert "cannot reach a gradwatch server at http://127.0.0.1:9" in capsys.readouterr().err
