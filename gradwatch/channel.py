@@ -247,14 +247,10 @@ class Channel:
             self.outbox.append(frame, text)  # type: ignore[attr-defined]
             self._cond.notify_all()
 
-    def notify(self) -> None:
-        """The outbox has new frames (a spool outbox is appended to by its writer)."""
-        with self._cond:
-            self._cond.notify_all()
-
     @property
     def lock(self) -> threading.Condition:
-        """Held while appending to a shared outbox, so the channel thread never reads a half-noted frame."""
+        """Held (and notified) by a spool outbox's writer while it appends: the channel thread never reads a
+        half-noted frame, and wakes when there is one."""
         return self._cond
 
     def start(self) -> None:
