@@ -690,7 +690,9 @@ class RunManager:
             raise ProtocolError("expected a frames message")
         accepted: list[tuple[dict[str, Any], str]] = []
         for frame in message["frames"]:
-            seq = int(frame["seq"])
+            seq = frame.get("seq") if isinstance(frame, dict) else None
+            if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**62:
+                raise ProtocolError(f"a frame's seq must be a positive integer, got {seq!r}"[:200])
             if seq <= active.accepted:
                 continue  # a resend of something already stored
             if seq != active.accepted + 1:

@@ -27,7 +27,14 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``: nothing in the file is unpickled as code."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:
+        # Random bytes, a truncated file, a pickle holding code (refused by weights_only): each library layer
+        # raises its own type (UnpicklingError, EOFError, RuntimeError, ...). To a caller they are one thing.
+        raise ValueError(f"{path.name} is not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path.name} is not a gradwatch checkpoint (format {FORMAT_VERSION})")
     return state

@@ -219,11 +219,22 @@ async def launch_form(request: Request, templates: TemplatesDep,
                                       _form_context(values, preset=preset, twin=twin))
 
 
+#: A form of ours has about forty fields; many more is not one of ours.
+MAX_FORM_FIELDS = 200
+
+
 async def _form_pairs(request: Request) -> list[tuple[str, str]]:
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise RunError(413, f"form body over {MAX_FORM_BYTES} bytes")
-    return parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True, max_num_fields=200)
+    """The form's fields; 413 past MAX_FORM_BYTES (counted as it arrives, never read whole) or MAX_FORM_FIELDS."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise RunError(413, f"form body over {MAX_FORM_BYTES} bytes")
+    try:
+        return parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True,
+                         max_num_fields=MAX_FORM_FIELDS)
+    except ValueError as exc:  # "Max number of fields exceeded"
+        raise RunError(413, f"form has more than {MAX_FORM_FIELDS} fields") from exc
 
 
 @router.post("/ui/runs", response_class=HTMLResponse)

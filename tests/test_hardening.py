@@ -1,0 +1,107 @@
+"""Inputs that used to get a 500, an uncaught exception or a leaked secret (issue: hardening), each refused cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.live_server import ROOT
+
+FORM = {"content-type": "application/x-www-form-urlencoded", "origin": "http://127.0.0.1:8000"}
+
+
+@pytest.mark.parametrize("path", ["/ui/runs", "/ui/runs/abc/control"])
+def test_a_form_with_too_many_fields_is_a_413_not_a_500(client: TestClient, path: str) -> None:
+    body = "&".join(f"f{i}=1" for i in range(201))
+    response = client.post(path, content=body, headers=FORM)
+    assert response.status_code == 413 and "200 fields" in response.text
+
+
+def test_an_oversized_streamed_form_is_a_413(client: TestClient) -> None:
+    def body() -> object:  # 1 MiB in chunks: the server counts as it reads and stops at its 64 KiB limit
+        for _ in range(1024):
+            yield b"x" * 1024
+
+    response = client.post("/ui/runs", content=body(), headers=FORM)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps({"format": 1, "step": 1}) + b"garbage",
+    b"\x00\x01random bytes, not a zip and not a pickle",
+    b"",
+], ids=["pickle-with-trailing-junk", "random-bytes", "empty"])
+def test_resuming_from_a_file_that_is_not_a_checkpoint_is_a_422(client: TestClient, tmp_path: Path,
+                                                                payload: bytes) -> None:
+    from tests.test_client_api import create  # a script's run is the quickest run with a checkpoints folder
+
+    run_id = create(client).json()["run"]["id"]
+    folder = tmp_path / "runs" / run_id / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step_00000001.pt").write_bytes(payload)
+    response = client.post("/api/runs", json={"resume_from": {"run": run_id, "checkpoint": "step_00000001.pt"}})
+    assert response.status_code == 422
+    assert "not a loadable checkpoint" in json.dumps(response.json()) or "not a gradwatch" in response.text
+
+
+@pytest.mark.parametrize("seq", ["1e400", "1.5", "true", "-3", '"7"', "null"])
+def test_a_frame_with_a_seq_that_is_not_a_positive_integer_closes_the_channel_cleanly(client: TestClient,
+                                                                                    seq: str) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    from tests.test_client_api import _channel, create
+
+    created = create(client).json()
+    with _channel(client, created) as ws:
+        assert ws.receive_json()["type"] == "hello"
+        ws.send_text('{"type": "frames", "frames": [{"type": "status", "seq": ' + seq + ', "status": "running"}]}')
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 1002 and "seq" in closed.value.reason
+    assert client.get(f"/api/runs/{created['run']['id']}").json()["last_seq"] == 0
+
+
+def test_the_access_token_never_reaches_the_servers_log(tmp_path: Path) -> None:
+    """uvicorn's access log (on stdout) prints request lines verbatim: ``/?token=…`` is how a browser logs in."""
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
+           "--token", "generate", "--log-level", "info"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        while not any("?token=" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        match = re.search(r"(http://\S+/)\?token=(\S+)", "".join(lines))
+        assert match
+        url, token = match.group(1), match.group(2)
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            while True:
+                try:
+                    login = browser.get("/", params={"token": token, "next": "x"}, follow_redirects=False)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert login.status_code == 303
+            browser.get("/api/runs", params={"token": "wrong-guess-0123456789abcdef0123"})  # a guess: logged too
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    access = [line for line in out.splitlines() if '"GET /' in line]
+    assert len(access) >= 2 and all("token=[hidden]" in line for line in access), out
+    assert token not in out and "wrong-guess" not in out
