@@ -100,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.security import RedactTokenFilter
     from app.settings import Settings, generate_token
     from app.web.assets import missing_vendor_files, setup_report
+    from gradwatch.protocol import MAX_MESSAGE_BYTES
 
     token, generated = args.token, False
     if token == "generate":
@@ -134,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
     # No permessage-deflate: it compresses every frame once per client, and with 20 clients that CPU,
     # not bandwidth, limits fan-out (bench/throughput.py: clients fell to 15-22 % of the stream).
     config = uvicorn.Config(create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=15,
-                            ws_max_size=4 << 20, ws_per_message_deflate=False)
+                            ws_max_size=MAX_MESSAGE_BYTES, ws_per_message_deflate=False)
     logging.getLogger("uvicorn.access").addFilter(RedactTokenFilter())  # after Config: it sets up the loggers
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -36,14 +36,17 @@ from typing import Any, Protocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from gradwatch.protocol import ARTIFACT_FRAMES, CHUNK_BYTES, encode_chunk
+from gradwatch.protocol import ARTIFACT_FRAMES, CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_chunk
 from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.channel")
 
 Frame = dict[str, Any]
-#: Largest ``frames`` message: well under the server's websocket message cap.
-MAX_BATCH_BYTES = 4 << 20
+#: Largest ``frames`` message: a quarter of the server's websocket message cap, envelope included.
+MAX_BATCH_BYTES = MAX_MESSAGE_BYTES // 4
+#: A single frame larger than this can never be delivered (the server closes the channel on it, again and again):
+#: it is replaced by an alert with the same seq, so the stream stays gapless and says what was lost.
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES - 4096
 MAX_BATCH_FRAMES = 512
 #: How long a finished run waits for the server to acknowledge its last frames.
 DRAIN_S = 30.0
@@ -203,6 +206,16 @@ def _frame_type(text: str) -> str:
             return text[9:end]
     frame_type: str = json.loads(text).get("type", "")
     return frame_type
+
+
+def _too_large(frame: Frame, size: int) -> str:
+    """The alert that stands in for a frame too large to deliver, under the same seq."""
+    step = frame.get("step")
+    if isinstance(step, list):  # a metrics frame: its newest step
+        step = step[-1] if step else None
+    return frame_to_json({"type": "alert", "run": frame.get("run"), "seq": frame["seq"], "step": step,
+                          "kind": "frame_too_large",
+                          "message": f"a {frame.get('type')} frame of {size:,} bytes was too large to send"})
 
 
 Endpoint = Callable[[], tuple[str, str]]
@@ -366,14 +379,20 @@ class Channel:
                 batch, size = [], 0
 
         for frame, text in pending:
+            if len(text) > MAX_FRAME_BYTES:
+                log.error("frame %s (%s) is %d bytes, over the server's message cap: sent as an alert instead",
+                          frame["seq"], frame["type"], len(text))
+                text = _too_large(frame, len(text))
             kind = ARTIFACT_FRAMES.get(frame["type"])
             if kind is not None:
                 flush()
                 self._upload(ws, kind, str(frame["name"]))
+            if batch and size + len(text) + len(batch) + 32 > MAX_BATCH_BYTES:
+                flush()  # before, not after: the message must stay under the cap with this frame in it
             batch.append(text)
             size += len(text)
             last = int(frame["seq"])
-            if size >= MAX_BATCH_BYTES or len(batch) >= MAX_BATCH_FRAMES:
+            if len(batch) >= MAX_BATCH_FRAMES:
                 flush()
         flush()
 

@@ -27,6 +27,9 @@ from typing import Any
 
 MAGIC = b"GWA1"
 CHUNK_BYTES = 1 << 20
+#: The largest websocket message the server accepts (``gradwatch serve`` sets uvicorn's ``ws_max_size`` to it);
+#: senders keep every message under it.
+MAX_MESSAGE_BYTES = 4 << 20
 ARTIFACT_KINDS = ("samples", "checkpoints")
 #: The frame types that announce an artifact, and the folder (kind) it lives in.
 ARTIFACT_FRAMES = {"sample": "samples", "checkpoint": "checkpoints"}

@@ -105,3 +105,45 @@ def test_the_access_token_never_reaches_the_servers_log(tmp_path: Path) -> None:
     access = [line for line in out.splitlines() if '"GET /' in line]
     assert len(access) >= 2 and all("token=[hidden]" in line for line in access), out
     assert token not in out and "wrong-guess" not in out
+
+
+def test_a_flush_larger_than_a_websocket_message_arrives_whole_and_an_undeliverable_frame_becomes_an_alert(
+        tmp_path: Path) -> None:
+    """Issue 12, item 1: one flush of 300,000 values (~6 MB of JSON) used to kill its own channel."""
+    from tests.live_server import LiveServer, wait_status
+    from tests.test_client_live import history, run_of, run_script
+
+    server = LiveServer(tmp_path / "data").start()
+    try:
+        run_script(server, tmp_path, "3000", script=ROOT / "tests" / "scripts" / "client_flood.py")
+        run = run_of(server, "flood")
+        with server.client() as http:
+            detail = wait_status(http, run["id"], {"completed", "failed", "interrupted", "stopped"})
+            series = history(http, run["id"], ["flood/k000", "flood/k099", "after"])
+        assert detail["status"] == "completed"
+        assert sorted(series["flood/k000"]) == list(range(1, 3001)) == sorted(series["flood/k099"])
+        assert series["flood/k099"][3000] == pytest.approx(3000.099)
+        assert list(series["after"]) == [3001]  # what came after the undeliverable frame arrived too
+        assert detail["last_alert"]["kind"] == "frame_too_large" and "config" in detail["last_alert"]["message"]
+        assert "huge" not in detail["config"]
+    finally:
+        server.stop()
+
+
+def test_a_long_flush_is_cut_into_frames_of_bounded_size() -> None:
+    import torch
+
+    from trainer.telemetry import MAX_FRAME_VALUES, MetricBuffer, StepRow, flush_to_frames
+
+    buffer = MetricBuffer(flush_steps=10_000, flush_ms=10**9)
+    keys = [f"k{i}" for i in range(30)]
+    for step in range(1, 5001):
+        row = StepRow()
+        row.add(keys, torch.full((30,), float(step)))
+        buffer.append(step, row)
+    frames: list[dict[str, object]] = []
+    flush_to_frames(buffer, lambda kind, **fields: frames.append({"type": kind, **fields}))
+    assert len(frames) == 4  # 150,000 values in frames of at most 50,000
+    assert all(len(f["step"]) * 30 <= MAX_FRAME_VALUES for f in frames)  # type: ignore[arg-type]
+    assert [s for f in frames for s in f["step"]] == list(range(1, 5001))  # type: ignore[attr-defined]
+    assert max(len(json.dumps(f)) for f in frames) < 1_500_000

@@ -35,6 +35,8 @@ Frame = dict[str, Any]
 FrameSink = Callable[[Frame], None]
 
 HIST_BINS = 40
+#: Values per ``metrics`` frame at most (steps × keys): ~1 MB of JSON, a quarter of the channel's message cap.
+MAX_FRAME_VALUES = 50_000
 #: The histogram keys of a GAN run (SPEC §2), in the order a logit packet holds them.
 HIST_KEYS = ("hist/real_logit", "hist/fake_logit")
 #: Fake samples per ``dldh`` frame: enough points to trace both curves, few enough to send every hist step.
@@ -432,7 +434,13 @@ def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object]) -> list[M
     """
     groups, hists = buffer.flush()
     for group in groups:
-        emit("metrics", **metrics_frame_fields(group.keys, group.steps, group.times, group.table))
+        # A long buffer (flush_steps up to 10,000) of many keys is cut into frames of bounded size: one frame
+        # must fit a websocket message of the channel (MAX_FRAME_VALUES values ≈ 1 MB of JSON at most).
+        rows = max(1, MAX_FRAME_VALUES // max(1, len(group.keys)))
+        for start in range(0, len(group.steps), rows):
+            end = start + rows
+            emit("metrics", **metrics_frame_fields(group.keys, group.steps[start:end], group.times[start:end],
+                                                   group.table[start:end]))
     for step, packed in hists:
         for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
             emit(kind, **fields)
