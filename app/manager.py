@@ -657,7 +657,10 @@ class RunManager:
         def committed(seq: int) -> None:  # called on the store's writer thread, with the stored seq
             loop.call_soon_threadsafe(acks.put_nowait, seq - active.offset)
 
-        hello: dict[str, Any] = {"type": "hello", "ack": active.accepted}
+        # The artifact cap goes in the hello: a sender skips a file over it rather than upload it, be refused and
+        # try again forever.
+        hello: dict[str, Any] = {"type": "hello", "ack": active.accepted,
+                                 "max_artifact_bytes": self.settings.max_artifact_bytes}
         if active.stop_requested:
             hello["stop"] = True  # pressed while the sender was away
         await ws.send_text(json.dumps(hello))

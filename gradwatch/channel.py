@@ -245,6 +245,7 @@ class Channel:
         self.on_refused: Callable[[int], None] | None = None  # default: on_stop
         self.acked = 0
         self.connected = False
+        self.max_artifact_bytes: int | None = None  # the server's cap, told in its hello
         self._cond = threading.Condition()
         self._send_from = 1  # seq of the first frame not yet sent on the current connection
         self._closing = False
@@ -344,6 +345,8 @@ class Channel:
         if hello.get("type") != "hello":
             raise ConnectionError(f"unexpected first message {hello!r}")
         ack = int(hello["ack"])
+        limit = hello.get("max_artifact_bytes")
+        self.max_artifact_bytes = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
         self._ack(ack)
         self.connected = True
         with self._cond:
@@ -383,7 +386,12 @@ class Channel:
                 log.error("frame %s (%s) is %d bytes, over the server's message cap: sent as an alert instead",
                           frame["seq"], frame["type"], len(text))
                 text = _too_large(frame, len(text))
-            kind = ARTIFACT_FRAMES.get(frame["type"])
+            kind: str | None = ARTIFACT_FRAMES.get(frame["type"])
+            if kind is not None:
+                file_size = self._artifact_size(kind, str(frame["name"]))
+                cap = self.max_artifact_bytes
+                if cap is not None and file_size is not None and file_size > cap:
+                    text, kind = self._over_cap(frame, kind, file_size), None
             if kind is not None:
                 flush()
                 self._upload(ws, kind, str(frame["name"]))
@@ -395,6 +403,22 @@ class Channel:
             if len(batch) >= MAX_BATCH_FRAMES:
                 flush()
         flush()
+
+    def _artifact_size(self, kind: str, name: str) -> int | None:
+        try:
+            return (self.artifact_dir / kind / name).stat().st_size
+        except OSError:
+            return None
+
+    def _over_cap(self, frame: Frame, kind: str, size: int) -> str:
+        """An artifact over the server's cap is not sent (it stays where it was written): an alert says so instead."""
+        where = self.artifact_dir / kind / str(frame["name"])
+        log.error("%s is %d bytes, over the server's max_artifact_bytes (%s): kept in %s, not uploaded",
+                  frame["name"], size, self.max_artifact_bytes, where)
+        return frame_to_json({"type": "alert", "run": frame.get("run"), "seq": frame["seq"], "step": frame.get("step"),
+                              "kind": "artifact_too_large",
+                              "message": f"{frame['name']} ({size:,} bytes) is over the server's max_artifact_bytes "
+                                         f"({self.max_artifact_bytes:,}); it stays in {where}"})
 
     def _upload(self, ws: ClientConnection, kind: str, name: str) -> None:
         path = self.artifact_dir / kind / name

@@ -84,7 +84,7 @@ def test_a_script_registers_its_controls_and_the_others_are_refused(client: Test
     created = create(client).json()
     run_id = created["run"]["id"]
     with _channel(client, created) as ws:
-        assert ws.receive_json() == {"type": "hello", "ack": 0}
+        assert ws.receive_json() == {"type": "hello", "ack": 0, "max_artifact_bytes": 1 << 30}
         ws.send_text(_frames({"type": "status", "seq": 1, "status": "running", "step": 0},
                              {"type": "capabilities", "seq": 2, "kind": "gan", "controls": ["g_loss", "lr_g"]}))
         assert ws.receive_json() == {"type": "ack", "seq": 2}

@@ -147,3 +147,30 @@ def test_a_long_flush_is_cut_into_frames_of_bounded_size() -> None:
     assert all(len(f["step"]) * 30 <= MAX_FRAME_VALUES for f in frames)  # type: ignore[arg-type]
     assert [s for f in frames for s in f["step"]] == list(range(1, 5001))  # type: ignore[attr-defined]
     assert max(len(json.dumps(f)) for f in frames) < 1_500_000
+
+
+def test_an_artifact_over_the_servers_cap_is_kept_locally_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Issue 12, item 2: such a checkpoint used to be re-uploaded forever, and the run wedged."""
+    from tests.live_server import LiveServer, wait_status
+    from tests.test_client_live import history, run_of, run_script
+
+    server = LiveServer(tmp_path / "data", env={"GRADWATCH_MAX_ARTIFACT_BYTES": "4000"}).start()
+    try:
+        # client_gan.py saves G and D (~10 kB) at steps 10 and 20, and a sample grid (< 1 kB) with each.
+        run_script(server, tmp_path, "--steps", "25", "--every", "10", "--name", "big-checkpoints",
+                   "--ref", str(tmp_path / "ref.json"))
+        run = run_of(server, "big-checkpoints")
+        with server.client() as http:
+            detail = wait_status(http, run["id"], {"completed", "failed", "interrupted", "stopped"}, timeout=60)
+            events = http.get(f"/api/runs/{run['id']}/events").json()["frames"]
+            series = history(http, run["id"], ["loss/g"])
+        assert detail["status"] == "completed" and detail["checkpoints"] == []
+        assert [s["name"] for s in detail["samples"]] == ["step_00000010.png", "step_00000020.png"]
+        alerts = [f for f in events if f["type"] == "alert"]
+        assert [a["kind"] for a in alerts] == ["artifact_too_large"] * 2
+        assert "max_artifact_bytes" in alerts[0]["message"]
+        assert sorted(series["loss/g"]) == list(range(1, 26))
+        folder = tmp_path / json.loads((tmp_path / "ref.json").read_text())["folder"]
+        assert (folder / "checkpoints" / "step_00000020.pt").stat().st_size > 4000  # kept where it was written
+    finally:
+        server.stop()
