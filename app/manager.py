@@ -418,7 +418,10 @@ class RunManager:
         ]
         if rec.resume_from:
             args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
-        env = {**os.environ, "GRADWATCH_RUN_TOKEN": token,
+        # The worker gets its run token and nothing of the server's own secrets: the user's access token
+        # (GRADWATCH_TOKEN) would let code in a run act as the user on the whole API.
+        inherited = {k: v for k, v in os.environ.items() if k not in WORKER_ENV_SECRETS}
+        env = {**inherited, "GRADWATCH_RUN_TOKEN": token,
                CUDA_ENV: worker_cuda_visible_devices(device, self.gpu_ids),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH")]))}
@@ -800,6 +803,9 @@ class RunManager:
             del active.uploads[key]
             await asyncio.to_thread(_finish_upload, fh, path, folder / chunk.name)
 
+
+#: Variables of the server's environment that never reach a worker.
+WORKER_ENV_SECRETS = frozenset({"GRADWATCH_TOKEN"})
 
 #: What a script may register: the dashboard shows it only those controls.
 SCRIPT_CONTROLS = ("stop", "g_loss", "lr_g", "lr_d")

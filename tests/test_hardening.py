@@ -174,3 +174,23 @@ def test_an_artifact_over_the_servers_cap_is_kept_locally_and_the_run_goes_on(tm
         assert (folder / "checkpoints" / "step_00000020.pt").stat().st_size > 4000  # kept where it was written
     finally:
         server.stop()
+
+
+def test_a_worker_does_not_inherit_the_servers_access_token(tmp_path: Path) -> None:
+    """Issue 12, item 11: code in a run could read the user's token from its environment and drive the API."""
+    import psutil
+
+    from tests.live_server import TINY_GAN, LiveServer, config, wait_for
+
+    token = "Zq8xV3mN7bT1yLc5dFh9sGj4aQekq3ZpWr2Y"
+    server = LiveServer(tmp_path / "data", env={"GRADWATCH_TOKEN": token}).start()
+    server.token = token
+    try:
+        run = server.request("POST", "/api/runs", config(TINY_GAN, train__steps=100_000))
+        workers = wait_for(server.workers, 60, what="the worker to start")
+        environ = psutil.Process(workers[0].pid).environ()
+        assert "GRADWATCH_TOKEN" not in environ and token not in "".join(environ.values())
+        assert "PATH" in environ  # the rest of the environment is inherited as before
+        server.request("POST", f"/api/runs/{run['id']}/stop")
+    finally:
+        server.stop()
