@@ -478,9 +478,7 @@ class RunManager:
                 await asyncio.wait_for(_wait_until(lambda: active.ws is None or active.final is not None), 2.0)
         self.active.pop(active.run_id, None)
         self.rates.forget(active.run_id)
-        for path, fh in active.uploads.values():
-            fh.close()
-            path.unlink(missing_ok=True)
+        _discard_uploads(active)
         if active.final is None:
             reason = _describe_exit(code)
             if active.stop_requested:
@@ -602,10 +600,7 @@ class RunManager:
     def _forget_active(self, active: Active) -> None:
         self.active.pop(active.run_id, None)
         self.rates.forget(active.run_id)
-        for path, fh in active.uploads.values():
-            fh.close()
-            path.unlink(missing_ok=True)
-        active.uploads.clear()
+        _discard_uploads(active)
 
     def _external_disconnected(self, active: Active) -> None:
         """A script's channel closed: the run has ended (its status frame came first) or its grace period starts."""
@@ -687,6 +682,7 @@ class RunManager:
             acker.cancel()
             if active.ws is ws:
                 active.ws = None
+                _discard_uploads(active)  # a sender resends an unacknowledged file from its first chunk
                 if active.external:
                     self._external_disconnected(active)
 
@@ -791,6 +787,10 @@ class RunManager:
                 path, fh = active.uploads.pop(key)
                 fh.close()
                 path.unlink(missing_ok=True)
+            elif len(active.uploads) >= MAX_OPEN_UPLOADS:
+                # A sender finishes each file before the next: many at once is a run token holding the server's
+                # file descriptors, not an upload.
+                raise ProtocolError(f"more than {MAX_OPEN_UPLOADS} unfinished uploads")
             tmp = temp_path(folder / chunk.name, uuid.uuid4().hex)
             active.uploads[key] = (tmp, await asyncio.to_thread(_open_new, tmp))
         if key not in active.uploads:
@@ -804,6 +804,8 @@ class RunManager:
             await asyncio.to_thread(_finish_upload, fh, path, folder / chunk.name)
 
 
+#: Unfinished uploads one run may hold open at once (each is an open file on the server).
+MAX_OPEN_UPLOADS = 4
 #: Variables of the server's environment that never reach a worker.
 WORKER_ENV_SECRETS = frozenset({"GRADWATCH_TOKEN"})
 
@@ -819,6 +821,14 @@ def _capabilities(frame: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(controls, list) or not all(c in SCRIPT_CONTROLS for c in controls):
         raise ProtocolError(f"capabilities: controls must be a list drawn from {', '.join(SCRIPT_CONTROLS)}")
     return {"kind": kind, "controls": list(dict.fromkeys(controls))}
+
+
+def _discard_uploads(active: Active) -> None:
+    """Close and remove the temp files of uploads that never finished."""
+    for path, fh in active.uploads.values():
+        fh.close()
+        path.unlink(missing_ok=True)
+    active.uploads.clear()
 
 
 def _write_file(path: Path, text: str) -> None:

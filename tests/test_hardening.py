@@ -194,3 +194,26 @@ def test_a_worker_does_not_inherit_the_servers_access_token(tmp_path: Path) -> N
         server.request("POST", f"/api/runs/{run['id']}/stop")
     finally:
         server.stop()
+
+
+def test_a_run_token_cannot_hold_open_files_with_unfinished_uploads(client: TestClient, tmp_path: Path) -> None:
+    """Issue 12, item 11: 2,000 unfinished uploads took the server from 24 to 2,023 open files."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from gradwatch.protocol import encode_chunk
+    from tests.test_client_api import _channel, create
+
+    created = create(client).json()
+    folder = tmp_path / "runs" / created["run"]["id"] / "checkpoints"
+    with _channel(client, created) as ws:
+        assert ws.receive_json()["type"] == "hello"
+        for i in range(5):  # first chunks of files never finished
+            ws.send_bytes(encode_chunk("checkpoints", f"step_{i:08d}.pt", 0, 1000, b"x" * 10))
+        # A frame after them: a server that let the uploads pile up would acknowledge it.
+        ws.send_text('{"type": "frames", "frames": [{"type": "status", "seq": 1, "status": "running", "step": 0}]}')
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 1002 and "unfinished uploads" in closed.value.reason
+    assert not folder.exists() or not list(folder.iterdir())  # the temp files went with the connection
+    with _channel(client, created) as ws:  # the run itself is fine: a new connection works
+        assert ws.receive_json()["type"] == "hello"
