@@ -131,10 +131,13 @@ class RunManager:
         self.runs_dir = settings.data_dir / "runs"
         self.cache_dir = settings.data_dir / "cache"
         self.active: dict[str, Active] = {}
-        self.queue: list[str] = []
+        # Runs waiting for a slot, oldest first, each with its device request worked out once at submit: placing
+        # them reads no row and validates no config, so a submit costs the same with 1,000 runs queued as with none.
+        self.queue: dict[str, str] = {}
         self.gpu_ids: list[str] = []  # the driver's name of each GPU, by local index (app.placement)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
+        self._submit_lock = asyncio.Lock()
         self.rates = StepRate()
 
     @property
@@ -164,7 +167,12 @@ class RunManager:
                 await self._end(rec.id, "interrupted", "the server stopped while this run was training",
                                 accepted=rec.last_seq)
         queued = await asyncio.to_thread(self.store.list_runs, ["queued"])
-        self.queue = [rec.id for rec in sorted(queued, key=lambda r: r.created_at)]
+        self.queue = {}
+        for rec in sorted(queued, key=lambda r: r.created_at):
+            try:  # a GPU this server had before the restart may be gone
+                self.queue[rec.id] = self._device_request(RunConfig.model_validate(rec.config))
+            except RunError as exc:
+                await self._end(rec.id, "failed", exc.detail, accepted=rec.last_seq)
         await self._schedule()
 
     async def shutdown(self) -> None:
@@ -267,22 +275,37 @@ class RunManager:
     # -- requests -----------------------------------------------------------------
     async def submit(self, cfg: RunConfig, *, sweep_id: str | None = None,
                      resume_from: dict[str, Any] | None = None) -> RunRecord:
-        self._device_request(cfg)  # refuse now what could never be placed
-        run = RunRecord(
-            id=uuid.uuid4().hex[:12], name=cfg.name or f"{cfg.kind} on {cfg.data.name}", kind=cfg.kind,
-            status="queued", config=cfg.model_dump(mode="json"), created_at=time.time(), sweep_id=sweep_id,
-            resume_from=resume_from,
-        )
-        run_dir = self.runs_dir / run.id
-        await asyncio.to_thread(_write_file, run_dir / "config.json", cfg.model_dump_json(indent=2) + "\n")
-        if resume_from is not None:
-            # The new run owns a copy: deleting the source run while this one waits must not break it.
-            source = self.run_dir(resume_from["run"]) / "checkpoints" / resume_from["checkpoint"]
-            await asyncio.to_thread(_link_or_copy, source, run_dir / "resume" / resume_from["checkpoint"])
-        await asyncio.to_thread(self.store.insert_run, run)
-        self.queue.append(run.id)
+        return (await self.submit_many([cfg], sweep_id=sweep_id, resume_from=resume_from))[0]
+
+    async def submit_many(self, cfgs: list[RunConfig], *, sweep_id: str | None = None,
+                          resume_from: dict[str, Any] | None = None) -> list[RunRecord]:
+        """Queue runs (a sweep's all at once, or none of them) and start what fits in the free slots."""
+        requests = [self._device_request(cfg) for cfg in cfgs]  # refuse now what could never be placed
+        async with self._submit_lock:  # the room checked is the room used: no concurrent submit in between
+            waiting, limit = len(self.queue), self.settings.max_queued_runs
+            if waiting + len(cfgs) > limit:
+                more = f"{len(cfgs)} more runs" if len(cfgs) > 1 else "one more run"
+                raise RunError(429, f"queue: {waiting} runs are waiting for a slot and this server queues at most "
+                                    f"{limit} (max_queued_runs); {more} would not fit. Stop some queued runs, or "
+                                    "wait for them to start")
+            runs = []
+            for cfg, request in zip(cfgs, requests, strict=True):
+                run = RunRecord(
+                    id=uuid.uuid4().hex[:12], name=cfg.name or f"{cfg.kind} on {cfg.data.name}", kind=cfg.kind,
+                    status="queued", config=cfg.model_dump(mode="json"), created_at=time.time(), sweep_id=sweep_id,
+                    resume_from=resume_from,
+                )
+                run_dir = self.runs_dir / run.id
+                await asyncio.to_thread(_write_file, run_dir / "config.json", cfg.model_dump_json(indent=2) + "\n")
+                if resume_from is not None:
+                    # The new run owns a copy: deleting the source run while this one waits must not break it.
+                    source = self.run_dir(resume_from["run"]) / "checkpoints" / resume_from["checkpoint"]
+                    await asyncio.to_thread(_link_or_copy, source, run_dir / "resume" / resume_from["checkpoint"])
+                await asyncio.to_thread(self.store.insert_run, run)
+                self.queue[run.id] = request
+                runs.append(run)
         await self._schedule()
-        return await self.get(run.id)
+        return [await self.get(run.id) for run in runs]
 
     async def get(self, run_id: str) -> RunRecord:
         rec = await asyncio.to_thread(self.store.get_run, run_id)
@@ -293,7 +316,7 @@ class RunManager:
     async def stop(self, run_id: str) -> RunRecord:
         rec = await self.get(run_id)
         if rec.status == "queued" and run_id in self.queue:
-            self.queue.remove(run_id)
+            del self.queue[run_id]
             await self._end(run_id, "stopped", None, accepted=rec.last_seq)
             return await self.get(run_id)
         active = self.active.get(run_id)
@@ -386,22 +409,19 @@ class RunManager:
 
     async def _schedule(self) -> None:
         async with self._lock:
-            for run_id in list(self.queue):
+            full: set[str] = set()  # requests with no free slot left: the rest of the queue waits without a look
+            for run_id, request in list(self.queue.items()):
+                if request in full:
+                    continue
+                device = self._free_slot(request)
+                if device is None:
+                    full.add(request)
+                    continue
+                del self.queue[run_id]
                 rec = await asyncio.to_thread(self.store.get_run, run_id)
                 if rec is None or rec.status != "queued":
-                    self.queue.remove(run_id)
                     continue
-                cfg = RunConfig.model_validate(rec.config)
-                try:
-                    device = self._free_slot(self._device_request(cfg))
-                except RunError as exc:
-                    self.queue.remove(run_id)
-                    await self._end(run_id, "failed", exc.detail, accepted=rec.last_seq)
-                    continue
-                if device is None:
-                    continue
-                self.queue.remove(run_id)
-                await self._launch(rec, cfg, device)
+                await self._launch(rec, RunConfig.model_validate(rec.config), device)
 
     async def _launch(self, rec: RunRecord, cfg: RunConfig, device: str) -> None:
         run_dir = self.run_dir(rec.id)

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     )
     cpu_run_limit: int = Field(default=4, ge=1, le=64, description="concurrent CPU runs (a twin pair and two more)")
     gpu_run_limit: int = Field(default=2, ge=1, le=64, description="concurrent runs per GPU")
+    max_queued_runs: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="runs that may wait for a slot at once; a submit or sweep beyond it is refused with a 429",
+    )
     reattach_grace_s: float = Field(
         default=20.0, ge=0, le=600, allow_inf_nan=False,
         description="after a restart, how long a still-alive worker has to reconnect before its run is interrupted",

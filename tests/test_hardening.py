@@ -11,12 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.live_server import ROOT
+from app.main import create_app
+from app.manager import Active
+from app.settings import Settings
+from tests.live_server import ROOT, TINY_GAN, config
 
 FORM = {"content-type": "application/x-www-form-urlencoded", "origin": "http://127.0.0.1:8000"}
 
@@ -217,3 +221,60 @@ def test_a_run_token_cannot_hold_open_files_with_unfinished_uploads(client: Test
     assert not folder.exists() or not list(folder.iterdir())  # the temp files went with the connection
     with _channel(client, created) as ws:  # the run itself is fine: a new connection works
         assert ws.receive_json()["type"] == "hello"
+
+
+# -- the queue (item 12) ------------------------------------------------------------------------------------------
+def _queue_client(tmp_path: Path, **settings: Any) -> TestClient:
+    """The app in process with its one CPU slot held, so every run submitted stays queued and no worker starts."""
+    app = create_app(Settings(data_dir=tmp_path, cpu_run_limit=1, _env_file=None, **settings))  # type: ignore[call-arg]
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
+def _hold_the_slot(client: TestClient) -> None:
+    manager = client.app.state.manager  # type: ignore[attr-defined]
+    manager.active["slot-holder"] = Active("slot-holder", "cpu")
+
+
+def test_a_submit_reads_no_more_of_the_store_with_a_long_queue(tmp_path: Path) -> None:
+    with _queue_client(tmp_path) as client:
+        _hold_the_slot(client)
+        store = client.app.state.store  # type: ignore[attr-defined]
+        reads = {"n": 0}
+        get_run = store.get_run
+
+        def counted(run_id: str) -> Any:
+            reads["n"] += 1
+            return get_run(run_id)
+
+        store.get_run = counted
+        body = {"base": config(TINY_GAN), "vary": {"train.seed": list(range(8)), "gan.g_loss": ["saturating",
+                                                                                             "non_saturating"]}}
+
+        def reads_per_sweep() -> int:
+            before = reads["n"]
+            response = client.post("/api/sweeps", json=body)
+            assert response.status_code == 201, response.text
+            return reads["n"] - before
+
+        first = reads_per_sweep()
+        for _ in range(10):  # 176 runs queued behind the next sweep
+            reads_per_sweep()
+        assert reads_per_sweep() == first  # the old queue read every queued run's row at each submit: 16 × 176 more
+
+
+def test_a_full_queue_refuses_a_submit_or_a_whole_sweep_with_a_429_naming_the_limit(tmp_path: Path) -> None:
+    with _queue_client(tmp_path, max_queued_runs=5) as client:
+        _hold_the_slot(client)
+        for _ in range(4):
+            assert client.post("/api/runs", json=config(TINY_GAN)).status_code == 201
+        sweep = {"base": config(TINY_GAN), "vary": {"gan.g_loss": ["saturating", "non_saturating"]}}
+        response = client.post("/api/sweeps", json=sweep)
+        assert response.status_code == 429 and "max_queued_runs" in response.json()["detail"]
+        assert len(client.get("/api/runs").json()) == 4  # neither twin was created
+        assert client.post("/api/runs", json=config(TINY_GAN)).status_code == 201
+        response = client.post("/api/runs", json=config(TINY_GAN))
+        assert response.status_code == 429 and "5" in response.json()["detail"]
+        queued = [r for r in client.get("/api/runs").json() if r["status"] == "queued"]
+        assert len(queued) == 5
+        assert client.post(f"/api/runs/{queued[0]['id']}/stop").status_code == 202  # a stop makes room
+        assert client.post("/api/runs", json=config(TINY_GAN)).status_code == 201

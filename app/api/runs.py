@@ -161,7 +161,7 @@ async def create_sweep(request: SweepRequest, manager: ManagerDep) -> SweepOut:
         name = f"{request.base.name} · {label}" if request.base.name else label
         configs.append(cfg.with_overrides({"name": name[:200]}))
     sweep_id = uuid.uuid4().hex[:12]
-    runs = [await _detail(manager, await manager.submit(cfg, sweep_id=sweep_id)) for cfg in configs]
+    runs = [await _detail(manager, rec) for rec in await manager.submit_many(configs, sweep_id=sweep_id)]
     return SweepOut(id=sweep_id, runs=runs)
 
 

@@ -250,13 +250,12 @@ async def launch(request: Request, templates: TemplatesDep, manager: ManagerDep)
         ctx = _form_context(values, errors=errors_by_field(exc), preset=values.get("preset", ""), twin=twin)
         return templates.TemplateResponse(request, "partials/launch_form.html", ctx, status_code=422)
     if twin and cfg.kind == "gan":
-        sweep_id = uuid.uuid4().hex[:12]
-        ids = []
+        twins = []
         for loss in ("saturating", "non_saturating"):
             label = f"{cfg.name} · g_loss={loss}" if cfg.name else f"g_loss={loss}"
-            twin_cfg = cfg.with_overrides({"gan.g_loss": loss, "name": label[:200]})
-            ids.append((await manager.submit(twin_cfg, sweep_id=sweep_id)).id)
-        target = f"/compare?runs={','.join(ids)}"
+            twins.append(cfg.with_overrides({"gan.g_loss": loss, "name": label[:200]}))
+        runs = await manager.submit_many(twins, sweep_id=uuid.uuid4().hex[:12])  # both, or neither if the queue is full
+        target = f"/compare?runs={','.join(rec.id for rec in runs)}"
     else:
         target = f"/runs/{(await manager.submit(cfg)).id}"
     return Response(status_code=201, headers={"HX-Redirect": target})
