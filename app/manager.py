@@ -434,14 +434,14 @@ class RunManager:
             "--config", str(work / "config.json"), "--work-dir", str(work), "--cache-dir", str(self.cache_dir),
             "--orphan-timeout", str(self.settings.worker_orphan_timeout_s),
             "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
-            "--nice", str(self.settings.worker_nice),
+            "--nice", str(self.settings.worker_nice), "--token-stdin",
         ]
         if rec.resume_from:
             args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
-        # The worker gets its run token and nothing of the server's own secrets: the user's access token
-        # (GRADWATCH_TOKEN) would let code in a run act as the user on the whole API.
-        inherited = {k: v for k, v in os.environ.items() if k not in WORKER_ENV_SECRETS}
-        env = {**inherited, "GRADWATCH_RUN_TOKEN": token,
+        # The worker gets its run token on stdin (app.worker says why not in its environment) and nothing of the
+        # server's own secrets: the user's access token (GRADWATCH_TOKEN) would let code in a run act as the user
+        # on the whole API.
+        env = {**{k: v for k, v in os.environ.items() if k not in WORKER_ENV_SECRETS},
                CUDA_ENV: worker_cuda_visible_devices(device, self.gpu_ids),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH")]))}
@@ -451,7 +451,7 @@ class RunManager:
         log_file = await asyncio.to_thread(open, run_dir / "worker.log", "ab")
         try:
             proc = await asyncio.create_subprocess_exec(
-                *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                *args, env=env, stdin=asyncio.subprocess.PIPE, stdout=log_file, stderr=log_file,
                 # Its own process group, so the terminal's Ctrl-C reaches the server alone, which decides how its
                 # workers end. Not its own session: Linux shares CPU equally between sessions (autogroups), so eight
                 # workers in eight sessions would leave the server a ninth of the CPU and the stream seconds late.
@@ -461,6 +461,11 @@ class RunManager:
         finally:
             log_file.close()  # the child holds its own copy of the descriptor
         active.process, active.pid = proc, proc.pid
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):  # a worker that died at once is reported by _watch
+            proc.stdin.write(token.encode() + b"\n")
+            await proc.stdin.drain()
+        proc.stdin.close()
         started = _create_time(proc.pid)
         await asyncio.to_thread(self.store.update_run, rec.id, pid=proc.pid, pid_started=started)
         self._spawn(self._watch(active))

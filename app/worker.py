@@ -1,7 +1,10 @@
 """A training worker: one process per run, talking to the server over one websocket.
 
-The server starts ``python -m app.worker`` with the run's token in the
-environment (never on the command line, where ``ps`` would show it). The
+The server starts ``python -m app.worker --token-stdin`` and writes the run's
+token to its stdin: never on the command line, where ``ps`` shows it, nor in
+the environment, where ``/proc/<pid>/environ`` keeps it for the process's life
+whatever the process does to ``os.environ``. (A worker started by hand or on
+another host may take it from ``GRADWATCH_RUN_TOKEN`` instead.) The
 trainer runs on the main thread; a channel thread owns the connection:
 
 - frames go out in seq order, batched, and stay in the outbox until the
@@ -86,15 +89,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--nice", type=int, default=0, choices=range(20), metavar="0-19",
                         help="niceness added to the training thread, not to the channel thread that streams")
+    parser.add_argument("--token-stdin", action="store_true",
+                        help=f"read the run token from the first line of stdin (else from ${TOKEN_ENV})")
     return parser.parse_args(argv)
+
+
+def read_token(args: argparse.Namespace) -> str:
+    """The run token: stdin's first line with ``--token-stdin`` (how the server hands it over), else the
+    environment, which is then cleared so that nothing this process starts inherits it."""
+    if args.token_stdin:
+        return sys.stdin.readline().strip()
+    return os.environ.pop(TOKEN_ENV, "")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parse(argv)
-    token = os.environ.pop(TOKEN_ENV, "")
+    token = read_token(args)
     if not token:
-        log.error("%s is not set", TOKEN_ENV)
+        log.error("no run token: give --token-stdin and write it to stdin, or set %s", TOKEN_ENV)
         return 2
 
     import torch

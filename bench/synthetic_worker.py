@@ -44,7 +44,7 @@ import zlib
 from types import FrameType
 from typing import Any
 
-from app.worker import TOKEN_ENV, WorkerChannel, _parse
+from app.worker import WorkerChannel, _parse, read_token
 from trainer.loop import GAN_KEYS
 
 log = logging.getLogger("gradwatch.synthetic_worker")
@@ -122,9 +122,9 @@ def _env_number(name: str, default: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parse(argv)  # exactly app.worker's arguments
-    token = os.environ.pop(TOKEN_ENV, "")
+    token = read_token(args)
     if not token:
-        log.error("%s is not set", TOKEN_ENV)
+        log.error("no run token")
         return 2
     config: dict[str, Any] = json.loads(args.config.read_text(encoding="utf-8"))
     seconds = _env_number("GRADWATCH_SYNTH_SECONDS", 0.0)

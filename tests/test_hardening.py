@@ -194,6 +194,8 @@ def test_a_worker_does_not_inherit_the_servers_access_token(tmp_path: Path) -> N
         workers = wait_for(server.workers, 60, what="the worker to start")
         environ = psutil.Process(workers[0].pid).environ()
         assert "GRADWATCH_TOKEN" not in environ and token not in "".join(environ.values())
+        # Nor its own run token: /proc/<pid>/environ keeps what the process started with, whatever it pops later.
+        assert "GRADWATCH_RUN_TOKEN" not in environ
         assert "PATH" in environ  # the rest of the environment is inherited as before
         server.request("POST", f"/api/runs/{run['id']}/stop")
     finally:

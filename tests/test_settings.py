@@ -267,7 +267,8 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
 _PROBE = """
 import json, os, sys
 with open(os.environ["PROBE_OUT"], "w") as fh:
-    json.dump({"argv": sys.argv[1:], "token": bool(os.environ.get("GRADWATCH_RUN_TOKEN")), "main": __name__}, fh)
+    json.dump({"argv": sys.argv[1:], "token": len(sys.stdin.readline().strip()), "main": __name__,
+               "env_token": "GRADWATCH_RUN_TOKEN" in os.environ}, fh)
 """
 
 
@@ -332,9 +333,9 @@ def test_the_manager_launches_the_configured_worker_module_with_the_worker_argum
 
     run_id = asyncio.run(launch())
     probe = json.loads(out.read_text())
-    assert probe["main"] == "__main__" and probe["token"] is True
+    assert probe["main"] == "__main__" and probe["token"] >= 32 and not probe["env_token"]
     args = worker._parse(probe["argv"])  # the same arguments app.worker takes
     assert args.run_id == run_id
     assert args.server == "ws://127.0.0.1:9"
     assert args.config.is_file() and args.work_dir.is_dir()
-    assert args.nice == 3
+    assert args.nice == 3 and args.token_stdin
