@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from trainer.config import DataConfig
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 #: Upper bound on images read from a user folder, so a huge folder cannot exhaust memory.
 MAX_FOLDER_IMAGES = 200_000
+#: Largest image read from a user folder, in pixels: PIL's own decompression-bomb threshold, checked per file
+#: before decoding (a full-size decode of this many RGB pixels is about 270 MB, held for one image at a time).
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class DataError(ValueError):
@@ -122,7 +126,7 @@ def load_dataset(cfg: DataConfig, device: torch.device) -> Dataset:
     elif cfg.name == "mnist_idx":
         images, labels = _load_mnist_idx(Path(cfg.path or ""))
     else:
-        images, labels = _load_image_folder(Path(cfg.path or ""), cfg.resolved_channels)
+        images, labels = _load_image_folder(Path(cfg.path or ""), cfg.resolved_channels, cfg.resolved_image_size)
     size = cfg.resolved_image_size
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
@@ -180,10 +184,13 @@ def _find_one(folder: Path, pattern: str) -> Path:
     return found[0]
 
 
-def _load_image_folder(folder: Path, channels: int) -> tuple[Tensor, Tensor]:
-    """Every image under ``folder``; the first-level subfolder names become class labels."""
-    from PIL import Image
+def _load_image_folder(folder: Path, channels: int, size: int) -> tuple[Tensor, Tensor]:
+    """Every image under ``folder`` at ``size``×``size``; the first-level subfolder names become class labels.
 
+    Images are decoded one at a time and shrunk at once, into one preallocated byte array: memory is the small
+    result plus a single full-size decode, whatever the files hold. Decoding them all at full size first made
+    eight 4000×4000 PNGs (186 kB on disk) cost 1 GiB.
+    """
     if not folder.is_dir():
         raise DataError(f"data.path: {folder} is not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
@@ -192,17 +199,46 @@ def _load_image_folder(folder: Path, channels: int) -> tuple[Tensor, Tensor]:
     files = files[:MAX_FOLDER_IMAGES]
     classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
     index = {name: i for i, name in enumerate(classes)}
-    mode = "L" if channels == 1 else "RGB"
-    arrays, labels = [], []
-    side = None
-    for path in files:
-        with Image.open(path) as opened:
-            img = opened.convert(mode)
-        if side is None:
-            side = min(img.size)
-        arr = np.asarray(img.resize((side, side)), dtype=np.float32) / 255.0
-        arrays.append(arr if arr.ndim == 3 else arr[..., None])
+    pixels = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    labels = []
+    for i, path in enumerate(files):
+        arr = _read_small_image(path, folder, "L" if channels == 1 else "RGB", size)
+        pixels[i] = arr if arr.ndim == 3 else arr[..., None]
         parts = path.relative_to(folder).parts
         labels.append(index[parts[0]] if len(parts) > 1 else 0)
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     return images, torch.tensor(labels, dtype=torch.int64)
+
+
+def _read_small_image(path: Path, folder: Path, mode: str, size: int) -> np.ndarray:
+    """One image as ``size``×``size`` bytes in ``mode``, never holding more than one full-size decode.
+
+    The pixel count is checked from the header, before anything is decoded, against this module's own bound
+    (not PIL's global ``Image.MAX_IMAGE_PIXELS``, which would change it for everything else in the process): a
+    few kilobytes of PNG can declare a 50,000×50,000 image. JPEGs are decoded at a reduced scale
+    (``Image.draft``); other formats are decoded once, then reduced by whole factors and resized.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = path.relative_to(folder)
+    try:
+        with warnings.catch_warnings():
+            # The bound below is this module's own check; PIL's warning for the same thing would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(f"data.path: {name} is {width}×{height} = {width * height:,} pixels, over the "
+                                f"{MAX_IMAGE_PIXELS:,}-pixel limit for one image")
+            opened.draft(mode, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least size²
+            img = opened.convert(mode)
+        factor = min(img.size) // (2 * size)
+        if factor > 1:
+            img = img.reduce(factor)  # box average by a whole factor, cheap, keeping at least 2× the target
+        small = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise DataError(f"data.path: cannot read image {name}: {exc}") from exc
+    return np.asarray(small, dtype=np.uint8)
