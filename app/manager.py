@@ -167,6 +167,7 @@ class RunManager:
                 await self._end(rec.id, "interrupted", "the server stopped while this run was training",
                                 accepted=rec.last_seq)
         queued = await asyncio.to_thread(self.store.list_runs, ["queued"])
+        await self._end_stale_workers(queued)
         self.queue = {}
         for rec in sorted(queued, key=lambda r: r.created_at):
             try:  # a GPU this server had before the restart may be gone
@@ -174,6 +175,22 @@ class RunManager:
             except RunError as exc:
                 await self._end(rec.id, "failed", exc.detail, accepted=rec.last_seq)
         await self._schedule()
+
+    async def _end_stale_workers(self, queued: list[RunRecord]) -> None:
+        """Kill the workers queued runs still have from before a restart.
+
+        A worker launched just before the server died, that had not yet reported ``running``, leaves its run
+        ``queued``: the run is launched again, with a new token, into the same folder. The old worker holds a token
+        the server no longer knows, so nothing it does reaches anyone; left alone it would train on at full CPU and
+        write where the new worker writes.
+        """
+        stale = [rec for rec in queued if pid_alive(rec.pid, rec.pid_started)]
+        for rec in stale:
+            log.warning("run %s: killing worker %s, launched before the restart and never reported running",
+                        rec.id, rec.pid)
+            _signal(rec.pid, signal.SIGKILL)
+        for rec in stale:
+            await _wait_pid_gone(rec.pid, KILL_WAIT_S)
 
     async def shutdown(self) -> None:
         """Stop every worker and wait for it: no worker outlives the server.
@@ -910,7 +927,16 @@ async def _wait_exit(active: Active, timeout: float) -> bool:
         if active.process is not None:
             await asyncio.wait_for(asyncio.shield(active.process.wait()), timeout)
         else:  # a worker re-attached after a restart is not our child: watch its pid
-            await asyncio.wait_for(_wait_until(lambda: not pid_alive(active.pid, None)), timeout)
+            return await _wait_pid_gone(active.pid, timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _wait_pid_gone(pid: int | None, timeout: float) -> bool:
+    """Wait until a process that is not our child has exited; False if it outlived ``timeout``."""
+    try:
+        await asyncio.wait_for(_wait_until(lambda: not pid_alive(pid, None)), timeout)
     except TimeoutError:
         return False
     return True

@@ -20,7 +20,9 @@ trainer runs on the main thread; a channel thread owns the connection:
   most 2 s spent on delivering what is left, so the server can exit in time;
 - reconnects back off exponentially; a worker that cannot reach any server
   for ``orphan_timeout_s`` stops itself (final checkpoint kept locally),
-  so a server killed with ``kill -9`` leaves no process behind for long.
+  so a server killed with ``kill -9`` leaves no process behind for long;
+- a worker whose token the server refuses (its run deleted, or launched
+  again after a restart) exits at once, writing nothing more.
 
 The channel itself is :mod:`gradwatch.channel`, shared with a user's own
 script and ``gradwatch sync``. Nothing here imports the web server: a worker
@@ -47,6 +49,8 @@ from trainer.files import atomic_write
 log = logging.getLogger("gradwatch.worker")
 
 TOKEN_ENV = "GRADWATCH_RUN_TOKEN"
+#: The exit code of a worker the server disowned (see :func:`_disowned`).
+EXIT_DISOWNED = 3
 #: How long a terminated worker waits for acks (a finished one waits DRAIN_S): the server is going away, and keeps
 #: the final checkpoint from disk.
 SHUTDOWN_DRAIN_S = 2.0
@@ -62,6 +66,16 @@ class WorkerChannel(Channel):
         self.url = url
         self.token = token
         self.out_dir = out_dir
+
+
+def _disowned(status: int) -> None:
+    """The server refused this run's token: the run was deleted, or launched again after a restart, or ended
+    while this worker could not reach it. Another worker may own the run's folder by now, so exit at once and
+    write nothing more there (not even a final checkpoint): whatever this worker did would reach nobody."""
+    log.error("the server refused this run's token (HTTP %s): the run was deleted, relaunched or ended while this "
+              "worker was away; exiting", status)
+    logging.shutdown()
+    os._exit(EXIT_DISOWNED)
 
 
 def fetch_resume_checkpoint(server: str, run_id: str, token: str, target: Path) -> Path:
@@ -119,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     url = f"{args.server.rstrip('/')}/ws/worker/{args.run_id}"
     channel = WorkerChannel(url, token, args.work_dir, orphan_timeout_s=args.orphan_timeout)
+    channel.on_refused = _disowned  # from the first connection on: the refusal may come before training starts
     channel.start()
     if args.nice:
         # On Linux niceness is per thread: the channel thread, started above, keeps normal priority so frames leave

@@ -280,3 +280,30 @@ def test_a_full_queue_refuses_a_submit_or_a_whole_sweep_with_a_429_naming_the_li
         assert len(queued) == 5
         assert client.post(f"/api/runs/{queued[0]['id']}/stop").status_code == 202  # a stop makes room
         assert client.post("/api/runs", json=config(TINY_GAN)).status_code == 201
+
+
+# -- a worker from before a restart (item 5) ----------------------------------------------------------------------
+def test_a_worker_launched_just_before_a_crash_does_not_train_on_beside_its_relaunch(tmp_path: Path) -> None:
+    """Kill the server while a new worker is still starting: on restart its queued run is launched again, and the old
+    worker must not go on training (at full CPU, in the same folder) with a token the server no longer knows."""
+    import psutil
+
+    from tests.live_server import LiveServer, wait_for, wait_status
+
+    server = LiveServer(tmp_path / "data").start()
+    try:
+        run = server.request("POST", "/api/runs", config(TINY_GAN, train__steps=1_000_000))
+        old = wait_for(server.workers, 30, 0.01, what="the worker to start")[0]
+        server.kill()  # the worker is still importing torch: its run is queued, with this worker's pid
+        server.start()
+        with server.client() as http:
+            wait_status(http, run["id"], {"running"})
+            wait_for(lambda: not old.is_running() or old.status() == psutil.STATUS_ZOMBIE, 30,
+                     what="the pre-restart worker to end")
+            workers = [p for p in server.workers() if run["id"] in " ".join(p.cmdline())]
+            assert len(workers) == 1 and workers[0].pid != old.pid
+            assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
+            assert wait_status(http, run["id"], {"stopped", "failed", "interrupted"})["status"] == "stopped"
+        assert server.wait_workers_gone(60)
+    finally:
+        server.stop()
