@@ -77,3 +77,13 @@ def test_control_request_needs_a_change_and_bounds_it() -> None:
     with pytest.raises(ValidationError) as info:
         ControlRequest.model_validate({"lr_g": 5.0})
     assert info.value.errors()[0]["loc"] == ("lr_g",)
+
+
+def test_retention_is_bounded_so_files_cannot_fill_a_disk() -> None:
+    """keep_checkpoints accepted 1000 and samples were never pruned (issue 12, item 7): both are now bounded."""
+    assert "intervals.keep_checkpoints" in _error_locs({"intervals": {"keep_checkpoints": 51}})
+    assert "intervals.keep_samples" in _error_locs({"intervals": {"keep_samples": 1001}})
+    assert "intervals.keep_samples" in _error_locs({"intervals": {"keep_samples": 0}})
+    cfg = RunConfig.model_validate({"intervals": {"keep_checkpoints": 50, "keep_samples": 1000}})
+    assert (cfg.intervals.keep_checkpoints, cfg.intervals.keep_samples) == (50, 1000)
+    assert RunConfig().intervals.keep_samples == 200

@@ -305,3 +305,54 @@ def test_field_snapshot_on_cuda() -> None:
         ns, (1 - torch.sigmoid(h)).unsqueeze(1) * torch.tensor([0.7, -1.3]).double(), atol=1e-6, rtol=0
     )
     assert critic.weight.grad is None
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def _touch_steps(folder: Path, steps: list[int], suffixes: tuple[str, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        for suffix in suffixes:
+            (folder / f"step_{step:08d}{suffix}").write_bytes(b"x")
+
+
+def test_prune_samples_keeps_the_first_and_the_newest_steps_with_all_their_files(tmp_path: Path) -> None:
+    """A 2-D GAN writes a PNG and a JSON per sample step: they go or stay together. Temp files of writes in
+    progress and foreign files are never touched, and a missing folder is no error."""
+    folder = tmp_path / "samples"
+    _touch_steps(folder, [10, 20, 30, 40, 50, 60], (".png", ".json"))
+    (folder / ".tmp-abc-step_00000070.png").write_bytes(b"partial")
+    (folder / "notes.txt").write_bytes(b"mine")
+    removed = samples.prune_samples(folder, keep=3)
+    assert sorted(p.name for p in removed) == [f"step_{s:08d}{x}" for s in (20, 30) for x in (".json", ".png")]
+    assert _only_files(folder) == {f"step_{s:08d}{x}" for s in (10, 40, 50, 60) for x in (".json", ".png")} | {
+        ".tmp-abc-step_00000070.png", "notes.txt"}
+    assert samples.prune_samples(tmp_path / "missing", keep=3) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        samples.prune_samples(folder, keep=0)
+
+
+def test_headless_run_with_a_sample_every_step_keeps_only_keep_samples_of_them(tmp_path: Path) -> None:
+    """``sample_every=1`` used to keep every sample for ever (≈ 3 GiB/h per run). A real ``gradwatch train``
+    process with ``keep_samples=4`` ends with its first sample and its newest four on disk, while its events
+    still announce every step's sample."""
+    import subprocess
+    import sys
+
+    cfg = {
+        "kind": "vae", "data": {"name": "digits"}, "model": {"width": 16, "depth": 1, "latent_dim": 2},
+        "train": {"steps": 30, "batch_size": 16, "seed": 3},
+        "intervals": {"sample_every": 1, "eval_every": 1000, "checkpoint_every": 1000, "keep_samples": 4},
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "train", str(path), "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _only_files(out / "samples") == {f"step_{s:08d}.png" for s in (1, 27, 28, 29, 30)}
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "sample"] == list(range(1, 31))

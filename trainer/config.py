@@ -12,6 +12,9 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from trainer.cost import cost_problems
 
 GLoss = Literal["saturating", "non_saturating", "hinge", "least_squares", "wasserstein"]
 DatasetName = Literal["ring8", "grid25", "spiral", "moons", "digits", "mnist_idx", "image_folder"]
@@ -172,7 +175,16 @@ class IntervalConfig(_Section):
         50, ge=1, le=60_000, description="Telemetry reaches the host at most this often (one copy per flush)."
     )
     flush_steps: int = Field(256, ge=1, le=100_000, description="...or after this many buffered steps.")
-    keep_checkpoints: int = Field(5, ge=1, le=1000, description="Periodic checkpoints kept (oldest removed).")
+    keep_checkpoints: int = Field(
+        5, ge=1, le=50,
+        description="Periodic checkpoints kept (oldest removed), besides the final one. At most 50: with the "
+        "checkpoint size bounded too (trainer/cost.py), a run's checkpoints cannot fill a disk.",
+    )
+    keep_samples: int = Field(
+        200, ge=1, le=1000,
+        description="Sample steps kept (oldest removed), besides the run's first one, so that sample_every=1 "
+        "cannot fill a disk: the newest show where the run is, the first where it started.",
+    )
 
 
 class RunConfig(_Section):
@@ -191,6 +203,19 @@ class RunConfig(_Section):
     def _check_combination(self) -> RunConfig:
         if self.model.arch == "conv" and self.data.is_2d:
             raise ValueError("model.arch 'conv' needs image data; use 'mlp' for 2-D datasets")
+        return self
+
+    @model_validator(mode="after")
+    def _check_cost(self) -> RunConfig:
+        """Refuse a combination of bounded fields whose product is not bounded (memory, checkpoint size, disk).
+
+        Each field alone is within its bounds, but e.g. a wide conv model with a large latent makes a checkpoint
+        the server cannot take, and a large batch at that width more memory than a machine has: refused here,
+        at submit, naming the fields and the estimated cost, rather than failing (or wedging) the run later.
+        """
+        problems = cost_problems(self)
+        if problems:
+            raise PydanticCustomError("config_cost", "{problems}", {"problems": "; ".join(problems)})
         return self
 
     def with_overrides(self, dotted: dict[str, Any]) -> RunConfig:

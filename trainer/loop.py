@@ -36,6 +36,7 @@ from trainer.config import ControlRequest, RunConfig
 from trainer.data import Dataset, load_dataset
 from trainer.files import sweep_temp_files
 from trainer.probes import GAN_KEYS, VAE_KEYS, active_units
+from trainer.samples import prune_samples
 from trainer.telemetry import (
     HIST_KEYS,
     FrameEmitter,
@@ -297,7 +298,12 @@ class Trainer(ABC):
 
     # -- artifacts ------------------------------------------------------------
     def _sample(self, step: int) -> None:
-        for name in self.write_sample(step):
+        names = self.write_sample(step)
+        # The folder never holds more than keep_samples + 1 steps. An earlier frame may name a file pruned here
+        # before a worker's channel uploaded it: the channel sends that frame anyway, and listings show what is on
+        # disk. This step is the newest, so its own files always stay.
+        prune_samples(self.samples_dir, self.cfg.intervals.keep_samples)
+        for name in names:
             self.emitter.emit("sample", step=step, name=name, url=self.options.artifact_url("samples", name))
 
     def _evaluate(self, step: int) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer.files import atomic_write
+from trainer.files import atomic_write, is_temp_file
 from trainer.losses import SHADOW_PAIR, dloss_dh
 
 #: Each image in a grid is upscaled (nearest neighbour) until its shorter side is at least this many pixels.
@@ -48,6 +49,45 @@ EXTENT_MARGIN = 0.15
 _GRID_CHUNK = 16384
 #: The reference arrow length (see :func:`_common_arrow_scale`) is drawn as this fraction of the panel width.
 _ARROW_FRACTION = 0.08
+
+
+#: A sample file's name: its step, then the kind (``step_00000500.png``, ``step_00000500.json``).
+_SAMPLE_NAME = re.compile(r"^step_(\d+)\.[a-z]+$")
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def prune_samples(folder: Path, keep: int) -> list[Path]:
+    """Keep the samples of the run's first step and of its newest ``keep`` steps in ``folder``; remove the rest.
+
+    Without this, ``sample_every=1`` wrote about 3 GiB an hour per run, for ever. A sample step may have several
+    files (a 2-D GAN writes the plot and its JSON): they are kept or removed together. The first step stays
+    because it shows where the run started. Temp files of writes in progress and files not named like samples are
+    left alone. The trainer calls this after each sample it writes; the server can call it on its own copy.
+    Returns the removed paths.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    by_step: dict[int, list[Path]] = {}
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
+        match = _SAMPLE_NAME.match(path.name)
+        if match and not is_temp_file(path):
+            by_step.setdefault(int(match.group(1)), []).append(path)
+    steps = sorted(by_step)
+    kept = {steps[0], *steps[-keep:]} if steps else set()
+    removed = []
+    for step in steps:
+        if step not in kept:
+            for path in by_step[step]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 # --------------------------------------------------------------------------- image grids
