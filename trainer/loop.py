@@ -16,6 +16,7 @@ own generators and never perturb that stream.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -58,6 +59,7 @@ __all__ = [
     "TrainingError",
     "active_units",
     "evaluating",
+    "is_out_of_memory",
     "lr_scale",
     "make_trainer",
     "resolve_device",
@@ -68,6 +70,14 @@ SAMPLE_GRID = 64
 
 class TrainingError(RuntimeError):
     """A run cannot go on (non-finite loss, unusable resume checkpoint, ...)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failed: CUDA's (``torch.OutOfMemoryError``, alias ``torch.cuda.OutOfMemoryError``), the CPU
+    allocator's (a plain RuntimeError, recognised by its message) or Python's own ``MemoryError``."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -253,9 +263,32 @@ class Trainer(ABC):
             self.emitter.emit("status", status="failed", error=str(exc), step=self.step)
             return "failed"
         except Exception as exc:
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            self.emitter.emit("status", status="failed", error=detail, step=self.step)
-            raise
+            if not is_out_of_memory(exc):
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                self.emitter.emit("status", status="failed", error=detail, step=self.step)
+                raise
+        # Out of memory, the one exception that gets here: an expected way for a run to end, not a bug, so a clear
+        # reason instead of a traceback, and the process ends normally, freeing its device slot at once. Out of the
+        # except block, the failed step's tensors (held by the traceback) are freed, so what was buffered before
+        # it can still be sent; if even that fails, the reason still goes out.
+        with contextlib.suppress(Exception):
+            self.flush()
+        self.emitter.emit("status", status="failed", error=self._oom_reason(), step=self.step)
+        return "failed"
+
+    def _oom_reason(self) -> str:
+        """``oom: ...`` with where and when, and what to change: the run's ``error`` and the dashboard's message."""
+        from trainer.cost import training_memory_bytes
+
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            where = f"CUDA out of memory on cuda:{index}"
+        else:
+            where = f"out of memory on {self.device.type}"
+        need = training_memory_bytes(self.cfg) / 2**30
+        return (f"oom: {where} at step {self.step} — lower train.batch_size (now {self.cfg.train.batch_size}) "
+                f"or model.width (now {self.cfg.model.width}); a training step of this config is estimated at "
+                f"≈ {need:.2f} GiB")
 
     def _finish_artifacts(self) -> None:
         """Every run ends with a checkpoint of its final state, then (unless hurried) a sample and an evaluation.
