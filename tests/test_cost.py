@@ -214,3 +214,33 @@ def test_post_runs_refuses_an_over_cost_config_with_a_422_naming_the_fields(clie
                                              "vary": {"model.latent_dim": [16, 512]}})
     assert sweep.status_code == 422, sweep.text
     assert "model.latent_dim=512" in json.dumps(sweep.json(), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("raw", [
+    {"model": {"width": 32, "depth": 2, "latent_dim": 2}},
+    {"data": {"name": "digits"}, "model": {"arch": "conv", "width": 16}},
+    {"kind": "vae", "data": {"name": "image_folder", "channels": 3}, "model": {"width": 16}},
+], ids=["ring8-field", "digits-grid", "32px-rgb-grid"])
+def test_sample_estimate_covers_the_files_a_sample_step_writes(tmp_path: Path, raw: dict[str, Any]) -> None:
+    """An untrained network's samples are noise, the least compressible a sample gets: still within the
+    estimate that the disk limits multiply, and within 2× of it for a grid of tiles not upscaled (raw pixels)."""
+    from PIL import Image
+
+    from trainer import loop, samples
+
+    assert (cost._SAMPLE_GRID, cost._MIN_TILE_PX, cost._GRID_PAD_PX) == (
+        loop.SAMPLE_GRID, samples.MIN_TILE_PX, samples.GRID_PAD_PX)
+    if raw.get("data", {}).get("name") == "image_folder":
+        images = tmp_path / "images"
+        images.mkdir()
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(images / f"{i}.png")
+        raw = {**raw, "data": {**raw["data"], "path": str(images)}}
+    cfg = RunConfig.model_validate({**raw, "train": {"batch_size": 16, "device": "cpu"}})
+    trainer = make_trainer(cfg, RunOptions(out_dir=tmp_path, sink=lambda _frame: None, cache_dir=tmp_path))
+    names = trainer.write_sample(1)
+    written = sum((tmp_path / "samples" / name).stat().st_size for name in names)
+    estimated = cost.sample_bytes(cfg)
+    assert written <= estimated, (written, estimated)
+    if not cfg.data.is_2d and cfg.data.resolved_image_size >= samples.MIN_TILE_PX:
+        assert estimated < 2 * written, (written, estimated)
