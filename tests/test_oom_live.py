@@ -106,3 +106,24 @@ def test_an_oom_mid_run_sends_what_was_buffered_then_the_reason(tmp_path: Path,
     assert logged == list(range(1, 13))
     assert frames[-1]["type"] == "status" and frames[-1]["status"] == "failed"
     assert frames[-1]["error"].startswith("oom: out of memory on cpu at step 13 — lower train.batch_size")
+
+
+def test_an_oom_while_setting_up_is_reported_by_run_as_reason_oom(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models or data that do not fit on the device fail the same way, before step 1: the trainer is still
+    made (a worker reports through it), and ``run`` ends ``failed`` with ``oom:`` instead of a worker's
+    ``OutOfMemoryError: ...`` start-up message."""
+    import trainer.loop as loop
+
+    def no_room(*_args: Any, **_kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(loop, "load_dataset", no_room)
+    frames: list[dict[str, Any]] = []
+    cfg = RunConfig.model_validate(TINY_GAN)
+    trainer = make_trainer(cfg, RunOptions(out_dir=tmp_path, sink=frames.append, cache_dir=tmp_path))
+    assert trainer.run() == "failed"
+    assert [f["type"] for f in frames] == ["status"]
+    assert frames[0]["status"] == "failed" and frames[0]["step"] == 0
+    assert frames[0]["error"].startswith("oom: out of memory on cpu while putting the data and models on the "
+                                         "device, before step 1 — lower train.batch_size")

@@ -142,7 +142,6 @@ class Trainer(ABC):
         self.cfg = cfg
         self.options = options
         self.device = resolve_device(cfg.train.device)
-        self.data: Dataset = load_dataset(cfg.data, self.device)
         self.emitter = FrameEmitter(options.run_id, options.sink)
         self.samples_dir = options.out_dir / "samples"
         self.checkpoints_dir = options.out_dir / "checkpoints"
@@ -154,6 +153,22 @@ class Trainer(ABC):
         self._stop = threading.Event()
         self._hurry = False
         self._controls: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.buffer = MetricBuffer(cfg.intervals.flush_steps, cfg.intervals.flush_ms)
+        self._kept_checkpoints: list[Path] = []
+        #: Set when the data or the models did not fit on the device: :meth:`run` then fails at once with it.
+        self._setup_oom: str | None = None
+        try:
+            self._allocate()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Reported by run(), as every other way a run ends, so a worker says "oom: ..." and not a traceback.
+            self._setup_oom = self._oom_reason("while putting the data and models on the device, before step 1")
+
+    def _allocate(self) -> None:
+        """Everything that takes device memory before the first step: the data, the generators, the models."""
+        cfg = self.cfg
+        self.data: Dataset = load_dataset(cfg.data, self.device)
         seed = cfg.train.seed
         self.data_gen = self._generator(seed)
         self.noise_gen = self._generator(seed + 1)
@@ -163,8 +178,6 @@ class Trainer(ABC):
             self.build_models()
         self.fixed_noise = torch.randn(SAMPLE_GRID, cfg.model.latent_dim, device=self.device,
                                        generator=self._generator(seed + 2))
-        self.buffer = MetricBuffer(cfg.intervals.flush_steps, cfg.intervals.flush_ms)
-        self._kept_checkpoints: list[Path] = []
 
     def _generator(self, seed: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
@@ -227,6 +240,9 @@ class Trainer(ABC):
     def run(self) -> str:
         """Train to the end (or a stop request); returns the final status."""
         iv = self.cfg.intervals
+        if self._setup_oom is not None:
+            self.emitter.emit("status", status="failed", error=self._setup_oom, step=self.step)
+            return "failed"
         try:
             if self.options.resume_from is not None:
                 self._resume(self.options.resume_from)
@@ -273,10 +289,10 @@ class Trainer(ABC):
         # it can still be sent; if even that fails, the reason still goes out.
         with contextlib.suppress(Exception):
             self.flush()
-        self.emitter.emit("status", status="failed", error=self._oom_reason(), step=self.step)
+        self.emitter.emit("status", status="failed", error=self._oom_reason(f"at step {self.step}"), step=self.step)
         return "failed"
 
-    def _oom_reason(self) -> str:
+    def _oom_reason(self, when: str) -> str:
         """``oom: ...`` with where and when, and what to change: the run's ``error`` and the dashboard's message."""
         from trainer.cost import training_memory_bytes
 
@@ -286,7 +302,7 @@ class Trainer(ABC):
         else:
             where = f"out of memory on {self.device.type}"
         need = training_memory_bytes(self.cfg) / 2**30
-        return (f"oom: {where} at step {self.step} — lower train.batch_size (now {self.cfg.train.batch_size}) "
+        return (f"oom: {where} {when} — lower train.batch_size (now {self.cfg.train.batch_size}) "
                 f"or model.width (now {self.cfg.model.width}); a training step of this config is estimated at "
                 f"≈ {need:.2f} GiB")
 
