@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install serve test check lint typecheck pytest demo bench clean
+.PHONY: install serve test check lint typecheck pytest demo bench soak clean
 
 # Python packages into the venv, and the browser libraries the app serves itself
 # (htmx, pinned in package-lock.json) into node_modules/: needs Node 18+ and npm.
@@ -49,6 +49,12 @@ $(BENCH_STAMP): $(STAMP)
 # The documented full-size runs and their figures: docs/benchmarks.md. The browser one needs Debian's chromium.
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+# Issue 12's soak, not part of `make test`: 8 runs × 20 clients for 10 minutes on loopback, the server killed and
+# restarted halfway; exits 1 on any seq gap, lost frame, 5xx or RSS growth. Figures: docs/reliability.md.
+# A shorter one: make soak SOAK_ARGS='--minutes 2 --runs 4 --clients 8'
+soak: $(STAMP)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
