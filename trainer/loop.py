@@ -157,27 +157,25 @@ class Trainer(ABC):
         self._kept_checkpoints: list[Path] = []
         #: Set when the data or the models did not fit on the device: :meth:`run` then fails at once with it.
         self._setup_oom: str | None = None
+        # Everything that takes device memory before the first step: the data, the generators, the models.
+        # Written out here rather than in a helper, so a start-up error's traceback stays as short as it was
+        # (the server keeps the last lines of a worker's log with the run's error).
         try:
-            self._allocate()
+            self.data: Dataset = load_dataset(cfg.data, self.device)
+            seed = cfg.train.seed
+            self.data_gen = self._generator(seed)
+            self.noise_gen = self._generator(seed + 1)
+            # Same seed ⇒ same initial weights, without touching the caller's global RNG.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.build_models()
+            self.fixed_noise = torch.randn(SAMPLE_GRID, cfg.model.latent_dim, device=self.device,
+                                           generator=self._generator(seed + 2))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
             # Reported by run(), as every other way a run ends, so a worker says "oom: ..." and not a traceback.
             self._setup_oom = self._oom_reason("while putting the data and models on the device, before step 1")
-
-    def _allocate(self) -> None:
-        """Everything that takes device memory before the first step: the data, the generators, the models."""
-        cfg = self.cfg
-        self.data: Dataset = load_dataset(cfg.data, self.device)
-        seed = cfg.train.seed
-        self.data_gen = self._generator(seed)
-        self.noise_gen = self._generator(seed + 1)
-        # Same seed ⇒ same initial weights, without touching the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.build_models()
-        self.fixed_noise = torch.randn(SAMPLE_GRID, cfg.model.latent_dim, device=self.device,
-                                       generator=self._generator(seed + 2))
 
     def _generator(self, seed: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
