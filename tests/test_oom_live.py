@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.live_server import ROOT, TINY_GAN, LiveServer, config, wait_status
+from tests.live_server import ROOT, TINY_GAN, TINY_VAE, LiveServer, config, wait_status
 from trainer.config import RunConfig
 from trainer.loop import RunOptions, is_out_of_memory, make_trainer
 
@@ -46,9 +46,10 @@ def test_oom_in_one_worker_fails_that_run_with_reason_oom_frees_its_slot_and_spa
     live = LiveServer(tmp_path / "data", env=env)
     with live as server, live.client() as http:
         a = _submit(http, config(TINY_GAN, name="oom-victim", train__steps=100_000))
-        b = _submit(http, config(TINY_GAN, name="bystander", train__steps=1_000_000,
-                                 intervals__sample_every=1_000_000, intervals__checkpoint_every=1_000_000))
-        c = _submit(http, config(TINY_GAN, name="queued", train__steps=20))
+        # B and C are VAEs on digits: quick to start and to stop (no matplotlib plot for their last sample).
+        b = _submit(http, config(TINY_VAE, name="bystander", train__steps=1_000_000, intervals__sample_every=1_000_000,
+                                 intervals__checkpoint_every=1_000_000, intervals__eval_every=1_000_000))
+        c = _submit(http, config(TINY_VAE, name="queued", train__steps=20))
         assert http.get(f"/api/runs/{c}").json()["status"] == "queued"
 
         failed = wait_status(http, a, {"failed", "completed", "stopped", "interrupted"})
