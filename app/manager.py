@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.hub import Hub
@@ -41,8 +42,9 @@ from app.rate import StepRate
 from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
 from gradwatch.protocol import ARTIFACT_FRAMES, ProtocolError, artifact_url, decode_chunk, valid_artifact
-from trainer.config import ControlRequest, RunConfig
+from trainer.config import ControlRequest, IntervalConfig, RunConfig
 from trainer.files import is_temp_file, rename_into_place, sweep_temp_files, temp_path
+from trainer.samples import prune_samples
 from trainer.telemetry import frame_to_json
 
 log = logging.getLogger("gradwatch.manager")
@@ -170,8 +172,8 @@ class RunManager:
         await self._end_stale_workers(queued)
         self.queue = {}
         for rec in sorted(queued, key=lambda r: r.created_at):
-            try:  # a GPU this server had before the restart may be gone
-                self.queue[rec.id] = self._device_request(RunConfig.model_validate(rec.config))
+            try:  # a GPU this server had before the restart may be gone, or the rules for configs have changed
+                self.queue[rec.id] = self._device_request(_stored_config(rec))
             except RunError as exc:
                 await self._end(rec.id, "failed", exc.detail, accepted=rec.last_seq)
         await self._schedule()
@@ -374,6 +376,17 @@ class RunManager:
         rec = await self.get(run_id)
         if rec.status not in TERMINAL_STATUSES:
             raise RunError(409, f"run {run_id} is {rec.status}: stop it before deleting it")
+        active = self.active.pop(run_id, None)
+        if active is not None:
+            # A run that reported its end may still have its sender connected, uploading what it had: let go of
+            # it first, so that nothing it sends lands in a folder about to go, or in rows of a run that is gone.
+            if active.grace is not None:
+                active.grace.cancel()
+            ws, active.ws = active.ws, None
+            _discard_uploads(active)
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await ws.close(code=1008, reason="run deleted")
         self.hub.forget(run_id)
         self.rates.forget(run_id)
         await asyncio.to_thread(self.store.delete_run, run_id)
@@ -438,7 +451,12 @@ class RunManager:
                 rec = await asyncio.to_thread(self.store.get_run, run_id)
                 if rec is None or rec.status != "queued":
                     continue
-                await self._launch(rec, RunConfig.model_validate(rec.config), device)
+                try:
+                    cfg = _stored_config(rec)
+                except RunError as exc:
+                    await self._end(rec.id, "failed", exc.detail, accepted=rec.last_seq)
+                    continue
+                await self._launch(rec, cfg, device)
 
     async def _launch(self, rec: RunRecord, cfg: RunConfig, device: str) -> None:
         run_dir = self.run_dir(rec.id)
@@ -708,8 +726,8 @@ class RunManager:
         try:
             while True:
                 message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
+                if message["type"] == "websocket.disconnect" or active.ws is not ws:
+                    return  # closed by the sender, or let go by the server (replaced, or its run deleted)
                 if message.get("bytes") is not None:
                     await self._artifact(active, message["bytes"])
                 elif message.get("text") is not None:
@@ -789,6 +807,8 @@ class RunManager:
             await asyncio.to_thread(self.store.update_run, active.run_id, last_alert=alert)
         elif kind == "checkpoint" and not active.external:  # a script keeps the checkpoints it chose to save
             await asyncio.to_thread(self._prune_checkpoints, active.run_id)
+        elif kind == "sample" and not active.external:  # and its samples
+            await asyncio.to_thread(self._prune_samples, active.run_id)
 
     def _salvage(self, run_id: str) -> None:
         """Keep what a local worker wrote but never got acknowledged (its final checkpoint, say).
@@ -807,6 +827,8 @@ class RunManager:
                 target = run_dir / kind / path.name
                 if path.is_file() and not is_temp_file(path) and not target.exists():
                     os.replace(path, target)
+            if kind == "samples":
+                self._prune_samples(run_id)
 
     def _prune_checkpoints(self, run_id: str) -> None:
         rec = self.store.get_run(run_id)
@@ -817,6 +839,15 @@ class RunManager:
         files = sorted(p for p in folder.glob("*.pt") if not is_temp_file(p))
         for old in files[:-(keep + 1)]:  # the periodic ones the trainer keeps, plus the newest (final)
             old.unlink(missing_ok=True)
+
+    def _prune_samples(self, run_id: str) -> None:
+        """Uploads land in the run's folder: keep the trainer's rule there too (the first step, the newest
+        ``keep_samples``), or ``sample_every=1`` fills the disk at gigabytes an hour."""
+        rec = self.store.get_run(run_id)
+        if rec is None:
+            return
+        keep = rec.config.get("intervals", {}).get("keep_samples", IntervalConfig.model_fields["keep_samples"].default)
+        prune_samples(self.run_dir(run_id) / "samples", int(keep))
 
     async def _artifact(self, active: Active, message: bytes) -> None:
         chunk = decode_chunk(message)
@@ -863,6 +894,15 @@ def _capabilities(frame: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(controls, list) or not all(c in SCRIPT_CONTROLS for c in controls):
         raise ProtocolError(f"capabilities: controls must be a list drawn from {', '.join(SCRIPT_CONTROLS)}")
     return {"kind": kind, "controls": list(dict.fromkeys(controls))}
+
+
+def _stored_config(rec: RunRecord) -> RunConfig:
+    """A queued run's config, validated again: one stored under older, looser rules is refused with the reasons."""
+    try:
+        return RunConfig.model_validate(rec.config)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise RunError(422, f"config no longer accepted: {reasons}") from exc
 
 
 def _discard_uploads(active: Active) -> None:

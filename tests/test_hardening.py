@@ -307,3 +307,71 @@ def test_a_worker_launched_just_before_a_crash_does_not_train_on_beside_its_rela
         assert server.wait_workers_gone(60)
     finally:
         server.stop()
+
+
+# -- deleting a run whose sender is still connected ---------------------------------------------------------------
+def test_a_deleted_run_is_not_brought_back_by_its_senders_late_uploads(client: TestClient, tmp_path: Path) -> None:
+    """A run that reported its end can be deleted while its sender still uploads what it had: nothing may come
+    back, neither files in a recreated folder nor rows for a run that no longer exists."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from gradwatch.protocol import encode_chunk
+    from tests.test_client_api import _channel, _frames, create
+
+    created = create(client).json()
+    run_id = created["run"]["id"]
+    with _channel(client, created) as ws:
+        assert ws.receive_json()["type"] == "hello"
+        ws.send_text(_frames({"type": "status", "seq": 1, "status": "completed", "error": None, "step": 0}))
+        assert ws.receive_json() == {"type": "ack", "seq": 1}
+        assert client.delete(f"/api/runs/{run_id}").status_code == 204
+        with pytest.raises(WebSocketDisconnect) as closed:  # the server lets go of the connection at once
+            for step in range(1, 4):
+                name = f"step_{step:08d}.pt"
+                ws.send_bytes(encode_chunk("checkpoints", name, 0, 4, b"late"))
+                ws.send_text(_frames({"type": "checkpoint", "seq": step + 1, "step": step, "name": name}))
+            # A resend of seq 1, which a server still serving the connection acknowledges at once.
+            ws.send_text(_frames({"type": "status", "seq": 1, "status": "completed", "error": None, "step": 0}))
+            ws.receive_json()
+    assert closed.value.code == 1008 and "deleted" in closed.value.reason
+    assert not (tmp_path / "runs" / run_id).exists()
+    assert client.get(f"/api/runs/{run_id}").status_code == 404
+    store = client.app.state.store  # type: ignore[attr-defined]
+    assert store.wait_flushed() and store.frames_after(run_id, 0) == []
+    with pytest.raises(WebSocketDisconnect) as refused, _channel(client, created):  # and its token is dead
+        pass
+    assert refused.value.code == 1008
+
+
+def test_a_launched_runs_samples_are_pruned_on_the_server_too(tmp_path: Path) -> None:
+    """Item 7: uploads land in the run's folder, where the worker's own pruning does not reach."""
+    from tests.live_server import TINY_VAE, LiveServer, wait_status
+
+    server = LiveServer(tmp_path / "data").start()
+    try:
+        body = config(TINY_VAE, train__steps=40, intervals__sample_every=1, intervals__keep_samples=3,
+                      intervals__eval_every=1000, intervals__checkpoint_every=1000)
+        run = server.request("POST", "/api/runs", body)
+        with server.client() as http:
+            assert wait_status(http, run["id"], {"completed", "failed"})["status"] == "completed"
+            names = [a["name"] for a in http.get(f"/api/runs/{run['id']}/samples").json()]
+        steps = sorted({int(name.split("_")[1].split(".")[0]) for name in names})
+        assert steps == [1, 38, 39, 40]
+    finally:
+        server.stop()
+
+
+def test_a_queued_run_stored_under_looser_rules_fails_with_its_reasons_at_restart(tmp_path: Path) -> None:
+    """Configs once accepted (keep_checkpoints up to 1000) may be refused today: the server must still start."""
+    from app.store import RunRecord, Store
+
+    store = Store(tmp_path / "gradwatch.db")
+    store.start()
+    stale = config(TINY_GAN, intervals__keep_checkpoints=500)
+    store.insert_run(RunRecord(id="stale0000000", name="old", kind="gan", status="queued", config=stale,
+                               created_at=time.time()))
+    store.close()
+    with _queue_client(tmp_path) as client:
+        run = client.get("/api/runs/stale0000000").json()
+    assert run["status"] == "failed"
+    assert "config no longer accepted" in run["error"] and "intervals.keep_checkpoints" in run["error"]
