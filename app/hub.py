@@ -95,6 +95,8 @@ class Hub:
     def publish(self, run_id: str, seq: int, text: str) -> None:
         """Called once per accepted frame, in seq order; never blocks."""
         topic = self.topic(run_id)
+        if seq <= topic.head:
+            return  # resent after the store lost it (app.store.Store.append): subscribers have it already
         topic.add(seq, text)
         for client in topic.clients:
             try:

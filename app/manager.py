@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
@@ -53,6 +54,8 @@ STDERR_TAIL_LINES = 20
 STOP_GRACE_S = 60.0
 #: After a SIGKILL, how long to wait for the kernel to take the process away (it may be inside a write).
 KILL_WAIT_S = 10.0
+#: How often the end of a run is retried when the database cannot be written (a full disk).
+END_RETRY_S = 5.0
 
 
 class RunError(Exception):
@@ -74,6 +77,7 @@ class Active:
     process: asyncio.subprocess.Process | None = None  # None for a worker re-attached after a restart
     ws: WebSocket | None = None
     accepted: int = 0  # highest seq accepted (stored or queued for storing)
+    committed: int = 0  # highest seq the store has committed: the most a sender may be told it has
     final: str | None = None  # terminal status the worker reported
     stop_requested: bool = False
     attached: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,11 +85,23 @@ class Active:
     external: bool = False  # a script's run (gradwatch.client): no process of ours, ends by its frames or its silence
     offset: int = 0  # frames the server wrote into the stream: the sender's frame n is stored as n + offset
     grace: asyncio.Task[Any] | None = None  # an external run's countdown to "interrupted" while disconnected
+    # The first seq (sender's numbering) the store could not write, until the sender resends from it.
+    lost_from: int | None = None
+    write_error: str | None = None  # the last reason the server could not write this run's frames or files
 
     @property
     def stored(self) -> int:
         """The highest seq stored (or queued for storing), in the stream's own numbering."""
         return self.accepted + self.offset
+
+    def forget_lost(self) -> bool:
+        """After a store failure: what was accepted from the first lost frame on is not stored, so the count goes
+        back to before it (the sender resends from there). True if there was a failure."""
+        if self.lost_from is None:
+            return False
+        self.accepted = min(self.accepted, self.lost_from - 1)
+        self.lost_from = None
+        return True
 
 
 def token_hash(token: str) -> str:
@@ -497,7 +513,9 @@ class RunManager:
             log_file.close()  # the child holds its own copy of the descriptor
         active.process, active.pid = proc, proc.pid
         assert proc.stdin is not None
-        with contextlib.suppress(OSError):  # a worker that died at once is reported by _watch
+        # A worker that died at once is reported by _watch. Its stdin is then closed: asyncio raises OSError,
+        # uvloop (what `gradwatch serve` runs on) RuntimeError "the handler is closed", once a 500 on the submit.
+        with contextlib.suppress(OSError, RuntimeError):
             proc.stdin.write(token.encode() + b"\n")
             await proc.stdin.drain()
         proc.stdin.close()
@@ -539,8 +557,11 @@ class RunManager:
         self.active.pop(active.run_id, None)
         self.rates.forget(active.run_id)
         _discard_uploads(active)
+        active.forget_lost()  # frames the store lost are not in the stream: the server's status frame follows the rest
         if active.final is None:
             reason = _describe_exit(code)
+            if active.write_error:
+                reason = f"{reason}; the server {active.write_error}"
             if active.stop_requested:
                 reason = f"a stop was requested, but the {reason} before reporting it"
             await self._end(active.run_id, "failed", self._with_log_tail(active.run_id, reason),
@@ -579,11 +600,26 @@ class RunManager:
         rec = await asyncio.to_thread(self.store.get_run, run_id)
         if rec is None:
             return
+        self.store.resume(run_id)  # its sender is done: after a store failure, this frame goes after what was stored
         await asyncio.to_thread(self._salvage, run_id)
         await self._server_frame(rec, {"type": "status", "status": status, "error": error, "step": rec.step},
                                  accepted=accepted)
-        await asyncio.to_thread(self.store.update_run, run_id, status=status, error=error, ended_at=time.time())
+        ended = {"status": status, "error": error, "ended_at": time.time()}
+        try:
+            await asyncio.to_thread(self.store.update_run, run_id, **ended)
+        except sqlite3.Error as exc:  # the disk is full: keep trying, or the run would say "running" for ever
+            log.error("run %s: could not record that it is %s (%s); retrying every %g s", run_id, status, exc,
+                      END_RETRY_S)
+            self._spawn(self._record_end_later(run_id, ended))
         self.hub.close_topic(run_id)
+
+    async def _record_end_later(self, run_id: str, ended: dict[str, Any]) -> None:
+        while True:
+            await asyncio.sleep(END_RETRY_S)
+            with contextlib.suppress(sqlite3.Error):
+                await asyncio.to_thread(self.store.update_run, run_id, **ended)
+                log.info("run %s: recorded as %s at last", run_id, ended["status"])
+                return
 
     async def _server_frame(self, rec: RunRecord, fields: dict[str, Any], *, accepted: int) -> int:
         """Write a frame of the server's own into a run's stream, after seq ``accepted``; returns its seq.
@@ -709,11 +745,24 @@ class RunManager:
                 await active.ws.close(code=1012, reason="replaced by a new connection")
         active.ws = ws
         active.attached.set()
+        # The hello's ack tells the sender what it may forget: only what is committed. What the previous connection
+        # sent is committed or lost once the store has caught up (its failure callbacks run before we go on).
+        await asyncio.to_thread(self.store.wait_flushed, 30.0)
+        if active.forget_lost():
+            self.store.resume(run_id)
+        active.committed = active.accepted
         loop = asyncio.get_running_loop()
         acks: asyncio.Queue[int] = asyncio.Queue()
 
+        def on_committed(seq: int) -> None:
+            active.committed = max(active.committed, seq)
+            acks.put_nowait(seq)
+
         def committed(seq: int) -> None:  # called on the store's writer thread, with the stored seq
-            loop.call_soon_threadsafe(acks.put_nowait, seq - active.offset)
+            loop.call_soon_threadsafe(on_committed, seq - active.offset)
+
+        def not_stored(seq: int, reason: str) -> None:  # the store's writer thread: frames from seq on were lost
+            loop.call_soon_threadsafe(self._not_stored, active, ws, seq - active.offset, reason)
 
         # The artifact cap goes in the hello: a sender skips a file over it rather than upload it, be refused and
         # try again forever.
@@ -728,14 +777,20 @@ class RunManager:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect" or active.ws is not ws:
                     return  # closed by the sender, or let go by the server (replaced, or its run deleted)
+                if active.lost_from is not None:
+                    continue  # the connection is being closed: the sender resends all this
                 if message.get("bytes") is not None:
                     await self._artifact(active, message["bytes"])
                 elif message.get("text") is not None:
-                    await self._frames(active, json.loads(message["text"]), committed)
+                    await self._frames(active, json.loads(message["text"]), committed, not_stored)
         except (ProtocolError, ValueError, KeyError, TypeError) as exc:
             log.warning("run %s: bad message from worker: %s", run_id, exc)
             with contextlib.suppress(Exception):
                 await ws.close(code=1002, reason=str(exc)[:120])
+        except OSError as exc:  # the run's folder cannot be written: disk full, a file-size limit, ...
+            self._write_failed(active, f"could not write the run's files: {exc}")
+            with contextlib.suppress(Exception):
+                await ws.close(code=1011, reason=f"server cannot write: {exc.strerror or exc}"[:120])
         except (WebSocketDisconnect, RuntimeError):
             return
         finally:
@@ -746,8 +801,24 @@ class RunManager:
                 if active.external:
                     self._external_disconnected(active)
 
+    def _write_failed(self, active: Active, reason: str) -> None:
+        """Log a write failure once per reason (a sender retries every few seconds), and keep it for the run's
+        error should its worker end without a word."""
+        if active.write_error != reason:
+            log.error("run %s: %s; the sender will retry", active.run_id, reason)
+        active.write_error = reason
+
+    def _not_stored(self, active: Active, ws: WebSocket, first: int, reason: str) -> None:
+        """The store lost frames from ``first`` on (and refuses the run's later ones): close the connection, so
+        that the sender resends from there when it reconnects, rather than have a later ack cover them."""
+        if active.lost_from is None or first < active.lost_from:
+            active.lost_from = first
+        self._write_failed(active, f"could not store frames: {reason}")
+        if active.ws is ws:
+            self._spawn(_close_quietly(ws, 1011, f"server could not store frames from seq {first}: {reason}"))
+
     async def _frames(self, active: Active, message: dict[str, Any],
-                      committed: Callable[[int], None]) -> None:
+                      committed: Callable[[int], None], not_stored: Callable[[int, str], None]) -> None:
         if message.get("type") != "frames" or not isinstance(message.get("frames"), list):
             raise ProtocolError("expected a frames message")
         accepted: list[tuple[dict[str, Any], str]] = []
@@ -773,9 +844,11 @@ class RunManager:
             accepted.append((frame, text))
             await self._side_effects(active, frame)
         if accepted:
-            self.store.append(active.run_id, accepted, on_commit=committed)
-        elif message["frames"]:
-            committed(active.stored)  # all duplicates: acknowledge again so the worker can forget them
+            self.store.append(active.run_id, accepted, on_commit=committed, on_failure=not_stored)
+        elif message["frames"] and active.committed:
+            # All duplicates: acknowledge again what is committed, so the sender can forget it (what is still on
+            # its way to the disk is acknowledged when it gets there, or resent if it never does).
+            committed(active.committed + active.offset)
 
     async def _side_effects(self, active: Active, frame: dict[str, Any]) -> None:
         kind = frame["type"]
@@ -934,10 +1007,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _finish_upload(fh: Any, tmp: Path, final: Path) -> None:
     """The discipline of every file a run writes (trainer.files): fsync, then an atomic rename into place."""
-    fh.flush()
-    os.fsync(fh.fileno())
-    fh.close()
-    rename_into_place(tmp, final)
+    try:
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        rename_into_place(tmp, final)
+    except BaseException:
+        fh.close()
+        tmp.unlink(missing_ok=True)  # no partial file left behind (a full disk fails here)
+        raise
+
+
+async def _close_quietly(ws: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(code=code, reason=reason[:120])
 
 
 async def _send_acks(ws: WebSocket, acks: asyncio.Queue[int]) -> None:

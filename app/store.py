@@ -287,6 +287,18 @@ class _Append:
     frames: list[tuple[dict[str, Any], str]]
     on_commit: Callable[[int], None] | None
     max_seq: int
+    on_failure: Callable[[int, str], None] | None = None
+
+    @property
+    def first_seq(self) -> int:
+        return min(int(frame["seq"]) for frame, _ in self.frames)
+
+
+@dataclass
+class _Resume:
+    """Queue marker: frames of ``run_id`` after this one are stored again (see :meth:`Store.resume`)."""
+
+    run_id: str
 
 
 @dataclass
@@ -298,7 +310,7 @@ class _Stop:
     """Queue sentinel: the writer commits what it collected before it, then exits."""
 
 
-_QueueItem = _Append | _Flush | _Stop
+_QueueItem = _Append | _Flush | _Stop | _Resume
 
 
 @dataclass
@@ -597,6 +609,9 @@ class Store:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._drained = threading.Event()  # set once close() has committed the queue
+        # Runs whose frames could not be stored (disk full), each with the first seq lost: nothing after it is
+        # stored either, so the stream never has a hole a later acknowledgement would cover. Writer thread only.
+        self._broken: dict[str, int] = {}
         # Partly filled chunks added per (run, key) since its last compaction; touched by the writer only.
         self._small_chunks: dict[tuple[str, str], int] = {}
 
@@ -736,6 +751,7 @@ class Store:
         run_id: str,
         frames: Sequence[tuple[dict[str, Any], str]],
         on_commit: Callable[[int], None] | None = None,
+        on_failure: Callable[[int, str], None] | None = None,
     ) -> None:
         """Queue frames of one run (in seq order) for the writer thread; returns at once.
 
@@ -745,6 +761,10 @@ class Store:
         writer thread with the highest seq of this call (not called for an empty call, nor when the run
         does not exist: frames of an unknown or deleted run are dropped with a warning, so a run deleted
         while its last frames were queued leaves nothing behind).
+
+        If the frames cannot be stored (the disk is full, say), ``on_failure`` is called on the writer thread with
+        the first seq of this call and the reason, and no frame of the run is stored after that, whatever is
+        queued behind, until :meth:`resume`: the sender resends from that seq, and the stream has no hole.
         """
         items = list(frames)
         if not items:
@@ -755,7 +775,14 @@ class Store:
         with self._state_lock:
             if self._closed:
                 raise RuntimeError("store is closed")
-            self._queue.put(_Append(run_id, items, on_commit, max_seq))
+            self._queue.put(_Append(run_id, items, on_commit, max_seq, on_failure))
+
+    def resume(self, run_id: str) -> None:
+        """Store a run's frames again after a failure: frames appended after this call are written (those queued
+        before it are still refused, being from a sender that will resend them)."""
+        with self._state_lock:
+            if not self._closed:
+                self._queue.put(_Resume(run_id))
 
     def wait_flushed(self, timeout: float = 10.0) -> bool:
         """Block until everything appended before this call is committed; ``False`` on timeout."""
@@ -859,28 +886,67 @@ class Store:
         return batch, False
 
     def _process(self, batch: list[_QueueItem]) -> None:
-        appends = [item for item in batch if isinstance(item, _Append)]
+        appends: list[_Append] = []
+        for item in batch:
+            if isinstance(item, _Append):
+                appends.append(item)
+            elif isinstance(item, _Resume):  # in queue order: the appends before it are judged as before it
+                self._store_appends(appends)
+                appends = []
+                self._broken.pop(item.run_id, None)
+        self._store_appends(appends)
+        for marker in batch:
+            if isinstance(marker, _Flush):
+                marker.done.set()
+
+    def _store_appends(self, appends: list[_Append]) -> None:
+        live = [item for item in appends if not self._refused(item)]
         committed: list[_Append] = []
-        if appends:
+        if live:
             try:
-                committed = self._commit_patiently(appends)
-            except Exception:
+                committed = self._commit_patiently(live)
+            except Exception as exc:
                 # One bad append must not cost everyone else their frames: retry them one by one.
-                logger.exception("store: batch of %d appends failed; retrying them one by one", len(appends))
-                for item in appends:
+                logger.warning("store: batch of %d appends failed (%s); retrying them one by one", len(live), exc)
+                for item in live:
+                    if self._refused(item):
+                        continue
                     try:
                         committed.extend(self._commit([item]))
-                    except Exception:
-                        logger.exception("store: dropped %d frames of run %s", len(item.frames), item.run_id)
+                    except Exception as item_exc:
+                        self._fail(item, item_exc)
         for item in committed:
             if item.on_commit is not None:
                 try:
                     item.on_commit(item.max_seq)
                 except Exception:
                     logger.exception("store: on_commit callback for run %s failed", item.run_id)
-        for marker in batch:
-            if isinstance(marker, _Flush):
-                marker.done.set()
+
+    def _refused(self, item: _Append) -> bool:
+        """True (and the sender told) for frames of a run broken by an earlier failure: they wait for a resend."""
+        first = self._broken.get(item.run_id)
+        if first is None:
+            return False
+        self._tell_failure(item, f"frames from seq {first} on could not be stored")
+        return True
+
+    def _fail(self, item: _Append, exc: Exception) -> None:
+        self._broken[item.run_id] = item.first_seq
+        if isinstance(exc, sqlite3.Error | OSError):  # the disk, not a bug: say so without a traceback
+            logger.error("store: could not store frames %d-%d of run %s: %s; refusing the run's frames until its "
+                         "sender resends them", item.first_seq, item.max_seq, item.run_id, exc)
+        else:
+            logger.exception("store: could not store frames %d-%d of run %s", item.first_seq, item.max_seq,
+                             item.run_id)
+        self._tell_failure(item, str(exc))
+
+    @staticmethod
+    def _tell_failure(item: _Append, reason: str) -> None:
+        if item.on_failure is not None:
+            try:
+                item.on_failure(item.first_seq, reason)
+            except Exception:
+                logger.exception("store: on_failure callback for run %s failed", item.run_id)
 
     def _commit_patiently(self, appends: list[_Append]) -> list[_Append]:
         """:meth:`_commit`, retried while another connection holds the write lock.

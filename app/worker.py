@@ -49,6 +49,8 @@ from trainer.files import atomic_write
 log = logging.getLogger("gradwatch.worker")
 
 TOKEN_ENV = "GRADWATCH_RUN_TOKEN"
+#: Frames a worker holds unacknowledged before it stops its run: far more than a run sends while its server restarts.
+MAX_BACKLOG_MB = 256
 #: The exit code of a worker the server disowned (see :func:`_disowned`).
 EXIT_DISOWNED = 3
 #: How long a terminated worker waits for acks (a finished one waits DRAIN_S): the server is going away, and keeps
@@ -60,9 +62,10 @@ class WorkerChannel(Channel):
     """A launched worker's channel: frames in memory, artifacts deleted from the scratch folder once the server has
     them, and a run that stops itself after ``orphan_timeout_s`` without a server."""
 
-    def __init__(self, url: str, token: str, out_dir: Path, *, orphan_timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, token: str, out_dir: Path, *, orphan_timeout_s: float = 120.0,
+                 max_backlog_bytes: int = MAX_BACKLOG_MB << 20) -> None:
         super().__init__(lambda: (url, token), MemoryOutbox(), out_dir, orphan_timeout_s=orphan_timeout_s,
-                         delete_acked_artifacts=True)
+                         delete_acked_artifacts=True, max_backlog_bytes=max_backlog_bytes)
         self.url = url
         self.token = token
         self.out_dir = out_dir
@@ -103,6 +106,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--nice", type=int, default=0, choices=range(20), metavar="0-19",
                         help="niceness added to the training thread, not to the channel thread that streams")
+    parser.add_argument("--max-backlog-mb", type=int, default=MAX_BACKLOG_MB,
+                        help="stop the run (failed, final checkpoint kept) when this many MiB of frames wait for the "
+                             "server's acknowledgement")
     parser.add_argument("--token-stdin", action="store_true",
                         help=f"read the run token from the first line of stdin (else from ${TOKEN_ENV})")
     return parser.parse_args(argv)
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     url = f"{args.server.rstrip('/')}/ws/worker/{args.run_id}"
-    channel = WorkerChannel(url, token, args.work_dir, orphan_timeout_s=args.orphan_timeout)
+    channel = WorkerChannel(url, token, args.work_dir, orphan_timeout_s=args.orphan_timeout,
+                            max_backlog_bytes=args.max_backlog_mb << 20)
     channel.on_refused = _disowned  # from the first connection on: the refusal may come before training starts
     channel.start()
     if args.nice:
@@ -160,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
     channel.on_control = trainer.control
     channel.on_stop = trainer.request_stop
+    channel.on_backlog_full = lambda held: trainer.request_stop(error=(
+        f"backlog: {held / 2**20:.0f} MiB of frames were never acknowledged (the server is unreachable or cannot "
+        f"store them); the run stopped rather than fill this machine's memory, its final checkpoint in "
+        f"{args.work_dir / 'checkpoints'}"))
 
     terminated = threading.Event()
 

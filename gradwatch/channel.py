@@ -74,6 +74,7 @@ class MemoryOutbox:
     def __init__(self) -> None:
         self._items: collections.deque[tuple[Frame, str]] = collections.deque()
         self._last = 0
+        self.bytes = 0  # JSON text held: what a bound on the backlog counts
 
     def __len__(self) -> int:
         return len(self._items)
@@ -81,6 +82,7 @@ class MemoryOutbox:
     def append(self, frame: Frame, text: str) -> None:
         self._items.append((frame, text))
         self._last = int(frame["seq"])
+        self.bytes += len(text)
 
     def last_seq(self) -> int:
         return self._last
@@ -100,7 +102,8 @@ class MemoryOutbox:
     def release(self, upto: int, *, collect: bool) -> list[Frame]:
         done = []
         while self._items and self._items[0][0]["seq"] <= upto:
-            frame = self._items.popleft()[0]
+            frame, text = self._items.popleft()
+            self.bytes -= len(text)
             if collect and frame["type"] in ARTIFACT_FRAMES:
                 done.append(frame)
         return done
@@ -234,7 +237,8 @@ class Channel:
     """
 
     def __init__(self, endpoint: Endpoint, outbox: Outbox, artifact_dir: Path, *,
-                 orphan_timeout_s: float | None = 120.0, delete_acked_artifacts: bool = False) -> None:
+                 orphan_timeout_s: float | None = 120.0, delete_acked_artifacts: bool = False,
+                 max_backlog_bytes: int | None = None) -> None:
         self.endpoint = endpoint
         self.outbox = outbox
         self.artifact_dir = artifact_dir
@@ -243,6 +247,11 @@ class Channel:
         self.on_control: Callable[[dict[str, Any]], object] = lambda changes: None
         self.on_stop: Callable[[], None] = lambda: None
         self.on_refused: Callable[[int], None] | None = None  # default: on_stop
+        # A memory outbox holding more than max_backlog_bytes unacknowledged (the server is away, or cannot store
+        # them) calls this once, with the bytes held: the run stops rather than grow without end.
+        self.max_backlog_bytes = max_backlog_bytes
+        self.on_backlog_full: Callable[[int], None] = lambda held: self.on_stop()
+        self._backlog_full = False
         self.acked = 0
         self.connected = False
         self.max_artifact_bytes: int | None = None  # the server's cap, told in its hello
@@ -260,6 +269,13 @@ class Channel:
         with self._cond:
             self.outbox.append(frame, text)  # type: ignore[attr-defined]
             self._cond.notify_all()
+            held = getattr(self.outbox, "bytes", 0)
+            full = self.max_backlog_bytes is not None and held > self.max_backlog_bytes and not self._backlog_full
+            self._backlog_full = self._backlog_full or full
+        if full:
+            log.error("%d bytes of frames not acknowledged by the server, over the bound of %d: stopping the run",
+                      held, self.max_backlog_bytes)
+            self.on_backlog_full(held)
 
     @property
     def lock(self) -> threading.Condition:

@@ -375,3 +375,144 @@ def test_a_queued_run_stored_under_looser_rules_fails_with_its_reasons_at_restar
         run = client.get("/api/runs/stale0000000").json()
     assert run["status"] == "failed"
     assert "config no longer accepted" in run["error"] and "intervals.keep_checkpoints" in run["error"]
+
+
+# -- a full disk (item 8) -----------------------------------------------------------------------------------------
+def test_frames_the_store_could_not_write_are_resent_not_lost(client: TestClient) -> None:
+    """The store drops frames it cannot write; the sender must not be told they are stored (a later ack covering
+    them left a permanent gap): the server closes the connection and the sender resends from the first lost one.
+    SQLite's own "database or disk is full" (max_page_count) stands in for a full disk."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from tests.test_client_api import _channel, _frames, create
+
+    created = create(client).json()
+    run_id = created["run"]["id"]
+    store = client.app.state.store  # type: ignore[attr-defined]
+    big = "x" * 50_000
+
+    def alerts(first: int, last: int) -> str:
+        return _frames(*({"type": "alert", "seq": seq, "step": seq, "kind": "note", "message": big}
+                         for seq in range(first, last + 1)))
+
+    with _channel(client, created) as ws:
+        assert ws.receive_json()["ack"] == 0
+        ws.send_text(alerts(1, 2))
+        assert ws.receive_json() == {"type": "ack", "seq": 2}
+        pages = store._write_conn.execute("PRAGMA page_count").fetchone()[0]
+        store._write_conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+        ws.send_text(alerts(3, 4))
+        ws.send_text(alerts(2, 2))  # a resend, answered at once with what is stored
+        with pytest.raises(WebSocketDisconnect) as closed:
+            while True:
+                assert ws.receive_json() == {"type": "ack", "seq": 2}  # never 4: 3-4 were not stored
+    assert closed.value.code == 1011 and "seq 3" in closed.value.reason
+    store._write_conn.execute("PRAGMA max_page_count = 1000000")  # room again
+    with _channel(client, created) as ws:
+        assert ws.receive_json()["ack"] == 2  # not 6: 3-6 are not stored, so they are asked for again
+        ws.send_text(alerts(3, 6))
+        assert ws.receive_json() == {"type": "ack", "seq": 6}
+    frames = client.get(f"/api/runs/{run_id}/events").json()["frames"]
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_upload_the_disk_refuses_closes_the_channel_cleanly_and_leaves_no_partial_file(
+        client: TestClient, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk used to raise out of the upload path (675 tracebacks) and leave partial temp files. A file-size
+    limit on this process (the server is in process here) makes the disk refuse the write."""
+    import resource
+
+    from starlette.websockets import WebSocketDisconnect
+
+    from gradwatch.protocol import encode_chunk
+    from tests.test_client_api import _channel, create
+
+    created = create(client).json()
+    folder = tmp_path / "runs" / created["run"]["id"] / "checkpoints"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        for _ in range(2):  # a sender retries: the server says so once
+            with _channel(client, created) as ws:
+                assert ws.receive_json()["type"] == "hello"
+                ws.send_bytes(encode_chunk("checkpoints", "step_00000001.pt", 0, 3 << 20, b"w" * (2 << 20)))
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_json()
+            assert closed.value.code == 1011 and "server cannot write: File too large" in closed.value.reason
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not folder.exists() or list(folder.iterdir()) == []  # no partial file left
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "could not write" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is None
+
+
+def test_a_run_whose_checkpoint_the_disk_refuses_fails_saying_so(tmp_path: Path) -> None:
+    """The worker's message was torch's "PytorchStreamWriter failed writing file data/0". A real headless run in a
+    subprocess under a file-size limit that its checkpoint (not its small files) is over."""
+    body = config(TINY_GAN, train__steps=30, intervals__checkpoint_every=10, intervals__sample_every=1000,
+                  model__width=256)
+    (tmp_path / "cfg.json").write_text(json.dumps(body))
+    limit = 256 << 10  # the checkpoint of a width-256 MLP with Adam's state is over 1 MiB; events stay far below
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["prlimit", f"--fsize={limit}", sys.executable, "-m", "app.cli", "train", str(tmp_path / "cfg.json"),
+         "--out", str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    status = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()][-1]
+    assert status["type"] == "status" and status["status"] == "failed", status
+    assert status["error"].startswith("cannot write step_00000010.pt in ") and "file-size limit" in status["error"]
+    assert "Traceback" not in proc.stderr and proc.returncode == 1
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+# -- the worker's outbox when acknowledgements stop -----------------------------------------------------------------
+def test_a_workers_outbox_is_bounded_when_the_server_stops_acknowledging(tmp_path: Path) -> None:
+    """A real websocket server that says hello and then acknowledges nothing (a store that cannot write, say):
+    the channel's memory outbox must not grow without end; past its bound the run is told to stop, once."""
+    import threading
+
+    from websockets.sync.server import ServerConnection, serve
+
+    from gradwatch.channel import Channel, MemoryOutbox
+
+    received = threading.Event()
+
+    def handler(ws: ServerConnection) -> None:
+        ws.send(json.dumps({"type": "hello", "ack": 0}))
+        for _ in ws:  # read everything, acknowledge nothing
+            received.set()
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}/ws/worker/r"
+        outbox = MemoryOutbox()
+        channel = Channel(lambda: (url, "t" * 43), outbox, tmp_path, max_backlog_bytes=64 << 10)
+        full: list[int] = []
+        channel.on_backlog_full = full.append
+        channel.start()
+        text = "x" * 1000
+        for seq in range(1, 201):  # about 200 kB: three times the bound
+            channel.send_frame({"type": "alert", "run": "r", "seq": seq, "step": seq, "kind": "note", "message": text})
+        assert received.wait(10)
+        assert len(full) == 1 and 64 << 10 < full[0] < (64 << 10) + 2000  # told once, as soon as it was over
+        assert channel.pending() == 200  # nothing was dropped: the bound stops the run, it loses no frame
+        channel.close(drain_timeout_s=0.1)
+        server.shutdown()
+
+
+def test_a_run_stopped_for_a_reason_ends_failed_with_it(tmp_path: Path) -> None:
+    from trainer.config import RunConfig
+    from trainer.loop import RunOptions, make_trainer
+
+    frames: list[dict[str, Any]] = []
+
+    def sink(frame: dict[str, Any]) -> None:  # told once training runs, as a channel would be
+        frames.append(frame)
+        if frame["type"] == "metrics":
+            trainer.request_stop(error="backlog: 300 MiB of frames were never acknowledged")
+
+    cfg = RunConfig.model_validate(config(TINY_GAN, train__steps=5000))
+    trainer = make_trainer(cfg, RunOptions(out_dir=tmp_path, sink=sink))
+    assert trainer.run() == "failed"
+    status = frames[-1]
+    assert status["type"] == "status" and status["status"] == "failed" and status["error"].startswith("backlog: ")
+    assert list((tmp_path / "checkpoints").glob("step_*.pt"))  # stopped like a stop: its checkpoint is kept

@@ -755,3 +755,34 @@ def test_close_commits_frames_still_queued(db_path: Path) -> None:
         assert [seq for seq, _ in reopened.frames_after("b", 0)] == [1, 2]
     finally:
         reopened.close()
+
+
+def test_frames_that_cannot_be_stored_leave_no_hole_a_later_acknowledgement_would_cover(store: Store) -> None:
+    """Issue 12, item 8: with the disk full, a dropped frame was later covered by the ack of a higher seq, and the
+    sender forgot it: a permanent gap. SQLite's own "database or disk is full" (max_page_count) stands in for it."""
+    store.insert_run(make_run("r"))
+    acks: list[int] = []
+    failures: list[tuple[int, str]] = []
+    big = "x" * 50_000
+
+    def send(first: int, last: int) -> None:
+        store.append("r", [frame("r", seq, "alert", message=big) for seq in range(first, last + 1)],
+                     on_commit=acks.append, on_failure=lambda seq, why: failures.append((seq, why)))
+
+    send(1, 2)
+    assert store.wait_flushed()
+    pages = store._write_conn.execute("PRAGMA page_count").fetchone()[0]
+    store._write_conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+    send(3, 4)
+    assert store.wait_flushed()
+    store._write_conn.execute("PRAGMA max_page_count = 1000000")  # space again, but 3-4 were lost
+    send(5, 6)  # queued behind the failure: storing these would leave 3-4 a hole
+    assert store.wait_flushed()
+    assert acks == [2]
+    assert [seq for seq, _ in failures] == [3, 5] and "full" in failures[0][1]
+    assert [seq for seq, _ in store.frames_after("r", 0)] == [1, 2]
+    store.resume("r")  # the sender reconnected and resends from 3
+    send(3, 6)
+    assert store.wait_flushed()
+    assert acks == [2, 6]
+    assert [seq for seq, _ in store.frames_after("r", 0)] == [1, 2, 3, 4, 5, 6]

@@ -16,7 +16,10 @@ them when nobody can still be writing them (a run's start, the server's start).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +41,49 @@ def temp_path(final: Path, tag: str) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{tag}-{final.name}")
 
 
+class WriteError(OSError):
+    """A file of the run could not be written: the disk is full, a file-size limit or quota was hit, ...
+
+    Said in plain words, with the file and the folder: torch reports a full disk while saving a checkpoint as
+    ``PytorchStreamWriter failed writing file data/0: file write failed``, which tells a user nothing.
+    """
+
+
+#: Why a write failed, by errno, in the words a run's error shows.
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is over the file-size limit",
+                 errno.EDQUOT: "the disk quota is used up", errno.EROFS: "the file system is read-only"}
+#: Below this much free space, a write that failed is put down to a full disk.
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def write_error(path: Path, exc: BaseException, written: int = 0) -> WriteError:
+    """``exc`` from writing ``path`` (``written`` bytes of it made it), as a :class:`WriteError` saying what
+    happened: from the errno if there is one, else (torch's errors carry none) from the state of the disk."""
+    reason = _WRITE_ERRNOS.get(getattr(exc, "errno", None) or -1)
+    if reason is None:
+        try:
+            full = shutil.disk_usage(path.parent).free < _NEARLY_FULL_BYTES
+        except OSError:
+            full = False
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if full:
+            reason = "the disk is full"
+        elif limit != resource.RLIM_INFINITY and written >= limit - (64 << 10):
+            reason = f"the file is over the file-size limit ({limit} bytes)"
+        else:
+            reason = f"the write failed ({exc})"
+    return WriteError(getattr(exc, "errno", None) or errno.EIO, f"cannot write {path.name} in {path.parent}: {reason}")
+
+
 def atomic_write(path: Path, content: bytes | Callable[[IO[bytes]], object]) -> None:
-    """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` atomically and durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=f"-{path.name}", dir=path.parent)
+    """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` atomically and durably.
+
+    A write the file system refuses raises :class:`WriteError` (and leaves no temp file).
+    """
+    tmp_name: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=f"-{path.name}", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             if isinstance(content, bytes):
                 fh.write(content)
@@ -51,8 +92,18 @@ def atomic_write(path: Path, content: bytes | Callable[[IO[bytes]], object]) -> 
             fh.flush()
             os.fsync(fh.fileno())
         rename_into_place(Path(tmp_name), path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        written = 0
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                written = os.path.getsize(tmp_name)
+            Path(tmp_name).unlink(missing_ok=True)
+        refused = isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.errno in _WRITE_ERRNOS
+        # torch.save reports the file system's refusal as a RuntimeError from its stream writer, without an errno
+        torch_refused = isinstance(exc, RuntimeError) and any(
+            word in str(exc) for word in ("inline_container", "PytorchStreamWriter", "write"))
+        if refused or torch_refused:
+            raise write_error(path, exc, written) from exc
         raise
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ControlRequest, RunConfig
 from trainer.data import Dataset, load_dataset
-from trainer.files import sweep_temp_files
+from trainer.files import WriteError, sweep_temp_files
 from trainer.probes import GAN_KEYS, VAE_KEYS, active_units
 from trainer.samples import prune_samples
 from trainer.telemetry import (
@@ -152,6 +152,7 @@ class Trainer(ABC):
         self.step = 0
         self._stop = threading.Event()
         self._hurry = False
+        self._stop_error: str | None = None  # a stop that ends the run as failed, with this reason
         self._controls: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.buffer = MetricBuffer(cfg.intervals.flush_steps, cfg.intervals.flush_ms)
         self._kept_checkpoints: list[Path] = []
@@ -213,13 +214,16 @@ class Trainer(ABC):
         """Host-side checks on freshly copied values (one call per key group); raise TrainingError to fail the run."""
 
     # -- requests from outside (thread-safe) ----------------------------------
-    def request_stop(self, *, hurry: bool = False) -> None:
+    def request_stop(self, *, hurry: bool = False, error: str | None = None) -> None:
         """Finish the current step, write a final checkpoint, end as ``stopped``.
 
         ``hurry``: the process is being shut down (its server is going away) and may be killed if it dawdles,
-        so the final checkpoint is all it writes: no final sample or evaluation.
+        so the final checkpoint is all it writes: no final sample or evaluation. ``error``: the run cannot go on
+        (its frames have nowhere to go, say): it ends as ``failed`` with this reason, its checkpoint written.
         """
         self._hurry = self._hurry or hurry
+        if error is not None and self._stop_error is None:
+            self._stop_error = error
         self._stop.set()
 
     @property
@@ -271,10 +275,13 @@ class Trainer(ABC):
             self.flush()
             status = "stopped" if self._stop.is_set() and self.step < self.cfg.train.steps else "completed"
             self._finish_artifacts()
-            self.emitter.emit("status", status=status, error=None, step=self.step)
+            if self._stop_error is not None:
+                status = "failed"
+            self.emitter.emit("status", status=status, error=self._stop_error, step=self.step)
             return status
-        except TrainingError as exc:
-            self.emitter.emit("status", status="failed", error=str(exc), step=self.step)
+        except (TrainingError, WriteError) as exc:  # a full disk is a reason to say, not a bug to trace
+            reason = exc.strerror if isinstance(exc, WriteError) else str(exc)
+            self.emitter.emit("status", status="failed", error=reason, step=self.step)
             return "failed"
         except Exception as exc:
             if not is_out_of_memory(exc):
