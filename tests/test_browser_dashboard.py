@@ -517,3 +517,24 @@ def test_digits_gan_vae_and_runs_pages_render_samples_evaluations_and_kl(
         assert page.locator('#eval-table tr[data-key="eval/active_units"]').count() == 1
         screenshot(page, "run-vae")
         seen.assert_clean(server.url)
+
+
+def test_the_sample_slider_walks_only_the_grids_the_run_kept(chromium_browser: Browser, server: LiveServer) -> None:
+    """keep_samples prunes old grids (issue 12, item 7); the slider must not offer their missing files (a 404)."""
+    run_id = launch(server, preset(server, "digits-gan", train__steps=200, intervals__sample_every=50,
+                                   intervals__keep_samples=2, intervals__eval_every=1000,
+                                   intervals__checkpoint_every=1000))
+    with server.client() as http:
+        assert wait_status(http, run_id, TERMINAL)["status"] == "completed"
+    with new_page(chromium_browser, server.url) as page:
+        seen = watch(page)
+        page.goto(f"/runs/{run_id}")
+        wait_ready(page)
+        loaded = ("(step) => { const i = document.getElementById('sample-img');"
+                  " return i && !i.hidden && i.complete && i.naturalWidth > 0 && i.dataset.step === step; }")
+        page.wait_for_function(loaded, arg="200")
+        assert "3 of 3" in page.inner_text("#sample-label")
+        for index, step in enumerate(["50", "150", "200"]):  # the first grid and the newest two
+            page.fill("#sample-slider", str(index))
+            page.wait_for_function(loaded, arg=step)
+        seen.assert_clean(server.url)

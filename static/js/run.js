@@ -229,6 +229,7 @@ const samples = $("sample-slider") && new SampleView({
   slider: $("sample-slider"), label: $("sample-label"), pick: $("sample-pick"), panel: $("sample-panel"),
   // The 2-D plane draws the JSON snapshots; an image panel, the PNG grids.
   accept: (frame) => typeof frame.url === "string" && frame.url.endsWith(".json") === Boolean(charts.field),
+  keep: boot.external ? null : boot.config?.intervals?.keep_samples ?? null, // a script's samples are all kept
   show: (sample) => {
     if (charts.field) return charts.field.load(sample.url);
     img.src = sample.url;

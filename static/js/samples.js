@@ -9,9 +9,12 @@ const DEFAULT_LABEL = "samples";
 export class SampleView {
   /**
    * @param {{slider: HTMLInputElement, label: HTMLElement, pick?: HTMLSelectElement | null, panel?: HTMLElement | null,
-   *          accept: (frame: object) => boolean, show: (sample: object) => void}} parts
+   *          accept: (frame: object) => boolean, show: (sample: object) => void, keep?: number | null}} parts
+   * keep: a launched run's intervals.keep_samples. Its server keeps the first grid and the newest `keep`
+   * (trainer/samples.py prune_samples); the slider walks the same ones, never a pruned grid's missing file.
    */
-  constructor({ slider, label, pick = null, panel = null, accept, show }) {
+  constructor({ slider, label, pick = null, panel = null, accept, show, keep = null }) {
+    this.keep = keep;
     this.slider = slider;
     this.label = label;
     this.pick = pick;
@@ -37,6 +40,7 @@ export class SampleView {
     if (list.some((s) => s.url === frame.url)) return;
     list.push({ step: frame.step, url: frame.url, label });
     list.sort((a, b) => a.step - b.step);
+    if (this.keep && list.length > this.keep + 1) list.splice(1, list.length - this.keep - 1);
     if (this.panel) this.panel.hidden = false;
     if (label !== this.current) return;
     const following = this.slider.disabled || Number(this.slider.value) === Number(this.slider.max);
