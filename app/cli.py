@@ -96,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app import __version__
+    from app.limits import guarded_http_protocol
     from app.main import create_app
     from app.security import RedactTokenFilter
     from app.settings import Settings, generate_token
@@ -134,8 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     # No permessage-deflate: it compresses every frame once per client, and with 20 clients that CPU,
     # not bandwidth, limits fan-out (bench/throughput.py: clients fell to 15-22 % of the stream).
+    # The HTTP protocol adds a header deadline, a header size and a connection cap (app/limits.py); the websocket
+    # pings free the connections of peers that vanished without closing.
     config = uvicorn.Config(create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=15,
-                            ws_max_size=MAX_MESSAGE_BYTES, ws_per_message_deflate=False)
+                            http=guarded_http_protocol(settings), ws_max_size=MAX_MESSAGE_BYTES,
+                            ws_per_message_deflate=False, ws_ping_interval=settings.ws_ping_interval_s,
+                            ws_ping_timeout=settings.ws_ping_timeout_s)
     logging.getLogger("uvicorn.access").addFilter(RedactTokenFilter())  # after Config: it sets up the loggers
     uvicorn.Server(config).run(sockets=[sock])
     return 0

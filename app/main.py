@@ -22,6 +22,7 @@ from fastapi_offline import FastAPIOffline
 from app import __version__
 from app.api import presets, runs, stream
 from app.hub import Hub
+from app.limits import BodyLimitMiddleware
 from app.manager import RunError, RunManager
 from app.security import SecurityMiddleware
 from app.settings import Settings
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every page says what is missing and how to install it (base.html), rather than failing silently.
     env.globals["missing_assets"] = assets.missing_vendor_files
     app.state.templates = Jinja2Templates(env=env)
+    # Added first, so it runs inside the security checks: a refused request's body is never read at all.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Worker routes skip the user's token: they take the run's own token instead.
     # Static files hold no data, and the login page needs its CSS before there is a cookie.
     app.add_middleware(SecurityMiddleware, settings=settings,

@@ -144,6 +144,36 @@ class Settings(BaseSettings):
         description="niceness each worker adds to its training thread (0: none): on a busy CPU the server "
         "still streams within a tenth of a second, and an idle CPU trains at full speed either way",
     )
+    # The edge limits (app/limits.py, docs/security.md). Off loopback they bound what a peer can hold before its
+    # token is checked, which happens only once its request headers are complete.
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=256 << 10, le=1 << 30,
+        description="largest HTTP request body accepted (413 beyond); the largest legitimate one, a script's "
+        "run with its 64 KiB config or a 64-run sweep, is a small fraction of the 1 MiB default",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, ge=0.5, le=300, allow_inf_nan=False,
+        description="a connection whose request headers are not complete this long after it opened (or after "
+        "the request's first byte) is closed: half-sent requests cannot hold connections",
+    )
+    max_header_bytes: int = Field(
+        default=64 << 10, ge=4 << 10, le=1 << 20,
+        description="largest request line and headers accepted (431 beyond)",
+    )
+    max_connections: int = Field(
+        default=512, ge=4, le=16384,
+        description="open connections, HTTP and websockets together; a connection past it gets a 503 and is "
+        "closed (each dashboard tab holds one websocket, each running worker one)",
+    )
+    ws_ping_interval_s: float = Field(
+        default=20.0, ge=0.5, le=3600, allow_inf_nan=False,
+        description="how often the server pings each websocket peer",
+    )
+    ws_ping_timeout_s: float = Field(
+        default=20.0, ge=0.5, le=3600, allow_inf_nan=False,
+        description="a websocket peer that has not answered a ping within this is closed (1011) and its "
+        "connection freed",
+    )
     worker_module: str = Field(
         default="app.worker",
         description="the module each run's worker process runs as `python -m MODULE`, with app.worker's arguments; "

@@ -233,6 +233,19 @@ def test_allowed_hosts_entries_that_could_never_match_are_refused(tmp_path: Path
         ("worker_orphan_timeout_s", 86401),
         ("worker_orphan_timeout_s", math.nan),
         ("max_artifact_bytes", 0),
+        ("max_body_bytes", (256 << 10) - 1),
+        ("max_body_bytes", (1 << 30) + 1),
+        ("header_timeout_s", 0.4),
+        ("header_timeout_s", 301),
+        ("header_timeout_s", math.inf),
+        ("max_header_bytes", (4 << 10) - 1),
+        ("max_header_bytes", (1 << 20) + 1),
+        ("max_connections", 3),
+        ("max_connections", 16385),
+        ("ws_ping_interval_s", 0.4),
+        ("ws_ping_interval_s", math.nan),
+        ("ws_ping_timeout_s", 0.4),
+        ("ws_ping_timeout_s", 3601),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(tmp_path: Path, field: str, value: float) -> None:
@@ -248,6 +261,24 @@ def test_out_of_range_values_are_refused_naming_the_field(tmp_path: Path, field:
 )
 def test_bounds_are_inclusive(tmp_path: Path, field: str, value: float) -> None:
     assert getattr(make(tmp_path, **{field: value}), field) == value
+
+
+def test_edge_limits_default_to_bounds_well_above_legitimate_use_and_read_the_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The defaults documented in docs/security.md. The body limit must never meet a legitimate body: the largest
+    are a 64-run sweep of a full config and a script's run with its largest (64 KiB) free-form config."""
+    from trainer.config import RunConfig
+
+    settings = make(tmp_path)
+    assert (settings.max_body_bytes, settings.header_timeout_s, settings.max_header_bytes) == (1 << 20, 10.0, 64 << 10)
+    assert (settings.max_connections, settings.ws_ping_interval_s, settings.ws_ping_timeout_s) == (512, 20.0, 20.0)
+    sweep = {"base": RunConfig().model_dump(mode="json"),
+             "vary": {"train.seed": list(range(8)), "gan.lr_g": [1e-4 * (i + 1) for i in range(8)]}}
+    script = {"name": "n" * 200, "config": {"pad": "x" * (64 << 10)}, "source": {"argv": ["a" * 500] * 64}}
+    assert max(len(json.dumps(sweep)), len(json.dumps(script))) * 8 < settings.max_body_bytes
+    monkeypatch.setenv("GRADWATCH_MAX_CONNECTIONS", "64")
+    monkeypatch.setenv("GRADWATCH_HEADER_TIMEOUT_S", "2.5")
+    assert (make(tmp_path).max_connections, make(tmp_path).header_timeout_s) == (64, 2.5)
 
 
 def test_unknown_fields_are_refused(tmp_path: Path) -> None:
