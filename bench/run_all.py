@@ -34,7 +34,10 @@ QUICK: dict[str, list[str]] = {
     "throughput": ["--runs", "1,2", "--sweep-seconds", "5", "--duration", "20"],
     "history": [],
     "browser": ["--modes", "filled", "--frames", "20", "--case-seconds", "8"],
+    "submit": [],
 }
+#: A sweep with a long queue may take this much longer than on an empty one (it took 23× before issue 12).
+SUBMIT_RATIO_TARGET = 2.0
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -105,6 +108,10 @@ def summary_rows(names: list[str]) -> list[list[str]]:
             small, large = d.get("ratio_sizes", {}).get(name, [0, 0])
             rows.append(["browser", f"{name}: per-frame ms, N={large:,} / N={small:,}", _fmt(ratio, "×"),
                          "≈ 1–2×", "yes" if ratio <= 2.0 else "NO"])
+    if "submit" in names and (d := _load("submit")) is not None:
+        ratio, queued = d["ratio_last_first"], d["sweeps"][-1]["queued_before"]
+        rows.append(["submit", f"{d['size']}-run sweep, {queued:,} queued / none queued", _fmt(ratio, "×", 2),
+                     f"≤ {SUBMIT_RATIO_TARGET:g}×", "yes" if ratio <= SUBMIT_RATIO_TARGET else "NO"])
     return rows
 
 

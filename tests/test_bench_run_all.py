@@ -23,7 +23,9 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
                                       "tensorboard": {"ratio_to_bare": {"median": 0.80}}}},
         {"case": "vae", "variants": {"gradwatch": {"ratio_to_bare": {"median": 0.91}},
                                      "tensorboard": {"available": False}}}]}))
-    rows = run_all.summary_rows(["overhead", "history", "browser", "throughput"])  # no throughput.json: left out
+    (tmp_path / "submit.json").write_text(json.dumps({"size": 64, "ratio_last_first": 1.1,
+                                                      "sweeps": [{"queued_before": 0}, {"queued_before": 1280}]}))
+    rows = run_all.summary_rows(["overhead", "history", "browser", "throughput", "submit"])  # no throughput.json
     assert rows == [
         ["overhead", "ring: gradwatch / bare steps/s", "0.85", "≥ 0.90 (CPU)", "NO"],
         ["overhead", "ring: TensorBoard / bare steps/s", "0.80", "below gradwatch", "yes"],
@@ -31,6 +33,7 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
         ["history", "1M × 20 keys → 2,000 points, HTTP warm median", "42.6 ms", "< 200 ms", "yes"],
         ["history", "same, first request", "250.0 ms", "< 200 ms", "NO"],
         ["browser", "scatter current filled: per-frame ms, N=100,000 / N=1,000", "7.7×", "≈ 1–2×", "NO"],
+        ["submit", "64-run sweep, 1,280 queued / none queued", "1.10×", "≤ 2×", "yes"],
     ]
 
 
