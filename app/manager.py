@@ -320,7 +320,8 @@ class RunManager:
             waiting, limit = len(self.queue), self.settings.max_queued_runs
             if waiting + len(cfgs) > limit:
                 more = f"{len(cfgs)} more runs" if len(cfgs) > 1 else "one more run"
-                raise RunError(429, f"queue: {waiting} runs are waiting for a slot and this server queues at most "
+                waits = "1 run is" if waiting == 1 else f"{waiting} runs are"
+                raise RunError(429, f"queue: {waits} waiting for a slot and this server queues at most "
                                     f"{limit} (max_queued_runs); {more} would not fit. Stop some queued runs, or "
                                     "wait for them to start")
             runs = []

@@ -516,3 +516,17 @@ def test_a_run_stopped_for_a_reason_ends_failed_with_it(tmp_path: Path) -> None:
     status = frames[-1]
     assert status["type"] == "status" and status["status"] == "failed" and status["error"].startswith("backlog: ")
     assert list((tmp_path / "checkpoints").glob("step_*.pt"))  # stopped like a stop: its checkpoint is kept
+
+
+def test_the_launch_form_says_why_when_the_queue_is_full(tmp_path: Path) -> None:
+    """A 429 from the form is swapped into the page by htmx: it must be the form saying why, not raw JSON."""
+    with _queue_client(tmp_path, max_queued_runs=1) as client:
+        _hold_the_slot(client)
+        form = "kind=gan&data.name=ring8&train.steps=100&train.device=cpu"
+        assert client.post("/ui/runs", content=form, headers=FORM).status_code == 201
+        for body in (form, form + "&twin=1"):
+            response = client.post("/ui/runs", content=body, headers=FORM)
+            assert response.status_code == 429 and response.headers["content-type"].startswith("text/html")
+            assert 'id="launch-form"' in response.text and "Nothing was launched: queue: 1 run is waiting" \
+                in response.text and "max_queued_runs" in response.text
+        assert len(client.get("/api/runs").json()) == 1

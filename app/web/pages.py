@@ -249,15 +249,21 @@ async def launch(request: Request, templates: TemplatesDep, manager: ManagerDep)
         values = dict(pairs)
         ctx = _form_context(values, errors=errors_by_field(exc), preset=values.get("preset", ""), twin=twin)
         return templates.TemplateResponse(request, "partials/launch_form.html", ctx, status_code=422)
-    if twin and cfg.kind == "gan":
-        twins = []
-        for loss in ("saturating", "non_saturating"):
-            label = f"{cfg.name} · g_loss={loss}" if cfg.name else f"g_loss={loss}"
-            twins.append(cfg.with_overrides({"gan.g_loss": loss, "name": label[:200]}))
-        runs = await manager.submit_many(twins, sweep_id=uuid.uuid4().hex[:12])  # both, or neither if the queue is full
-        target = f"/compare?runs={','.join(rec.id for rec in runs)}"
-    else:
-        target = f"/runs/{(await manager.submit(cfg)).id}"
+    try:
+        if twin and cfg.kind == "gan":
+            twins = []
+            for loss in ("saturating", "non_saturating"):
+                label = f"{cfg.name} · g_loss={loss}" if cfg.name else f"g_loss={loss}"
+                twins.append(cfg.with_overrides({"gan.g_loss": loss, "name": label[:200]}))
+            runs = await manager.submit_many(twins, sweep_id=uuid.uuid4().hex[:12])  # both, or neither
+            target = f"/compare?runs={','.join(rec.id for rec in runs)}"
+        else:
+            target = f"/runs/{(await manager.submit(cfg)).id}"
+    except RunError as exc:  # the server refuses what the form itself allows (a full queue, a GPU it lacks): say why
+        values = dict(pairs)
+        ctx = _form_context(values, preset=values.get("preset", ""), twin=twin)
+        ctx["refusal"] = exc.detail
+        return templates.TemplateResponse(request, "partials/launch_form.html", ctx, status_code=exc.status)
     return Response(status_code=201, headers={"HX-Redirect": target})
 
 
