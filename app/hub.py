@@ -173,7 +173,7 @@ class Hub:
         except _TooSlow:
             log.info("run %s: dropping a client stuck for %.0f s at seq %d (%d frames refilled for it before)",
                      run_id, self.send_timeout_s, last, client.dropped_frames)
-            await _close_quietly(ws, CLOSE_TOO_SLOW, f"client too slow: reconnect with ?since={last}")
+            await close_quietly(ws, CLOSE_TOO_SLOW, f"client too slow: reconnect with ?since={last}")
         except (WebSocketDisconnect, RuntimeError):
             return  # closed under us
         finally:
@@ -225,7 +225,8 @@ async def _drain_incoming(ws: WebSocket) -> None:
             pass
 
 
-async def _close_quietly(ws: WebSocket, code: int, reason: str) -> None:
+async def close_quietly(ws: WebSocket, code: int, reason: str) -> None:
+    """Close a websocket that may already be gone, waiting at most 2 s, whatever happens."""
     if ws.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(code=code, reason=reason), 2.0)

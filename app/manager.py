@@ -37,7 +37,7 @@ import psutil
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from app.hub import Hub
+from app.hub import Hub, close_quietly
 from app.placement import CUDA_ENV, server_gpu_ids, worker_cuda_visible_devices
 from app.rate import StepRate
 from app.settings import Settings
@@ -816,7 +816,7 @@ class RunManager:
             active.lost_from = first
         self._write_failed(active, f"could not store frames: {reason}")
         if active.ws is ws:
-            self._spawn(_close_quietly(ws, 1011, f"server could not store frames from seq {first}: {reason}"))
+            self._spawn(close_quietly(ws, 1011, f"server could not store frames from seq {first}: {reason}"[:120]))
 
     async def _frames(self, active: Active, message: dict[str, Any],
                       committed: Callable[[int], None], not_stored: Callable[[int, str], None]) -> None:
@@ -1018,10 +1018,6 @@ def _finish_upload(fh: Any, tmp: Path, final: Path) -> None:
         tmp.unlink(missing_ok=True)  # no partial file left behind (a full disk fails here)
         raise
 
-
-async def _close_quietly(ws: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(Exception):
-        await ws.close(code=code, reason=reason[:120])
 
 
 async def _send_acks(ws: WebSocket, acks: asyncio.Queue[int]) -> None:
