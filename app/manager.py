@@ -44,6 +44,7 @@ from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
 from gradwatch.protocol import ARTIFACT_FRAMES, ProtocolError, artifact_url, decode_chunk, valid_artifact
 from trainer.config import ControlRequest, IntervalConfig, RunConfig
+from trainer.cost import checkpoint_problem
 from trainer.files import is_temp_file, rename_into_place, sweep_temp_files, temp_path
 from trainer.samples import prune_samples
 from trainer.telemetry import frame_to_json
@@ -316,6 +317,10 @@ class RunManager:
                           resume_from: dict[str, Any] | None = None) -> list[RunRecord]:
         """Queue runs (a sweep's all at once, or none of them) and start what fits in the free slots."""
         requests = [self._device_request(cfg) for cfg in cfgs]  # refuse now what could never be placed
+        for cfg in cfgs:  # or whose checkpoints this server would refuse (RunConfig allows the default's 1 GiB)
+            problem = checkpoint_problem(cfg, self.settings.max_artifact_bytes, "this server's max_artifact_bytes")
+            if problem is not None:
+                raise RunError(422, problem)
         async with self._submit_lock:  # the room checked is the room used: no concurrent submit in between
             waiting, limit = len(self.queue), self.settings.max_queued_runs
             if waiting + len(cfgs) > limit:

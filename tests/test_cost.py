@@ -244,3 +244,20 @@ def test_sample_estimate_covers_the_files_a_sample_step_writes(tmp_path: Path, r
     assert written <= estimated, (written, estimated)
     if not cfg.data.is_2d and cfg.data.resolved_image_size >= samples.MIN_TILE_PX:
         assert estimated < 2 * written, (written, estimated)
+
+
+def test_a_server_with_a_lower_max_artifact_bytes_refuses_what_it_could_not_store(tmp_path: Path) -> None:
+    """RunConfig allows checkpoints up to the default cap (1 GiB); a server set lower refuses at submit, not at the
+    first checkpoint, naming the fields and its own setting."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings(data_dir=tmp_path, max_artifact_bytes=256 << 10, _env_file=None))  # type: ignore[call-arg]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        wide = {**TINY_GAN, "model": {**TINY_GAN["model"], "width": 512}}  # ≈ 12 MiB of checkpoint with Adam
+        response = client.post("/api/runs", json=wide)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert "model.width=512" in detail and "this server's max_artifact_bytes" in detail
+        assert client.get("/api/runs").json() == []
+        assert client.post("/api/runs", json=TINY_GAN).status_code == 201  # a small model still fits

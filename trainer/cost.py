@@ -272,16 +272,23 @@ def _model_fields(cfg: RunConfig) -> str:
     return ", ".join(parts)
 
 
+def checkpoint_problem(cfg: RunConfig, limit: int, what: str) -> str | None:
+    """The sentence refusing ``cfg`` if its checkpoint would be over ``limit`` bytes (``what`` names the limit)."""
+    est = estimate(cfg)
+    if est.checkpoint_bytes <= limit:
+        return None
+    return (f"{_model_fields(cfg)}: {est.parameters:,} parameters, a checkpoint of ≈ {_size(est.checkpoint_bytes)} "
+            f"with optimiser state, over the {_size(limit)} limit ({what}); lower model.width or model.latent_dim")
+
+
 def cost_problems(cfg: RunConfig) -> list[str]:
     """One sentence per limit the config would exceed, naming the fields and the estimated cost; empty if none."""
     est = estimate(cfg)
     iv = cfg.intervals
     problems = []
-    if est.checkpoint_bytes > MAX_CHECKPOINT_BYTES:
-        problems.append(
-            f"{_model_fields(cfg)}: {est.parameters:,} parameters, a checkpoint of ≈ {_size(est.checkpoint_bytes)} "
-            f"with optimiser state, over the {_size(MAX_CHECKPOINT_BYTES)} limit (the server's default "
-            f"max_artifact_bytes); lower model.width or model.latent_dim")
+    checkpoint = checkpoint_problem(cfg, MAX_CHECKPOINT_BYTES, "the server's default max_artifact_bytes")
+    if checkpoint is not None:
+        problems.append(checkpoint)
     if est.training_memory_bytes > MAX_TRAINING_MEMORY_BYTES:
         extra = f", vae.mc_samples={cfg.vae.mc_samples}" if cfg.kind == "vae" else ""
         problems.append(
