@@ -487,7 +487,9 @@ class RunManager:
         await asyncio.to_thread(_write_file, work / "config.json", worker_cfg.model_dump_json())
         token = secrets.token_urlsafe(32)
         args = [
-            sys.executable, "-m", self.settings.worker_module, "--run-id", rec.id, "--server", self.server_url(),
+            # -P: no current folder on sys.path, so a user's own app/ package where the server was started cannot
+            # stand in for the worker module (PYTHONPATH below names where ours is).
+            sys.executable, "-P", "-m", self.settings.worker_module, "--run-id", rec.id, "--server", self.server_url(),
             "--config", str(work / "config.json"), "--work-dir", str(work), "--cache-dir", str(self.cache_dir),
             "--orphan-timeout", str(self.settings.worker_orphan_timeout_s),
             "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
