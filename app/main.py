@@ -29,6 +29,9 @@ from app.settings import Settings
 from app.store import Store
 from app.web import assets, pages
 
+#: Liveness for a container's health check; the one path besides assets that needs no token.
+HEALTH_PATH = "/healthz"
+
 
 def worker_url(settings: Settings) -> str:
     """Where local workers reach this server: loopback unless bound to one specific address."""
@@ -73,9 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first, so it runs inside the security checks: a refused request's body is never read at all.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Worker routes skip the user's token: they take the run's own token instead.
-    # Static files hold no data, and the login page needs its CSS before there is a cookie.
+    # Static files hold no data, and the login page needs its CSS before there is a cookie. A container's health
+    # check has no token: /healthz answers it and says nothing else.
     app.add_middleware(SecurityMiddleware, settings=settings,
-                       exempt_prefixes=("/ws/worker/", "/worker/", "/static/", assets.ASSETS_URL + "/"))
+                       exempt_prefixes=("/ws/worker/", "/worker/", "/static/", assets.ASSETS_URL + "/", HEALTH_PATH))
     app.include_router(presets.router)
     app.include_router(runs.router)
     app.include_router(stream.router)
@@ -97,6 +101,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = [{"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
                   for err in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.get(HEALTH_PATH, include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        """Up and serving (for a container's HEALTHCHECK): no token needed, so nothing but that is said."""
+        return {"status": "ok"}
 
     @app.get("/api", include_in_schema=False)
     async def index() -> dict[str, Any]:

@@ -467,3 +467,15 @@ def test_lifespan_passes_through(make_settings: Any) -> None:
     with TestClient(build_app(make_settings(), lifespan_log=log), base_url=BASE):
         pass
     assert log == ["startup"]
+
+
+def test_healthz_needs_no_token_and_says_nothing_else(make_settings: Any) -> None:
+    """A container's HEALTHCHECK has no token; what it may read is that the server is up, and no more."""
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(token=TOKEN)), base_url=BASE) as client:
+        response = client.get("/healthz")
+        assert response.status_code == 200 and response.json() == {"status": "ok"}
+        assert client.get("/api").status_code == 401 and client.get("/api/runs").status_code == 401
+        spec = client.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert spec.status_code == 200 and "/healthz" not in spec.text
