@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import resource
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -56,6 +55,17 @@ _WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is ove
 _NEARLY_FULL_BYTES = 64 << 20
 
 
+def _file_size_limit() -> int | None:
+    """This process's file-size limit (``ulimit -f``) in bytes; None if unlimited or unknown. ``resource`` is
+    imported here: it is Unix-only, and this module is imported by a user's own script on any system."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
 def write_error(path: Path, exc: BaseException, written: int = 0) -> WriteError:
     """``exc`` from writing ``path`` (``written`` bytes of it made it), as a :class:`WriteError` saying what
     happened: from the errno if there is one, else (torch's errors carry none) from the state of the disk."""
@@ -65,10 +75,10 @@ def write_error(path: Path, exc: BaseException, written: int = 0) -> WriteError:
             full = shutil.disk_usage(path.parent).free < _NEARLY_FULL_BYTES
         except OSError:
             full = False
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = _file_size_limit()
         if full:
             reason = "the disk is full"
-        elif limit != resource.RLIM_INFINITY and written >= limit - (64 << 10):
+        elif limit is not None and written >= limit - (64 << 10):
             reason = f"the file is over the file-size limit ({limit} bytes)"
         else:
             reason = f"the write failed ({exc})"
