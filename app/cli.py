@@ -107,11 +107,19 @@ def _serve(args: argparse.Namespace) -> int:
     if token == "generate":
         token, generated = generate_token(), True
     given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "token": token,
-             "allowed_hosts": args.allowed_hosts}
+             "allowed_hosts": args.allowed_hosts, "backend": args.backend, "ray_address": args.ray_address,
+             "public_url": args.public_url}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise SystemExit(_format_validation_error(exc).replace("invalid run config", "cannot serve")) from exc
+    if settings.backend == "ray":
+        import importlib.util
+
+        from app.ray_backend import RAY_MISSING
+
+        if importlib.util.find_spec("ray") is None:
+            raise SystemExit(f"cannot serve: {RAY_MISSING}")
 
     # Bind before building the app, so that port 0 becomes a real port the workers can be told.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -128,6 +136,10 @@ def _serve(args: argparse.Namespace) -> int:
     lines = [f"gradwatch {__version__} serving on {url} (data in {settings.data_dir})"]
     if generated:
         lines.append(f"access token generated; open {url}?token={token}")
+    if settings.backend == "ray":
+        reach = settings.public_url or f"{url.rstrip('/')} (no --public-url: only nodes on this machine reach it)"
+        lines.append(f"runs go to the Ray cluster at {settings.ray_address or 'RAY_ADDRESS or a new local one'}; "
+                     f"its workers report to {reach}")
     report = setup_report(missing_vendor_files())
     if report:
         lines.append(report)
@@ -168,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="where runs, the database and artifacts live")
     serve.add_argument("--token", help="access token (32+ characters), or 'generate' to have one made and printed")
     serve.add_argument("--allowed-hosts", help="extra Host names to accept, comma-separated (a reverse proxy's name)")
+    serve.add_argument("--backend", choices=["local", "ray"],
+                       help="where runs train: processes on this machine (default) or a Ray cluster")
+    serve.add_argument("--ray-address", help="the Ray cluster to join, e.g. ray-head:6379 (default: $RAY_ADDRESS, "
+                       "else a new local one)")
+    serve.add_argument("--public-url", help="http(s) URL at which workers on other machines reach this server, "
+                       "e.g. http://10.0.0.5:8000")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
 

@@ -9,7 +9,10 @@ seq order, stored, and published to the hub.
 Placement: each GPU found gets ``gpu_run_limit`` slots, the CPU gets
 ``cpu_run_limit``; a worker on GPU ``cuda:N`` sees only that GPU (its
 ``CUDA_VISIBLE_DEVICES`` is the server's own entry for it, see
-:mod:`app.placement`), a CPU worker sees none.
+:mod:`app.placement`), a CPU worker sees none. With ``backend = "ray"`` the
+slots are Ray's instead: each run is handed to the cluster at once as an actor
+asking for what it needs (:mod:`app.ray_backend`), and stays ``queued`` until
+Ray places it; the rest (channel, stop, control, resume, restart) is the same.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from app.hub import Hub, close_quietly
 from app.placement import CUDA_ENV, server_gpu_ids, worker_cuda_visible_devices
 from app.rate import StepRate
+from app.ray_backend import RayBackend, RayWorker, WorkerEnd, describe_node, describe_request
 from app.settings import Settings
 from app.store import TERMINAL_STATUSES, RunRecord, Store
 from gradwatch.protocol import ARTIFACT_FRAMES, ProtocolError, artifact_url, decode_chunk, valid_artifact
 from trainer.config import ControlRequest, IntervalConfig, RunConfig
 from trainer.cost import checkpoint_problem
-from trainer.files import is_temp_file, rename_into_place, sweep_temp_files, temp_path
+from trainer.files import is_temp_file, log_tail, rename_into_place, sweep_temp_files, temp_path
 from trainer.samples import prune_samples
 from trainer.telemetry import frame_to_json
 
@@ -89,6 +93,12 @@ class Active:
     # The first seq (sender's numbering) the store could not write, until the sender resends from it.
     lost_from: int | None = None
     write_error: str | None = None  # the last reason the server could not write this run's frames or files
+    remote: RayWorker | None = None  # a run on a Ray cluster: its actor, instead of a process of ours
+
+    @property
+    def waiting_on_ray(self) -> bool:
+        """Handed to Ray, which has not found it room yet: still ``queued``."""
+        return self.remote is not None and not self.remote.placed
 
     @property
     def stored(self) -> int:
@@ -122,14 +132,6 @@ def pid_alive(pid: int | None, started: float | None) -> bool:
         return False
 
 
-def _stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "worker process disappeared"
@@ -154,6 +156,8 @@ class RunManager:
         # them reads no row and validates no config, so a submit costs the same with 1,000 runs queued as with none.
         self.queue: dict[str, str] = {}
         self.gpu_ids: list[str] = []  # the driver's name of each GPU, by local index (app.placement)
+        self.ray: RayBackend | None = RayBackend(settings) if settings.backend == "ray" else None
+        self.ray_gpus = 0.0  # GPUs in the Ray cluster when last asked
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self._submit_lock = asyncio.Lock()
@@ -166,9 +170,14 @@ class RunManager:
     # -- life cycle -------------------------------------------------------------
     async def start(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.gpu_ids = await asyncio.to_thread(server_gpu_ids)
+        if self.ray is not None:
+            await asyncio.to_thread(self.ray.connect)
+            self.ray_gpus = await asyncio.to_thread(self.ray.gpus)
+        else:
+            self.gpu_ids = await asyncio.to_thread(server_gpu_ids)
         running = await asyncio.to_thread(self.store.list_runs, ["running"])
         alive = {rec.id for rec in running if pid_alive(rec.pid, rec.pid_started)}
+        remote = {rec.id: worker for rec in running if (worker := await self._find_actor(rec)) is not None}
         await asyncio.to_thread(self._sweep_temp_files, alive)
         for rec in running:
             if rec.external:
@@ -177,9 +186,10 @@ class RunManager:
                 active.grace = self._spawn(self._client_grace(
                     active, "the script did not reconnect after the server restarted"))
                 continue
-            if rec.id in alive:
+            if rec.id in alive or rec.id in remote:
                 # Its worker outlived the old server: give it a while to reconnect.
-                active = Active(rec.id, rec.device or "cpu", pid=rec.pid, accepted=rec.last_seq)
+                active = Active(rec.id, rec.device or "cpu", pid=None if rec.id in remote else rec.pid,
+                                accepted=rec.last_seq, remote=remote.get(rec.id))
                 self.active[rec.id] = active
                 self._spawn(self._await_reattach(active))
             else:
@@ -203,6 +213,11 @@ class RunManager:
         the server no longer knows, so nothing it does reaches anyone; left alone it would train on at full CPU and
         write where the new worker writes.
         """
+        if self.ray is not None:  # a run Ray had not placed yet, or had just placed: its actor has an old token too
+            for rec in queued:
+                actor = (rec.placement or {}).get("actor")
+                if actor and await asyncio.to_thread(self.ray.kill_stale, actor):
+                    log.warning("run %s: ended its Ray actor %s, launched before the restart", rec.id, actor)
         stale = [rec for rec in queued if pid_alive(rec.pid, rec.pid_started)]
         for rec in stale:
             log.warning("run %s: killing worker %s, launched before the restart and never reported running",
@@ -221,11 +236,16 @@ class RunManager:
         """
         for task in list(self._tasks):
             task.cancel()
-        workers = [a for a in self.active.values() if a.pid is not None]
+        for run_id, active in list(self.active.items()):
+            if active.waiting_on_ray:  # never started: it stays queued, and is handed to Ray again at the next start
+                assert active.remote is not None
+                active.remote.kill()
+                self.active.pop(run_id)
+        workers = [a for a in self.active.values() if a.pid is not None or a.remote is not None]
         # What checkpoints each run has when its worker is told to stop: any file not among them is its final one.
         before = {a.run_id: await asyncio.to_thread(self._checkpoint_files, a.run_id) for a in workers}
         for active in workers:
-            _signal(active.pid, signal.SIGTERM)
+            self._signal_worker(active, signal.SIGTERM)
         grace = self.settings.shutdown_grace_s
         exited = await asyncio.gather(*(_wait_exit(a, grace) for a in workers))
         killed = {a.run_id for a, gone in zip(workers, exited, strict=True) if not gone}
@@ -233,8 +253,11 @@ class RunManager:
             if active.run_id in killed:
                 log.warning("run %s: worker still running %.0f s after the shutdown began; killing it",
                             active.run_id, grace)
-                _signal(active.pid, signal.SIGKILL)
+                self._signal_worker(active, signal.SIGKILL)
         await asyncio.gather(*(_wait_exit(a, KILL_WAIT_S) for a in workers if a.run_id in killed))
+        for active in workers:
+            if active.remote is not None:
+                active.remote.kill()  # detached actors outlive the server unless ended
         for run_id, active in list(self.active.items()):
             self.active.pop(run_id, None)
             if active.grace is not None:
@@ -250,6 +273,9 @@ class RunManager:
                 reason = await asyncio.to_thread(self._shutdown_reason, active, killed=run_id in killed,
                                                  before=before.get(run_id, frozenset()))
                 await self._end(run_id, "interrupted", reason, accepted=active.stored)
+        if self.ray is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.ray.disconnect)
 
     def _shutdown_reason(self, active: Active, *, killed: bool, before: frozenset[tuple[str, int]]) -> str:
         """What became of a run the shutdown interrupted: was its final checkpoint written, what to resume from.
@@ -316,13 +342,15 @@ class RunManager:
     async def submit_many(self, cfgs: list[RunConfig], *, sweep_id: str | None = None,
                           resume_from: dict[str, Any] | None = None) -> list[RunRecord]:
         """Queue runs (a sweep's all at once, or none of them) and start what fits in the free slots."""
+        if self.ray is not None:
+            self.ray_gpus = await asyncio.to_thread(self.ray.gpus)
         requests = [self._device_request(cfg) for cfg in cfgs]  # refuse now what could never be placed
         for cfg in cfgs:  # or whose checkpoints this server would refuse (RunConfig allows the default's 1 GiB)
             problem = checkpoint_problem(cfg, self.settings.max_artifact_bytes, "this server's max_artifact_bytes")
             if problem is not None:
                 raise RunError(422, problem)
         async with self._submit_lock:  # the room checked is the room used: no concurrent submit in between
-            waiting, limit = len(self.queue), self.settings.max_queued_runs
+            waiting, limit = len(self.queue) + self._waiting_on_ray(), self.settings.max_queued_runs
             if waiting + len(cfgs) > limit:
                 more = f"{len(cfgs)} more runs" if len(cfgs) > 1 else "one more run"
                 waits = "1 run is" if waiting == 1 else f"{waiting} runs are"
@@ -361,6 +389,13 @@ class RunManager:
             await self._end(run_id, "stopped", None, accepted=rec.last_seq)
             return await self.get(run_id)
         active = self.active.get(run_id)
+        if active is not None and active.waiting_on_ray:
+            assert active.remote is not None
+            self.active.pop(run_id)
+            active.remote.kill()  # withdrawn from Ray's queue
+            await self._end(run_id, "stopped", None, accepted=rec.last_seq)
+            await self._schedule()
+            return await self.get(run_id)
         if rec.status in TERMINAL_STATUSES or active is None:
             raise RunError(409, f"run {run_id} is {rec.status}, not running")
         if active.external:
@@ -372,7 +407,8 @@ class RunManager:
             return rec
         active.stop_requested = True
         if not await self._tell(active, {"type": "stop"}):
-            _signal(active.pid, signal.SIGINT)  # a stop like the button's (SIGTERM would mean "the server is leaving")
+            # A stop like the button's (SIGTERM would mean "the server is leaving").
+            self._signal_worker(active, signal.SIGINT)
         self._spawn(self._kill_after(active, STOP_GRACE_S))
         return rec
 
@@ -439,6 +475,11 @@ class RunManager:
     def _device_request(self, cfg: RunConfig) -> str:
         """``cpu``, ``cuda`` (any GPU) or ``cuda:N``; refuses a GPU this server does not have."""
         spec = cfg.train.device
+        if self.ray is not None:
+            return self._ray_device_request(spec)
+        if cfg.train.resources:
+            raise RunError(422, "train.resources: this server runs its runs on this machine (backend 'local'); "
+                                "custom resources place runs on a Ray cluster (gradwatch serve --backend ray)")
         if spec == "auto":
             return "cuda" if self.gpus else "cpu"
         if spec.startswith("cuda"):
@@ -449,7 +490,23 @@ class RunManager:
                 raise RunError(422, f"train.device: this server has {self.gpus} GPU(s), no {spec}")
         return spec
 
+    def _ray_device_request(self, spec: str) -> str:
+        """On Ray: ``cpu`` or ``cuda``. Which GPU is Ray's choice, so ``cuda:N`` means nothing there."""
+        if spec == "auto":
+            return "cuda" if self.ray_gpus else "cpu"
+        if spec.startswith("cuda:"):
+            raise RunError(422, f"train.device: {spec!r} names a GPU of one machine; on a Ray cluster ask for 'cuda' "
+                                "and Ray picks the node and the GPU (train.resources pins a run to nodes)")
+        if spec == "cuda" and not self.ray_gpus:
+            raise RunError(422, "train.device: the Ray cluster has no GPU")
+        return spec
+
+    def _waiting_on_ray(self) -> int:
+        return sum(1 for active in self.active.values() if active.waiting_on_ray)
+
     def _free_slot(self, request: str) -> str | None:
+        if self.ray is not None:
+            return request  # Ray has the slots: every run goes to its queue at once
         load: dict[str, int] = {}
         for active in self.active.values():
             load[active.device] = load.get(active.device, 0) + 1
@@ -484,19 +541,16 @@ class RunManager:
         run_dir = self.run_dir(rec.id)
         work = run_dir / "work"
         worker_cfg = cfg.with_overrides({"train.device": "cuda" if device.startswith("cuda") else "cpu"})
-        await asyncio.to_thread(_write_file, work / "config.json", worker_cfg.model_dump_json())
         token = secrets.token_urlsafe(32)
-        args = [
-            # -P: no current folder on sys.path, so a user's own app/ package where the server was started cannot
-            # stand in for the worker module (PYTHONPATH below names where ours is).
-            sys.executable, "-P", "-m", self.settings.worker_module, "--run-id", rec.id, "--server", self.server_url(),
-            "--config", str(work / "config.json"), "--work-dir", str(work), "--cache-dir", str(self.cache_dir),
-            "--orphan-timeout", str(self.settings.worker_orphan_timeout_s),
-            "--threads", str(max(1, (os.cpu_count() or 1) // self.settings.cpu_run_limit)),
-            "--nice", str(self.settings.worker_nice), "--token-stdin",
-        ]
-        if rec.resume_from:
-            args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
+        if self.ray is not None:
+            await self._launch_on_ray(rec, worker_cfg, device, token)
+            return
+        await asyncio.to_thread(_write_file, work / "config.json", worker_cfg.model_dump_json())
+        # -P: no current folder on sys.path, so a user's own app/ package where the server was started cannot
+        # stand in for the worker module (PYTHONPATH below names where ours is).
+        args = [sys.executable, "-P",
+                *self._worker_args(rec, self.server_url(), (os.cpu_count() or 1) // self.settings.cpu_run_limit),
+                "--config", str(work / "config.json"), "--work-dir", str(work), "--cache-dir", str(self.cache_dir)]
         # The worker gets its run token on stdin (app.worker says why not in its environment) and nothing of the
         # server's own secrets: the user's access token (GRADWATCH_TOKEN) would let code in a run act as the user
         # on the whole API.
@@ -531,6 +585,81 @@ class RunManager:
         await asyncio.to_thread(self.store.update_run, rec.id, pid=proc.pid, pid_started=started)
         self._spawn(self._watch(active))
 
+    def _worker_args(self, rec: RunRecord, server: str, threads: float) -> list[str]:
+        """app.worker's arguments, but for the files (the config and the scratch folder are where it runs)."""
+        args = ["-m", self.settings.worker_module, "--run-id", rec.id, "--server", server,
+                "--orphan-timeout", str(self.settings.worker_orphan_timeout_s), "--threads", str(max(1, int(threads))),
+                "--nice", str(self.settings.worker_nice), "--token-stdin"]
+        if rec.resume_from:
+            args += ["--resume-from-server"]  # fetched over HTTP with the run token, as a remote worker would
+        return args
+
+    def _public_server_url(self) -> str:
+        """Where a worker on another machine reaches this server: ``public_url`` as a websocket URL, or where local
+        workers reach it (enough for a Ray cluster of this machine alone)."""
+        public = self.settings.public_url
+        if public is None:
+            return self.server_url()
+        return public.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+
+    async def _launch_on_ray(self, rec: RunRecord, cfg: RunConfig, device: str, token: str) -> None:
+        """Hand the run to Ray: its actor waits in Ray's queue (the run stays ``queued``, its placement saying what
+        it waits for), then starts the worker on the node Ray chose and reports where."""
+        assert self.ray is not None
+        request = self.ray.request(device, cfg.train.resource_request())
+        worker = await asyncio.to_thread(self.ray.launch, rec.id, request)
+        active = Active(rec.id, device, accepted=rec.last_seq, remote=worker)
+        self.active[rec.id] = active
+        waiting = describe_request(request)
+        missing = await asyncio.to_thread(self.ray.unavailable, request)
+        if missing:  # Ray keeps it queued until such a node joins: say so rather than look stuck
+            waiting += f" (no node of the cluster has {', '.join(missing)} now)"
+        placement = {"backend": "ray", "actor": worker.name, "resources": request, "waiting_for": waiting}
+        await asyncio.to_thread(self.store.update_run, rec.id, token_hash=token_hash(token), device=device,
+                                placement=placement)
+        args = self._worker_args(rec, self._public_server_url(), self.settings.ray_cpus_per_run)
+        env = {} if device.startswith("cuda") else {CUDA_ENV: ""}  # Ray sets a GPU run's own
+        self._spawn(self._run_on_ray(active, worker, args, token, cfg.model_dump_json(), env, placement))
+
+    async def _run_on_ray(self, active: Active, worker: RayWorker, args: list[str], token: str, config_json: str,
+                          env: dict[str, str], placement: dict[str, Any]) -> None:
+        try:
+            where = await worker.start(args, token, config_json, env)
+        except Exception as exc:  # withdrawn (stopped while queued), or its node died before it started
+            end = WorkerEnd(None, lost=f"Ray could not start it: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        else:
+            placement = {k: v for k, v in placement.items() if k != "waiting_for"} | where
+            log.info("run %s: placed by Ray on %s", active.run_id, describe_node(placement))
+            with contextlib.suppress(sqlite3.Error):
+                await asyncio.to_thread(self.store.update_run, active.run_id, placement=placement)
+            end = await worker.wait()
+        worker.kill()
+        await self._ray_worker_gone(active, end, placement)
+
+    async def _ray_worker_gone(self, active: Active, end: WorkerEnd, placement: dict[str, Any]) -> None:
+        """The end of a worker on Ray: its exit code as for a local worker, or the node (or actor) that was lost."""
+        if self.active.get(active.run_id) is not active:
+            return
+        if end.log_tail or end.kept:
+            header = f"--- the worker's log on {describe_node(placement)} ---\n"
+            kept = f"\n(its scratch folder is kept there: {end.kept})" if end.kept else ""
+            await asyncio.to_thread(_append_text, self.run_dir(active.run_id) / "worker.log",
+                                    header + end.log_tail + kept + "\n")
+        lost = None
+        if end.code is None and "node_id" not in placement:
+            lost = f"Ray could not start this run's worker: {end.lost}"
+        elif end.code is None:
+            node_id = placement.get("node_id")
+            assert self.ray is not None
+            dead = end.node_died or (node_id is not None and not await asyncio.to_thread(self.ray.node_alive, node_id))
+            if dead:
+                lost = f"the Ray node running this run died ({describe_node(placement)})"
+            else:
+                lost = f"Ray lost this run's worker on {describe_node(placement)}: {end.lost}"
+            newest = await asyncio.to_thread(_newest_checkpoint, self.run_dir(active.run_id) / "checkpoints")
+            lost += f"; resume from {newest}" if newest else "; the run has no checkpoint to resume from"
+        await self._worker_gone(active, end.code, lost=lost)
+
     # -- worker exits -------------------------------------------------------------------
     async def _watch(self, active: Active) -> None:
         assert active.process is not None
@@ -538,24 +667,30 @@ class RunManager:
         await self._worker_gone(active, code)
 
     async def _await_reattach(self, active: Active) -> None:
-        """A worker from before a restart: wait for it to reconnect, watch its pid, or end it."""
+        """A worker from before a restart: wait for it to reconnect, watch its pid (or its Ray actor), or end it."""
         try:
             await asyncio.wait_for(active.attached.wait(), self.settings.reattach_grace_s)
         except TimeoutError:
-            _signal(active.pid, signal.SIGTERM)
+            self._signal_worker(active, signal.SIGTERM)
             await asyncio.sleep(5.0)
-            _signal(active.pid, signal.SIGKILL)
+            self._signal_worker(active, signal.SIGKILL)
             if self.active.get(active.run_id) is active:
                 self.active.pop(active.run_id)
                 await self._end(active.run_id, "interrupted", "the worker did not reconnect after a server restart",
                                 accepted=active.stored)
                 await self._schedule()
             return
+        if active.remote is not None:
+            end = await active.remote.wait()
+            active.remote.kill()
+            await self._ray_worker_gone(active, end, active.remote.placement or {})
+            return
         while pid_alive(active.pid, None):
             await asyncio.sleep(0.5)
         await self._worker_gone(active, None)
 
-    async def _worker_gone(self, active: Active, code: int | None) -> None:
+    async def _worker_gone(self, active: Active, code: int | None, *, lost: str | None = None) -> None:
+        """A run's worker has exited with ``code`` (None: unknown, or ``lost`` says why there is none)."""
         if self.active.get(active.run_id) is not active:
             return
         # Frames the worker sent just before exiting may still be in flight on its socket.
@@ -567,7 +702,7 @@ class RunManager:
         _discard_uploads(active)
         active.forget_lost()  # frames the store lost are not in the stream: the server's status frame follows the rest
         if active.final is None:
-            reason = _describe_exit(code)
+            reason = lost or _describe_exit(code)
             if active.write_error:
                 reason = f"{reason}; the server {active.write_error}"
             if active.stop_requested:
@@ -590,14 +725,31 @@ class RunManager:
         await self._schedule()
 
     def _with_log_tail(self, run_id: str, reason: str) -> str:
-        tail = _stderr_tail(self.run_dir(run_id) / "worker.log")
+        tail = log_tail(self.run_dir(run_id) / "worker.log", STDERR_TAIL_LINES)
         return f"{reason}\n--- last lines of the worker's log ---\n{tail}" if tail else reason
 
     async def _kill_after(self, active: Active, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        if self.active.get(active.run_id) is active and pid_alive(active.pid, None):
+        if self.active.get(active.run_id) is active and (active.remote is not None or pid_alive(active.pid, None)):
             log.warning("run %s did not stop within %.0f s; killing it", active.run_id, seconds)
-            _signal(active.pid, signal.SIGKILL)
+            self._signal_worker(active, signal.SIGKILL)
+
+    def _signal_worker(self, active: Active, sig: signal.Signals) -> None:
+        """Signal a run's worker, wherever it runs: a SIGKILL for a worker on Ray ends its actor too."""
+        if active.remote is None:
+            _signal(active.pid, sig)
+        elif sig == signal.SIGKILL:
+            active.remote.kill()
+        else:
+            active.remote.signal(sig)
+
+    async def _find_actor(self, rec: RunRecord) -> RayWorker | None:
+        """The live Ray actor of a running run from before a restart, if this server is on Ray and it has one."""
+        name = (rec.placement or {}).get("actor")
+        if self.ray is None or not name or rec.external:
+            return None
+        placement = rec.placement or {}
+        return await asyncio.to_thread(self.ray.find, name, placement.get("resources", {}), placement)
 
     async def _end(self, run_id: str, status: str, error: str | None, *, accepted: int) -> None:
         """Record a terminal status the worker could not report itself, as a frame too.
@@ -994,6 +1146,12 @@ def _discard_uploads(active: Active) -> None:
     active.uploads.clear()
 
 
+def _append_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def _write_file(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -1051,7 +1209,9 @@ def _max_step(steps: Any) -> int | None:
 async def _wait_exit(active: Active, timeout: float) -> bool:
     """Wait until the worker has exited (and, if it is our child, been reaped); False if it outlived ``timeout``."""
     try:
-        if active.process is not None:
+        if active.remote is not None:
+            await asyncio.wait_for(active.remote.wait(), timeout)
+        elif active.process is not None:
             await asyncio.wait_for(asyncio.shield(active.process.wait()), timeout)
         else:  # a worker re-attached after a restart is not our child: watch its pid
             return await _wait_pid_gone(active.pid, timeout)

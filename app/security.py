@@ -93,6 +93,8 @@ def host_allowed(host_header: str | None, settings: Settings) -> bool:
         # (Settings refuses it otherwise), and a rebinding page cannot know the token, so the token guards.
         return True
     allowed = LOOPBACK_HOSTS | set(settings.allowed_hosts) | {settings.host}
+    if settings.public_host is not None:  # the name remote workers (a Ray cluster's nodes) reach the server by
+        allowed |= {settings.public_host}
     return hostname in allowed - WILDCARD_HOSTS
 
 

@@ -12,7 +12,8 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -174,6 +175,28 @@ class Settings(BaseSettings):
         description="a websocket peer that has not answered a ping within this is closed (1011) and its "
         "connection freed",
     )
+    # Where runs train (docs/deploy.md): "local" starts each worker as a process beside the server, within
+    # cpu_run_limit and gpu_run_limit; "ray" hands each run to a Ray cluster as an actor asking for what the run
+    # needs, and Ray decides where and when it starts.
+    backend: Literal["local", "ray"] = Field(
+        default="local", description="where runs train: 'local' processes, or actors on a Ray cluster ('ray')",
+    )
+    ray_address: str | None = Field(
+        default=None, max_length=500,
+        description="the Ray cluster to join (e.g. 'ray-head:6379' or 'auto'); none: $RAY_ADDRESS, else a Ray "
+        "started for this server alone",
+    )
+    public_url: str | None = Field(
+        default=None, max_length=500,
+        description="the http(s) URL at which workers on other machines reach this server (its websocket and "
+        "resume downloads), e.g. 'http://10.0.0.5:8000'; its host is accepted in Host headers. Needed by the Ray "
+        "backend as soon as a node is not this machine",
+    )
+    ray_cpus_per_run: float = Field(
+        default=1.0, gt=0, le=256, allow_inf_nan=False,
+        description="CPUs each run asks Ray for (its torch threads too); a CUDA run asks for 1/gpu_run_limit of a "
+        "GPU besides",
+    )
     worker_module: str = Field(
         default="app.worker",
         description="the module each run's worker process runs as `python -m MODULE`, with app.worker's arguments; "
@@ -197,6 +220,19 @@ class Settings(BaseSettings):
         if not _MODULE_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a dotted Python module name such as 'app.worker'")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+                or parts.username or parts.password or parts.path not in ("", "/"):
+            raise ValueError(f"{value!r} is not an http(s) URL of the server such as 'http://10.0.0.5:8000' (no "
+                             "path, query or credentials)")
+        normalize_host(parts.hostname)  # a name a Host header can carry
+        return f"{parts.scheme}://{parts.netloc}"
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -232,6 +268,14 @@ class Settings(BaseSettings):
     def is_loopback(self) -> bool:
         """True when only this machine can connect, the one case where no token is required."""
         return self.host in LOOPBACK_HOSTS
+
+    @property
+    def public_host(self) -> str | None:
+        """The host name of ``public_url``: remote workers send it as their Host header, so it is allowed."""
+        if self.public_url is None:
+            return None
+        hostname = urlsplit(self.public_url).hostname
+        return normalize_host(hostname) if hostname else None
 
     def token_value(self) -> str | None:
         """The token in clear, for comparisons and for printing the start-up URL; ``None`` when none is set."""

@@ -92,6 +92,7 @@ _ADDED_RUN_COLUMNS: Final = {
     "controls": "TEXT",
     "seq_offset": "INTEGER NOT NULL DEFAULT 0",
     "uid": "TEXT",
+    "placement": "TEXT",
 }
 
 _DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
@@ -247,6 +248,9 @@ class RunRecord:
     # the script numbers its frames 1, 2, 3, ... and the server stores frame n at seq n + seq_offset.
     seq_offset: int = 0
     uid: str | None = None  # the script's own id for the run: creating it again returns this run
+    # Where a run on a Ray cluster is (app.ray_backend): {"backend": "ray", "actor", "resources"} once handed to Ray,
+    # "waiting_for" while Ray has no room for it, then "node_id", "node_ip", "hostname" once a node took it.
+    placement: dict[str, Any] | None = None
 
     @property
     def external(self) -> bool:
@@ -256,7 +260,7 @@ class RunRecord:
 
 _RUN_COLUMNS: Final = tuple(f.name for f in fields(RunRecord))
 _UPDATABLE: Final = frozenset(_RUN_COLUMNS) - {"id"}
-_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from", "source", "controls"})
+_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from", "source", "controls", "placement"})
 
 Float64Array = npt.NDArray[np.float64]
 Int64Array = npt.NDArray[np.int64]

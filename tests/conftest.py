@@ -30,12 +30,16 @@ from app.main import create_app
 from app.settings import Settings
 from app.store import Store
 from tests.browser import chromium
+from tests.installed_wheel import InstalledWheel, build_and_install
 from tests.live_server import LiveServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 torch.set_num_threads(1)
+
+#: tests/ray_cluster needs the network namespace tests/test_ray.py makes for it (Ray may bind only loopback there).
+collect_ignore = [] if os.environ.get("GRADWATCH_RAY_NETNS") else ["ray_cluster"]
 
 
 @pytest.fixture(autouse=True)
@@ -91,3 +95,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def chromium_browser() -> Iterator[Browser]:
     with chromium() as browser:
         yield browser
+
+
+# Built and installed once per session: tests/test_wheel.py and tests/test_container.py share one xdist group.
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
+    """The sdist and wheel ``python -m build`` makes, the wheel installed with torch in a fresh venv."""
+    return build_and_install(tmp_path_factory.mktemp("wheel"))

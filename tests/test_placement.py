@@ -22,12 +22,13 @@ from starlette.testclient import TestClient
 from app.api.runs import artifacts_of
 from app.hub import Hub
 from app.main import create_app
-from app.manager import Active, RunError, RunManager, _describe_exit, _stderr_tail, pid_alive, token_hash
+from app.manager import Active, RunError, RunManager, _describe_exit, pid_alive, token_hash
 from app.placement import visible_gpu_ids, worker_cuda_visible_devices
 from app.settings import Settings
 from app.store import RunRecord, Store
 from trainer.config import RunConfig
 from trainer.files import atomic_write
+from trainer.files import log_tail as _stderr_tail
 
 BASE = "http://127.0.0.1:8000"
 

@@ -25,6 +25,11 @@ TWO_D_DATASETS: frozenset[str] = frozenset({"ring8", "grid25", "spiral", "moons"
 FOLDER_DATASETS: frozenset[str] = frozenset({"mnist_idx", "image_folder"})
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
+# One custom cluster resource request, "name=amount": the names Ray nodes declare (`ray start --resources`).
+_RESOURCE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]{0,63})=(\d{1,6}(?:\.\d{1,4})?)$")
+#: Names Ray gives its own resources: asked for through train.device and the server's settings, never here.
+_RAY_OWN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+MAX_RESOURCES = 8
 
 PositiveRate = Annotated[float, Field(gt=0.0, le=1.0)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -149,6 +154,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(256, ge=2, le=4096, description="Samples per batch.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, data and noise.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    resources: str = Field(
+        "", max_length=600,
+        description="Custom resources of a Ray cluster this run needs, as 'name=amount, …' (e.g. 'big_gpu=1' to run "
+        "only on nodes started with --resources '{\"big_gpu\": 1}'). Ray backend only.",
+    )
     lr_decay_fraction: float = Field(
         0.0,
         ge=0.0,
@@ -163,6 +173,38 @@ class TrainConfig(_Section):
         if not _DEVICE_RE.match(value):
             raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, value: str) -> str:
+        return ", ".join(f"{name}={amount:g}" for name, amount in parse_resources(value).items())  # one spelling
+
+    def resource_request(self) -> dict[str, float]:
+        """``resources`` as ``{name: amount}``."""
+        return parse_resources(self.resources)
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``"big_gpu=1, ssd=0.5"`` as ``{"big_gpu": 1.0, "ssd": 0.5}``; ValueError naming the part that is wrong."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = _RESOURCE_RE.match(part.replace(" ", ""))
+        if match is None:
+            raise ValueError(f"{part!r} is not 'name=amount' (a name of letters, digits, '_', '.', '-', and an "
+                             "amount such as 1 or 0.5)")
+        name, amount = match.group(1), float(match.group(2))
+        if name in _RAY_OWN_RESOURCES:
+            raise ValueError(f"{name!r} is set by train.device and the server's settings, not here")
+        if amount <= 0:
+            raise ValueError(f"{part!r}: the amount must be more than 0")
+        if name in out:
+            raise ValueError(f"{name!r} is given twice")
+        out[name] = amount
+    if len(out) > MAX_RESOURCES:
+        raise ValueError(f"at most {MAX_RESOURCES} resources")
+    return out
 
 
 class IntervalConfig(_Section):

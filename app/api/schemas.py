@@ -134,6 +134,10 @@ class RunSummary(BaseModel):
     last_seq: int
     source: dict[str, Any] | None = Field(None, description="for a script's run: where it comes from")
     controls: list[str] | None = Field(None, description="for a script's run: the live controls it registered")
+    placement: dict[str, Any] | None = Field(
+        None, description="for a run on a Ray cluster: the actor, the resources asked for, and 'waiting_for' while "
+        "queued or the node ('node_id', 'node_ip', 'hostname', 'gpu_ids') once placed",
+    )
     steps_per_s: float | None = Field(
         None, description="Training steps per second over the last ~10 s; null unless the run is training."
     )

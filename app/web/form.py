@@ -33,7 +33,7 @@ ADVANCED: frozenset[str] = frozenset({
     "data.image_size", "data.channels",
     "gan.beta1", "gan.beta2", "gan.g_adam_eps", "gan.d_optimizer", "gan.momentum", "gan.gp_weight",
     "gan.collapse_ratio", "gan.collapse_patience",
-    "vae.mc_samples",
+    "vae.mc_samples", "train.resources",
     "intervals.flush_ms", "intervals.flush_steps", "intervals.keep_checkpoints", "intervals.keep_samples",
 })
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from app.api.deps import ManagerDep, StoreDep
 from app.api.runs import artifacts_of
 from app.manager import RunError, RunManager
+from app.ray_backend import describe_node
 from app.store import TERMINAL_STATUSES, RunRecord
 from app.web.form import FormField, errors_by_field, flat_values, form_sections, nested_config
 from trainer.config import TWO_D_DATASETS, RunConfig
@@ -167,6 +168,18 @@ def _allowed(rec: RunRecord) -> dict[str, bool]:
     return show
 
 
+def _where(rec: RunRecord) -> dict[str, str] | None:
+    """Where a run on a Ray cluster is: what it waits for while Ray has no room for it, then its node."""
+    placement = rec.placement or {}
+    if placement.get("backend") != "ray":
+        return None
+    if rec.status == "queued" and placement.get("waiting_for"):
+        return {"state": "waiting", "text": f"waiting for Ray: {placement['waiting_for']}"}
+    if placement.get("node_id"):
+        return {"state": "placed", "text": f"Ray node {describe_node(placement)}"}
+    return None
+
+
 def _row(rec: RunRecord, manager: RunManager) -> dict[str, Any]:
     cfg = _run_config(rec)
     steps = _typed(_at(cfg, "train", "steps"), int)
@@ -178,7 +191,7 @@ def _row(rec: RunRecord, manager: RunManager) -> dict[str, Any]:
         "rate": manager.steps_per_s(rec.id), "device": rec.device or "—", "alert": rec.last_alert,
         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.created_at)),
         "ended": rec.status in TERMINAL_STATUSES, "error": rec.error,
-        "external": rec.external, "source": source, "can_stop": _allowed(rec)["stop"],
+        "external": rec.external, "source": source, "can_stop": _allowed(rec)["stop"], "where": _where(rec),
     }
 
 

@@ -215,6 +215,9 @@ function setStatus(status, error) {
   const badge = $("run-status");
   badge.textContent = status;
   badge.className = `badge status-${status}`;
+  // "waiting for Ray: …" holds only while queued; the node it then runs on is on the page after a reload.
+  const where = $("run-where");
+  if (where && status !== "queued" && where.classList.contains("where-waiting")) where.hidden = true;
   if (error) {
     $("run-error").textContent = error;
     $("run-error").hidden = false;

@@ -1,0 +1,120 @@
+"""The part of a Ray run that lives on the node Ray chose: one actor per run, which starts the run's worker and
+watches it.
+
+The worker is the same ``python -P -m app.worker`` a local run starts, talking to the server over the same
+channel: it is started as a child process, not run inside the actor, so that a stop arrives as the signal a local
+worker gets (SIGINT: stop; SIGTERM: the server is leaving, hurry), a refused token can end it with ``os._exit``,
+and nothing of one run (torch threads, CUDA context) outlives it in a pooled Ray process. The child is tied to
+the actor (``PR_SET_PDEATHSIG``): when Ray loses the actor, because its node died or it was killed, the worker
+dies too instead of training on unseen.
+
+Nothing here imports the web server: a Ray node needs gradwatch installed (``pip install 'gradwatch[ray]'``),
+nothing else. The server side is :mod:`app.ray_backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trainer.files import log_tail
+
+#: Lines of the worker's log returned with its exit, for the run's error message.
+LOG_TAIL_LINES = 20
+#: After the worker exits, how long the actor waits for the server to collect the exit before it ends itself
+#: (the server may be restarting): an actor nobody collects would hold its CPUs or GPU share for ever.
+UNCOLLECTED_EXIT_S = 600.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _tie_to_parent() -> None:
+    """In the worker, before it runs: its own process group (a terminal's Ctrl-C is not its business), and a
+    SIGKILL when the actor that started it dies (Linux; elsewhere the worker's orphan timeout ends it)."""
+    os.setpgrp()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class RunSupervisor:
+    """One run's actor (``ray.remote`` is applied by :mod:`app.ray_backend`, so this module imports without Ray).
+
+    Async, so that ``wait`` (which lasts the whole run) and ``signal`` are served side by side.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.folder: Path | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self.collected = asyncio.Event()
+
+    async def start(self, args: list[str], token: str, config_json: str, env: dict[str, str]) -> dict[str, Any]:
+        """Start the worker (``args`` are app.worker's, without the config and scratch folder, which are made
+        here, on this node) and say where it runs."""
+        import ray
+
+        self.folder = Path(tempfile.mkdtemp(prefix=f"gradwatch-run-{self.run_id}-"))
+        config = self.folder / "config.json"
+        config.write_text(config_json, encoding="utf-8")
+        package_root = str(Path(__file__).resolve().parents[1])  # where app/ is on this node, for python -P
+        child_env = {**os.environ, **env,
+                     "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        log = (self.folder / "worker.log").open("ab")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-P", *args, "--config", str(config), "--work-dir", str(self.folder / "work"),
+                env=child_env, stdin=asyncio.subprocess.PIPE, stdout=log, stderr=log, preexec_fn=_tie_to_parent,
+            )
+        finally:
+            log.close()
+        assert self.process.stdin is not None
+        with contextlib.suppress(OSError, RuntimeError):  # a worker that died at once: wait() reports it
+            self.process.stdin.write(token.encode() + b"\n")
+            await self.process.stdin.drain()
+        self.process.stdin.close()
+        asyncio.get_running_loop().create_task(self._end_when_uncollected())
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname(), "pid": self.process.pid,
+                "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+                "folder": str(self.folder)}
+
+    async def wait(self) -> dict[str, Any]:
+        """Wait for the worker to exit: its exit code and the end of its log. Its scratch folder is removed after a
+        clean exit, and kept (and named) otherwise: a final checkpoint it could not upload is there."""
+        assert self.process is not None and self.folder is not None
+        code = await self.process.wait()
+        tail = log_tail(self.folder / "worker.log", LOG_TAIL_LINES)
+        kept = None
+        if code == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            kept = str(self.folder)
+        self.collected.set()
+        return {"code": code, "log_tail": tail, "kept": kept}
+
+    def signal(self, signum: int) -> bool:
+        """Send the worker a signal; False if it has already exited."""
+        if self.process is None or self.process.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+            return True
+        return False
+
+    async def _end_when_uncollected(self) -> None:
+        assert self.process is not None
+        await self.process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.collected.wait(), UNCOLLECTED_EXIT_S)
+            return  # the server has the exit, and ends this actor itself
+        os._exit(0)

@@ -1,0 +1,183 @@
+"""Runs on a real two-node Ray cluster, launched through the HTTP API of a real server (``--backend ray``).
+
+Run by ``tests/test_ray.py`` inside a network namespace; the tests share one cluster and one server and run in
+file order, the node's death last.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import httpx
+import psutil
+import torch
+
+from tests.live_server import TINY_GAN, LiveServer, config, metric_series, read_frames, wait_for, wait_status
+from tests.ray_cluster.conftest import OOM_STEP, RayCluster
+
+TERMINAL = {"completed", "stopped", "failed", "interrupted"}
+
+
+def _submit(http: httpx.Client, cfg: dict[str, Any]) -> dict[str, Any]:
+    response = http.post("/api/runs", json=cfg)
+    assert response.status_code == 201, response.text
+    run: dict[str, Any] = response.json()
+    return run
+
+
+def _frames(server: LiveServer, run_id: str) -> list[dict[str, Any]]:
+    with server.stream(run_id) as ws:
+        return read_frames(ws, lambda fs: fs[-1]["type"] == "status" and fs[-1]["status"] in TERMINAL)
+
+
+def _placed(http: httpx.Client, run_id: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        run: dict[str, Any] = http.get(f"/api/runs/{run_id}").json()
+        return run if (run["placement"] or {}).get("node_id") and run["step"] > 0 else None
+
+    found: dict[str, Any] = wait_for(check, 180, 0.2, f"run {run_id} to be placed and training")
+    return found
+
+
+def _local_workers(server: LiveServer) -> list[psutil.Process]:
+    return [p for p in server.workers() if "app.worker" in " ".join(p.cmdline())]
+
+
+def test_a_run_pinned_to_the_second_node_lands_there_streams_gaplessly_and_its_checkpoint_downloads(
+        ray_cluster: RayCluster, ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        run = _submit(http, config(TINY_GAN, name="on-node2", train__steps=300, train__resources="node2=1"))
+        assert run["status"] == "queued" and run["placement"]["resources"] == {"CPU": 1.0, "node2": 1.0}
+        placed = _placed(http, run["id"])
+        assert placed["placement"]["node_id"] == ray_cluster.node2_id != ray_cluster.head_id
+        assert placed["placement"]["node_ip"] == "127.0.0.1"
+        assert not _local_workers(ray_server), "the worker must be Ray's process, not the server's child"
+        page = http.get(f"/runs/{run['id']}").text
+        assert "Ray node 127.0.0.1" in page and ray_cluster.node2_id[:12] in page
+        done = wait_status(http, run["id"], TERMINAL)
+        assert done["status"] == "completed", done["error"]
+
+        frames = _frames(ray_server, run["id"])
+        assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))  # gapless, in order
+        assert sorted(metric_series(frames, "loss/d")) == list(range(1, 301))  # every step, once
+
+        checkpoints = http.get(f"/api/runs/{run['id']}/checkpoints").json()
+        assert [c["step"] for c in checkpoints][-1] == 300
+        blob = http.get(checkpoints[-1]["url"])
+        assert blob.status_code == 200
+        state = torch.load(io.BytesIO(blob.content), weights_only=True)
+        assert state["step"] == 300 and state["config"]["name"] == "on-node2" and state["models"]
+        samples = http.get(f"/api/runs/{run['id']}/samples").json()
+        assert samples and http.get(samples[-1]["url"]).status_code == 200
+
+
+def test_control_and_stop_reach_a_worker_on_ray(ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        run = _submit(http, config(TINY_GAN, name="controlled", train__steps=1_000_000, train__resources="node2=1",
+                                   gan__g_loss="saturating", intervals__sample_every=1_000_000))
+        _placed(http, run["id"])
+        flip = http.post(f"/api/runs/{run['id']}/control", json={"g_loss": "non_saturating"})
+        assert flip.status_code == 200, flip.text
+        with ray_server.stream(run["id"]) as ws:
+            frames = read_frames(ws, lambda fs: any(f["type"] == "control" for f in fs), timeout=120)
+        control = next(f for f in frames if f["type"] == "control")
+        assert control["changes"] == {"g_loss": "non_saturating"}
+        assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
+        stopped = wait_status(http, run["id"], TERMINAL, timeout=120)
+        assert stopped["status"] == "stopped" and stopped["error"] is None
+        assert stopped["checkpoints"], "the stop's final checkpoint reached the server"
+
+
+def test_a_run_ray_has_no_room_for_stays_queued_saying_what_it_waits_for_and_can_be_withdrawn(
+        ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        run = _submit(http, config(TINY_GAN, name="nowhere", train__resources="gpu_box=1"))
+        time.sleep(2.0)
+        waiting = http.get(f"/api/runs/{run['id']}").json()
+        assert waiting["status"] == "queued"
+        assert waiting["placement"]["waiting_for"] == "1 CPU, gpu_box=1 (no node of the cluster has gpu_box now)"
+        assert "waiting for Ray: 1 CPU, gpu_box=1" in http.get("/").text
+        assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
+        assert wait_status(http, run["id"], TERMINAL, timeout=30)["status"] == "stopped"
+        # A device this cluster lacks, or a GPU of one machine, is refused at submit, naming the field.
+        for device, says in (("cuda", "the Ray cluster has no GPU"), ("cuda:1", "names a GPU of one machine")):
+            refused = http.post("/api/runs", json=config(TINY_GAN, train__device=device))
+            assert refused.status_code == 422 and says in refused.text and "train.device" in refused.text
+
+
+def test_out_of_memory_on_a_ray_node_fails_the_run_saying_so_and_frees_its_place(ray_server: LiveServer) -> None:
+    """node2 has one CPU: the second run waits in Ray's queue until the first one's failure gives it back."""
+    with ray_server.client() as http:
+        victim = _submit(http, config(TINY_GAN, name="oom-victim", train__steps=100_000, train__resources="node2=1"))
+        _placed(http, victim["id"])
+        after = _submit(http, config(TINY_GAN, name="after-oom", train__steps=50, train__resources="node2=1"))
+        assert http.get(f"/api/runs/{after['id']}").json()["status"] == "queued"
+        failed = wait_status(http, victim["id"], TERMINAL)
+        assert failed["status"] == "failed"
+        assert failed["error"].startswith(f"oom: out of memory on cpu at step {OOM_STEP}"), failed["error"]
+        done = wait_status(http, after["id"], TERMINAL)
+        assert done["status"] == "completed", done["error"]
+        assert done["started_at"] >= failed["ended_at"] - 1.0
+
+
+def test_a_resumed_run_on_ray_fetches_its_checkpoint_over_http_and_carries_on(ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        source = next(r for r in http.get("/api/runs").json() if r["name"] == "on-node2")
+        detail = http.get(f"/api/runs/{source['id']}").json()
+        ckpt = detail["checkpoints"][-1]
+        body = {"train": {"steps": ckpt["step"] + 40, "resources": "node2=1"},
+                "resume_from": {"run": source["id"], "checkpoint": ckpt["name"]}}
+        response = http.post("/api/runs", json=body)
+        assert response.status_code == 201, response.text
+        resumed = wait_status(http, response.json()["id"], TERMINAL)
+        assert resumed["status"] == "completed", resumed["error"]
+    steps = sorted(metric_series(_frames(ray_server, resumed["id"]), "loss/d"))
+    assert steps == list(range(ckpt["step"] + 1, ckpt["step"] + 41))
+
+
+def test_a_killed_server_finds_its_ray_run_again_after_a_restart(ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        run = _submit(http, config(TINY_GAN, name="outlives", train__steps=1_000_000, train__resources="node2=1",
+                                   intervals__sample_every=1_000_000))
+        before = _placed(http, run["id"])
+    ray_server.kill()
+    time.sleep(1.0)
+    ray_server.start(timeout=120)
+    with ray_server.client() as http:
+        again = http.get(f"/api/runs/{run['id']}").json()
+        assert again["status"] == "running"
+        wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] > again["step"] + 20, 120,
+                 what="training to continue after the restart")
+        assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
+        stopped = wait_status(http, run["id"], TERMINAL, timeout=120)
+    assert stopped["status"] == "stopped", stopped["error"]
+    assert stopped["placement"]["node_id"] == before["placement"]["node_id"]
+    frames = _frames(ray_server, run["id"])
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
+
+
+def test_killing_the_second_node_fails_its_run_naming_the_node_while_a_run_on_the_head_completes(
+        ray_cluster: RayCluster, ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        doomed = _submit(http, config(TINY_GAN, name="doomed", train__steps=1_000_000, train__resources="node2=1",
+                                      intervals__sample_every=1_000_000))
+        _placed(http, doomed["id"])
+        survivor = _submit(http, config(TINY_GAN, name="survivor", train__steps=400, train__resources="head_node=1"))
+        placed = _placed(http, survivor["id"])
+        assert placed["placement"]["node_id"] == ray_cluster.head_id
+        killed_at = time.monotonic()
+        ray_cluster.kill_node2()
+        failed = wait_status(http, doomed["id"], TERMINAL, timeout=60)
+        noticed = time.monotonic() - killed_at
+        assert failed["status"] == "failed"
+        assert failed["error"].startswith("the Ray node running this run died (127.0.0.1"), failed["error"]
+        assert ray_cluster.node2_id[:12] in failed["error"] and "resume from step_" in failed["error"]
+        assert noticed < 30, f"the node's death took {noticed:.0f} s to reach the run"
+        done = wait_status(http, survivor["id"], TERMINAL)
+        assert done["status"] == "completed", done["error"]
+    frames = _frames(ray_server, doomed["id"])
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert frames[-1]["status"] == "failed"
