@@ -7,12 +7,13 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install serve test check lint typecheck pytest demo bench soak clean
 
-# Python packages into the venv, and the browser libraries the app serves itself
-# (htmx, pinned in package-lock.json) into node_modules/: needs Node 18+ and npm.
+# Python packages into the venv (editable, with the test tools and Ray), and the browser libraries the app
+# serves itself (htmx, pinned in package-lock.json) into node_modules/: needs Node 18+ and npm.
+# A wheel carries its own copy instead (docs/deploy.md).
 $(STAMP): pyproject.toml package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	npm ci --no-audit --no-fund
 	touch $(STAMP)
 
@@ -23,7 +24,7 @@ serve: $(STAMP)
 	$(VENV)/bin/gradwatch serve $(SERVE_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check app trainer gradwatch tests bench examples
+	$(PY) -m ruff check app trainer gradwatch tests bench examples hatch_build.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -42,7 +43,7 @@ demo: $(STAMP)
 
 # The trackers the benchmarks compare against (TensorBoard, wandb): the `bench` extra, on top of the dev install.
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,bench]'
 	touch $(BENCH_STAMP)
 
 # Every benchmark at sizes that finish in under 10 minutes on 2 cores: a table here, JSON in bench/results/.
@@ -57,4 +58,4 @@ soak: $(STAMP)
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache build dist

@@ -56,6 +56,8 @@ class Server:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **(env or {}),
         }
+        #: Where the server starts (its current folder).
+        self.cwd = ROOT
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         #: The server's stderr, newest lines; where a ``--token generate`` prints the token it made.
@@ -74,10 +76,8 @@ class Server:
         port = self.url.rsplit(":", 1)[1] if self.url else "0"
         self.url = ""
         self.log.clear()
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", port, "--data-dir", str(self.data_dir),
-               "--log-level", "warning", *self.args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(self.command(port), env=self.env, stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, cwd=self.cwd)
         found = threading.Event()
 
         def pump() -> None:  # keeps the pipe drained for the server's whole life
@@ -102,6 +102,11 @@ class Server:
                 raise ServerError("gradwatch serve never answered:\n" + "".join(self.log))
             time.sleep(0.1)
         return self
+
+    def command(self, port: str) -> list[str]:
+        """The server's command line; ``port`` is "0" at the first start, then the port it listened on."""
+        return [sys.executable, "-m", "app.cli", "serve", "--port", port, "--data-dir", str(self.data_dir),
+                "--log-level", "warning", *self.args]
 
     def _answers(self) -> bool:
         try:

@@ -1,8 +1,13 @@
-"""Where the browser's files come from: our own static folder and the JS libraries installed at set-up.
+"""Where the browser's files come from: our own templates and static folder, and the JS libraries installed at set-up.
 
 Nothing third-party is committed: plotly.min.js is the file the plotly Python
 package ships, htmx is the file ``npm ci`` put under node_modules. Both are
 served by the app itself (no CDN), so the dashboard works air-gapped.
+
+Two layouts: an installed wheel carries templates/, static/ and htmx in the
+package itself, under ``app/web/bundle/`` (hatch_build.py puts them there when
+the wheel is built); a checkout (editable install, ``make install``) has no
+bundle and serves the repository's own templates/, static/ and node_modules/.
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES_DIR = ROOT / "templates"
-STATIC_DIR = ROOT / "static"
+#: The wheel's copy of the browser files; absent in a checkout.
+BUNDLE = Path(str(files("app.web") / "bundle"))
+BUNDLED = BUNDLE.is_dir()
+TEMPLATES_DIR = (BUNDLE if BUNDLED else ROOT) / "templates"
+STATIC_DIR = (BUNDLE if BUNDLED else ROOT) / "static"
+#: htmx: bundled by the wheel's build from npm, or where `npm ci` puts it in a checkout.
+HTMX_FILE = BUNDLE / "vendor" / "htmx.min.js" if BUNDLED else ROOT / "node_modules/htmx.org/dist/htmx.min.js"
 #: Our own CSS and JS, under this URL prefix (the prefix /static/docs belongs to the offline API docs).
 ASSETS_URL = "/assets"
 
@@ -27,7 +37,7 @@ def vendor_files() -> dict[str, Path]:
     """The third-party browser files by the name the pages load them under."""
     return {
         "plotly.min.js": Path(str(files("plotly") / "package_data" / "plotly.min.js")),
-        "htmx.min.js": ROOT / "node_modules" / "htmx.org" / "dist" / "htmx.min.js",
+        "htmx.min.js": HTMX_FILE,
     }
 
 
@@ -43,10 +53,13 @@ class MissingAsset:
 
 def missing_vendor_files() -> list[MissingAsset]:
     """What the pages will fail to load right now (checked on every call: installing it needs no restart)."""
+    python = shlex.quote(sys.executable)
+    # Every wheel is built with htmx inside (hatch_build.py), so one without it was damaged after installing.
+    htmx_fix = (f"{python} -m pip install --force-reinstall --no-deps gradwatch-VERSION-py3-none-any.whl" if BUNDLED
+                else f"cd {shlex.quote(str(ROOT))} && npm ci")
     needs = {
-        "htmx.min.js": ("the launch form, the runs table and every button",
-                        f"cd {shlex.quote(str(ROOT))} && npm ci"),
-        "plotly.min.js": ("every chart", f"{shlex.quote(sys.executable)} -m pip install plotly"),
+        "htmx.min.js": ("the launch form, the runs table and every button", htmx_fix),
+        "plotly.min.js": ("every chart", f"{python} -m pip install plotly"),
     }
     return [MissingAsset(name, path, *needs[name]) for name, path in vendor_files().items() if not path.is_file()]
 
