@@ -14,6 +14,7 @@ import httpx
 import psutil
 import torch
 
+from tests.browser import chromium, new_page, screenshot, watch
 from tests.live_server import TINY_GAN, LiveServer, config, metric_series, read_frames, wait_for, wait_status
 from tests.ray_cluster.conftest import OOM_STEP, RayCluster
 
@@ -157,6 +158,48 @@ def test_a_killed_server_finds_its_ray_run_again_after_a_restart(ray_server: Liv
     frames = _frames(ray_server, run["id"])
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
+
+
+def test_a_run_launched_from_the_browser_trains_on_the_second_node_streams_live_stops_and_downloads(
+        ray_cluster: RayCluster, ray_server: LiveServer) -> None:
+    """The issue's "done when", as a user does it: the launch form, with the run pinned to the node that is not the
+    server's; the run page's step counter moving; Stop; the checkpoint downloaded from the page."""
+    with chromium() as browser, new_page(browser, ray_server.url, accept_downloads=True) as page:
+        seen = watch(page)
+        page.goto("/?preset=ring8-non-saturating")
+        form = page.locator("#launch-form")
+        form.locator('input[name="name"]').fill("from-the-browser")
+        form.locator('input[name="train.steps"]').fill("1000000")
+        form.locator('input[name="train.device"]').fill("cpu")
+        resources = form.locator('input[name="train.resources"]')
+        page.locator('details.more:has(input[name="train.resources"]) > summary').click()
+        resources.fill("node2=1")
+        page.click("#launch-button")
+        page.wait_for_url("**/runs/*")
+        run_id = page.url.rstrip("/").rsplit("/", 1)[1]
+        page.wait_for_selector('body[data-ready="true"]', state="attached", timeout=60_000)
+        page.wait_for_function("document.getElementById('run-status').textContent === 'running'", timeout=120_000)
+        first = int(page.inner_text("#run-step").replace(",", ""))
+        page.wait_for_function(f"parseInt(document.getElementById('run-step').textContent.replace(/,/g, '')) > "
+                               f"{first + 50}", timeout=120_000)  # live: frames from node2 reach the page
+        page.reload()
+        where = page.inner_text("#run-where")
+        assert where.startswith("Ray node 127.0.0.1") and ray_cluster.node2_id[:12] in where, where
+        screenshot(page, "ray-run-on-node2")
+        page.wait_for_selector('body[data-ready="true"]', state="attached", timeout=60_000)
+        page.click("#stop-button")
+        page.wait_for_function("document.getElementById('run-status').textContent === 'stopped'", timeout=120_000)
+        page.reload()
+        checkpoint = page.locator('#downloads a[data-kind="checkpoint"]').first
+        with page.expect_download() as got:
+            checkpoint.click()
+        state = torch.load(got.value.path(), weights_only=True)
+        assert state["config"]["name"] == "from-the-browser" and state["step"] > first + 50
+        seen.assert_clean(ray_server.url)
+    with ray_server.client() as http:
+        run = http.get(f"/api/runs/{run_id}").json()
+    assert run["status"] == "stopped" and run["placement"]["node_id"] == ray_cluster.node2_id
+    assert run["config"]["train"]["resources"] == "node2=1"
 
 
 def test_killing_the_second_node_fails_its_run_naming_the_node_while_a_run_on_the_head_completes(
