@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 import torch
 
 from tests.browser import chromium, new_page, screenshot, watch
@@ -158,6 +159,47 @@ def test_a_killed_server_finds_its_ray_run_again_after_a_restart(ray_server: Liv
     frames = _frames(ray_server, run["id"])
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
+
+
+def test_per_gpu_limits_hold_on_ray(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A node that declares one GPU, a server with gpu_run_limit 2: each CUDA run asks Ray for half a GPU, so two
+    share it and the third waits in Ray's queue, saying so, until one of the two ends. The workers are the
+    benchmark's synthetic ones (no GPU here to train on): the test is of placement, not of CUDA."""
+    node3 = ray_cluster.cluster.add_node(num_cpus=3, num_gpus=1)
+    ray_cluster.cluster.wait_for_nodes()
+    server = LiveServer(tmp_path_factory.mktemp("ray-gpu") / "data", "--backend", "ray", "--ray-address",
+                        ray_cluster.address,
+                        env={"GRADWATCH_WORKER_MODULE": "bench.synthetic_worker", "GRADWATCH_GPU_RUN_LIMIT": "2"})
+    try:
+        server.start(timeout=120)
+        with server.client() as http:
+            cfg = config(TINY_GAN, train__device="cuda", train__steps=10_000_000)  # node3 alone has a GPU
+            runs = [_submit(http, {**cfg, "name": f"gpu-{i}"})["id"] for i in range(3)]
+
+            def placed() -> list[dict[str, Any]]:
+                found = [http.get(f"/api/runs/{r}").json() for r in runs]
+                return [r for r in found if r["status"] == "running" and (r["placement"] or {}).get("node_id")]
+
+            two = wait_for(lambda: len(placed()) >= 2 and placed(), 120, 0.2, "two runs to share the GPU")
+            time.sleep(2.0)
+            assert len(placed()) == 2, "a third run was placed on a GPU already holding gpu_run_limit runs"
+            for run in two:
+                assert run["placement"]["node_id"] == node3.node_id and run["placement"]["gpu_ids"] == ["0"]
+                assert run["placement"]["resources"] == {"CPU": 1.0, "GPU": 0.5}
+            third = next(r for r in runs if r not in {p["id"] for p in two})
+            waiting = http.get(f"/api/runs/{third}").json()
+            assert waiting["status"] == "queued"
+            assert waiting["placement"]["waiting_for"] == "1 CPU, 0.5 GPU"
+            assert http.post(f"/api/runs/{two[0]['id']}/stop").status_code == 202
+            wait_for(lambda: http.get(f"/api/runs/{third}").json()["status"] == "running", 120,
+                     what="the third run to get the freed half of the GPU")
+            for run_id in runs:
+                http.post(f"/api/runs/{run_id}/stop")
+            for run_id in runs:
+                assert wait_status(http, run_id, TERMINAL, timeout=120)["status"] == "stopped"
+    finally:
+        server.stop()
+        ray_cluster.cluster.remove_node(node3)
 
 
 def test_a_run_launched_from_the_browser_trains_on_the_second_node_streams_live_stops_and_downloads(
