@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-hosts", help="extra Host names to accept, comma-separated (a reverse proxy's name)")
     serve.add_argument("--backend", choices=["local", "ray"],
                        help="where runs train: processes on this machine (default) or a Ray cluster")
-    serve.add_argument("--ray-address", help="the Ray cluster to join, e.g. ray-head:6379 (default: $RAY_ADDRESS, "
-                       "else a new local one)")
+    serve.add_argument("--ray-address", help="the Ray cluster to join, e.g. ray-head:6379; this machine must be one "
+                       "of its nodes (default: $RAY_ADDRESS, else a new local cluster)")
     serve.add_argument("--public-url", help="http(s) URL at which workers on other machines reach this server, "
                        "e.g. http://10.0.0.5:8000")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

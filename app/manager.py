@@ -29,9 +29,10 @@ import shutil
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,8 @@ class RunManager:
     async def start(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         if self.ray is not None:
-            await asyncio.to_thread(self.ray.connect)
+            with _signal_handlers_kept():
+                await asyncio.to_thread(self.ray.connect)
             self.ray_gpus = await asyncio.to_thread(self.ray.gpus)
         else:
             self.gpu_ids = await asyncio.to_thread(server_gpu_ids)
@@ -237,11 +239,18 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         for run_id, active in list(self.active.items()):
+            if active.remote is None:
+                continue
+            self.active.pop(run_id)
             if active.waiting_on_ray:  # never started: it stays queued, and is handed to Ray again at the next start
-                assert active.remote is not None
                 active.remote.kill()
-                self.active.pop(run_id)
-        workers = [a for a in self.active.values() if a.pid is not None or a.remote is not None]
+            elif active.ws is not None:
+                # A run on the cluster outlives the server, as a script's run does: its worker keeps its frames and
+                # reconnects to the next server on this data folder (or stops itself after worker_orphan_timeout_s).
+                # Stopping it here would lose its final checkpoint: the server no longer takes uploads by now.
+                with contextlib.suppress(Exception):
+                    await active.ws.close(code=1012, reason="server restarting")
+        workers = [a for a in self.active.values() if a.pid is not None]
         # What checkpoints each run has when its worker is told to stop: any file not among them is its final one.
         before = {a.run_id: await asyncio.to_thread(self._checkpoint_files, a.run_id) for a in workers}
         for active in workers:
@@ -255,9 +264,6 @@ class RunManager:
                             active.run_id, grace)
                 self._signal_worker(active, signal.SIGKILL)
         await asyncio.gather(*(_wait_exit(a, KILL_WAIT_S) for a in workers if a.run_id in killed))
-        for active in workers:
-            if active.remote is not None:
-                active.remote.kill()  # detached actors outlive the server unless ended
         for run_id, active in list(self.active.items()):
             self.active.pop(run_id, None)
             if active.grace is not None:
@@ -1144,6 +1150,25 @@ def _discard_uploads(active: Active) -> None:
         fh.close()
         path.unlink(missing_ok=True)
     active.uploads.clear()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put back the server's SIGTERM and SIGINT handlers after joining Ray.
+
+    Ray's core installs its own C-level handlers when it starts (a SIGTERM then dumps a stack and kills the process
+    on the spot), which would make every graceful shutdown an abrupt one: workers not told to stop, runs left
+    ``running``. Python still believes its handlers are set, so they are set again (main thread only, where uvicorn
+    set them).
+    """
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in kept.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
 
 
 def _append_text(path: Path, text: str) -> None:

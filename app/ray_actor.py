@@ -89,13 +89,16 @@ class RunSupervisor:
                 "folder": str(self.folder)}
 
     async def wait(self) -> dict[str, Any]:
-        """Wait for the worker to exit: its exit code and the end of its log. Its scratch folder is removed after a
-        clean exit, and kept (and named) otherwise: a final checkpoint it could not upload is there."""
+        """Wait for the worker to exit: its exit code and the end of its log. Its scratch folder is removed when the
+        server has everything, and kept (and named) otherwise: after a failure, or with a checkpoint or sample the
+        worker could not upload (it deletes each one the server acknowledged)."""
         assert self.process is not None and self.folder is not None
         code = await self.process.wait()
         tail = log_tail(self.folder / "worker.log", LOG_TAIL_LINES)
         kept = None
-        if code == 0:
+        work = self.folder / "work"
+        unsent = [p for sub in ("checkpoints", "samples") for p in (work / sub).glob("*") if p.is_file()]
+        if code == 0 and not unsent:
             shutil.rmtree(self.folder, ignore_errors=True)
         else:
             kept = str(self.folder)

@@ -143,7 +143,13 @@ class RayBackend:
             options["address"] = address
         else:
             options["include_dashboard"] = False
-        ray.init(**options)
+        try:
+            ray.init(**options)
+        except Exception as exc:  # Ray says "No node info found matching attributes" on a machine without a node
+            raise RuntimeError(
+                f"cannot join the Ray cluster at {address}: {exc}. The server must run on a node of the cluster: on "
+                f"the head, or on a machine joined with `ray start --address {address} --num-cpus 0 --num-gpus 0` "
+                "(docs/deploy.md)") from exc
         resources = ray.cluster_resources()
         log.info("joined the Ray cluster at %s: %g CPUs, %g GPUs, %d nodes", address or "(local)",
                  resources.get("CPU", 0), resources.get("GPU", 0), len(self.alive_nodes()))

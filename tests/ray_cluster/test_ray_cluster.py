@@ -6,6 +6,7 @@ file order, the node's death last.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from typing import Any
@@ -266,3 +267,39 @@ def test_killing_the_second_node_fails_its_run_naming_the_node_while_a_run_on_th
     frames = _frames(ray_server, doomed["id"])
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     assert frames[-1]["status"] == "failed"
+
+
+def test_a_run_on_ray_outlives_a_graceful_server_restart_and_carries_on(ray_server: LiveServer) -> None:
+    """As a script's run does: stopping its worker at the server's shutdown would lose its final checkpoint (the
+    server takes no uploads by then), so it trains on, keeps its frames, and reconnects to the next server."""
+    with ray_server.client() as http:
+        run = _submit(http, config(TINY_GAN, name="restarted", train__steps=1_000_000, train__resources="head_node=1",
+                                   intervals__sample_every=1_000_000))
+        _placed(http, run["id"])
+
+    def worker() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                line = " ".join(proc.info["cmdline"] or [])
+                if run["id"] in line and "app.worker" in line:
+                    found.append(proc)
+        return found
+
+    ray_server.stop()
+    assert not any("SIGTERM received" in line for line in ray_server.log), "Ray's handler cut the shutdown short"
+    time.sleep(2.0)
+    assert worker(), "the worker on Ray was ended by the server's shutdown"
+    ray_server.start(timeout=120)
+    with ray_server.client() as http:
+        again = http.get(f"/api/runs/{run['id']}").json()
+        assert again["status"] == "running"
+        wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] > again["step"] + 20, 120,
+                 what="training to continue after the restart")
+        assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
+        stopped = wait_status(http, run["id"], TERMINAL, timeout=120)
+    assert stopped["status"] == "stopped", stopped["error"]
+    frames = _frames(ray_server, run["id"])
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
+    wait_for(lambda: not worker(), 30, what="the worker to exit once stopped")
