@@ -651,7 +651,8 @@ class RunManager:
             kept = f"\n(its scratch folder is kept there: {end.kept})" if end.kept else ""
             await asyncio.to_thread(_append_text, self.run_dir(active.run_id) / "worker.log",
                                     header + end.log_tail + kept + "\n")
-        lost = None
+        # Used only if the worker did not report its own end: e.g. "worker killed by SIGKILL on 10.0.0.7 (gpu7), ..."
+        lost = f"{_describe_exit(end.code)} on Ray node {describe_node(placement)}"
         if end.code is None and "node_id" not in placement:
             lost = f"Ray could not start this run's worker: {end.lost}"
         elif end.code is None:

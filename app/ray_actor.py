@@ -28,8 +28,9 @@ from typing import Any
 
 from trainer.files import log_tail
 
-#: Lines of the worker's log returned with its exit, for the run's error message.
-LOG_TAIL_LINES = 20
+#: Lines of the worker's log returned with its exit. The server appends them, under a line naming the node, to the
+#: run's worker.log, whose last 20 lines go into the run's error: 15 leave room for that line and the next.
+LOG_TAIL_LINES = 15
 #: After the worker exits, how long the actor waits for the server to collect the exit before it ends itself
 #: (the server may be restarting): an actor nobody collects would hold its CPUs or GPU share for ever.
 UNCOLLECTED_EXIT_S = 600.0

@@ -140,6 +140,34 @@ def test_a_resumed_run_on_ray_fetches_its_checkpoint_over_http_and_carries_on(ra
     assert steps == list(range(ckpt["step"] + 1, ckpt["step"] + 41))
 
 
+def _carries_on_and_stops(server: LiveServer, run_id: str) -> dict[str, Any]:
+    """After a server restart: the run is still running and training, stops when asked, and its stream has every
+    frame and every step exactly once."""
+    with server.client() as http:
+        again = http.get(f"/api/runs/{run_id}").json()
+        assert again["status"] == "running"
+        wait_for(lambda: http.get(f"/api/runs/{run_id}").json()["step"] > again["step"] + 20, 120,
+                 what="training to continue after the restart")
+        assert http.post(f"/api/runs/{run_id}/stop").status_code == 202
+        stopped = wait_status(http, run_id, TERMINAL, timeout=120)
+    assert stopped["status"] == "stopped", stopped["error"]
+    frames = _frames(server, run_id)
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
+    return stopped
+
+
+def _worker_processes(run_id: str) -> list[psutil.Process]:
+    """The run's worker, found among all processes of this machine (under Ray, not under the server)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(proc.info["cmdline"] or [])
+            if run_id in line and "app.worker" in line:
+                found.append(proc)
+    return found
+
+
 def test_a_killed_server_finds_its_ray_run_again_after_a_restart(ray_server: LiveServer) -> None:
     with ray_server.client() as http:
         run = _submit(http, config(TINY_GAN, name="outlives", train__steps=1_000_000, train__resources="node2=1",
@@ -148,18 +176,8 @@ def test_a_killed_server_finds_its_ray_run_again_after_a_restart(ray_server: Liv
     ray_server.kill()
     time.sleep(1.0)
     ray_server.start(timeout=120)
-    with ray_server.client() as http:
-        again = http.get(f"/api/runs/{run['id']}").json()
-        assert again["status"] == "running"
-        wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] > again["step"] + 20, 120,
-                 what="training to continue after the restart")
-        assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
-        stopped = wait_status(http, run["id"], TERMINAL, timeout=120)
-    assert stopped["status"] == "stopped", stopped["error"]
+    stopped = _carries_on_and_stops(ray_server, run["id"])
     assert stopped["placement"]["node_id"] == before["placement"]["node_id"]
-    frames = _frames(ray_server, run["id"])
-    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
-    assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
 
 
 def test_per_gpu_limits_hold_on_ray(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -201,6 +219,23 @@ def test_per_gpu_limits_hold_on_ray(ray_cluster: RayCluster, tmp_path_factory: p
     finally:
         server.stop()
         ray_cluster.cluster.remove_node(node3)
+
+
+def test_a_worker_killed_on_its_node_fails_its_run_naming_the_node(
+        ray_cluster: RayCluster, ray_server: LiveServer) -> None:
+    with ray_server.client() as http:
+        run = _submit(http, config(TINY_GAN, name="killed", train__steps=1_000_000, train__resources="head_node=1",
+                                   intervals__sample_every=1_000_000))
+        _placed(http, run["id"])
+        (worker,) = _worker_processes(run["id"])
+        worker.kill()
+        failed = wait_status(http, run["id"], TERMINAL, timeout=60)
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("worker killed by SIGKILL on Ray node 127.0.0.1"), failed["error"]
+    assert ray_cluster.head_id[:12] in failed["error"].splitlines()[0]
+    # The end of the worker's log on its node, brought to the server, and where the node keeps its scratch folder.
+    assert "--- the worker's log on 127.0.0.1" in failed["error"]
+    assert "(its scratch folder is kept there: /tmp/gradwatch-run-" in failed["error"]
 
 
 def test_a_run_launched_from_the_browser_trains_on_the_second_node_streams_live_stops_and_downloads(
@@ -277,29 +312,50 @@ def test_a_run_on_ray_outlives_a_graceful_server_restart_and_carries_on(ray_serv
                                    intervals__sample_every=1_000_000))
         _placed(http, run["id"])
 
-    def worker() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                line = " ".join(proc.info["cmdline"] or [])
-                if run["id"] in line and "app.worker" in line:
-                    found.append(proc)
-        return found
-
     ray_server.stop()
     assert not any("SIGTERM received" in line for line in ray_server.log), "Ray's handler cut the shutdown short"
     time.sleep(2.0)
-    assert worker(), "the worker on Ray was ended by the server's shutdown"
+    assert _worker_processes(run["id"]), "the worker on Ray was ended by the server's shutdown"
     ray_server.start(timeout=120)
-    with ray_server.client() as http:
-        again = http.get(f"/api/runs/{run['id']}").json()
-        assert again["status"] == "running"
-        wait_for(lambda: http.get(f"/api/runs/{run['id']}").json()["step"] > again["step"] + 20, 120,
-                 what="training to continue after the restart")
-        assert http.post(f"/api/runs/{run['id']}/stop").status_code == 202
-        stopped = wait_status(http, run["id"], TERMINAL, timeout=120)
-    assert stopped["status"] == "stopped", stopped["error"]
-    frames = _frames(ray_server, run["id"])
-    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
-    assert sorted(metric_series(frames, "loss/d")) == list(range(1, stopped["step"] + 1))  # nothing lost
-    wait_for(lambda: not worker(), 30, what="the worker to exit once stopped")
+    _carries_on_and_stops(ray_server, run["id"])
+    wait_for(lambda: not _worker_processes(run["id"]), 30, what="the worker to exit once stopped")
+
+
+def test_runs_waiting_for_ray_count_against_the_queue_cap_and_get_fresh_actors_after_a_crash(
+        ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """max_queued_runs counts the runs Ray has no room for. A server killed while they wait leaves their actors in
+    Ray's queue holding tokens nobody knows: the restarted server ends those and hands the runs over afresh."""
+    import ray
+
+    server = LiveServer(tmp_path_factory.mktemp("ray-cap") / "data", "--backend", "ray", "--ray-address",
+                        ray_cluster.address, env={"GRADWATCH_MAX_QUEUED_RUNS": "2"})
+    ray.init(address=ray_cluster.address, namespace="gradwatch", log_to_driver=False)
+    try:
+        server.start(timeout=120)
+        with server.client() as http:
+            cfg = config(TINY_GAN, train__resources="nowhere=1")
+            waiting = [_submit(http, {**cfg, "name": f"waits-{i}"}) for i in range(2)]
+            refused = http.post("/api/runs", json=cfg)
+            assert refused.status_code == 429 and "max_queued_runs" in refused.text, refused.text
+            old = {r["id"]: http.get(f"/api/runs/{r['id']}").json()["placement"]["actor"] for r in waiting}
+        assert set(old.values()) <= set(ray.util.list_named_actors())
+        server.kill()
+        server.start(timeout=120)
+        with server.client() as http:
+            new = {}
+            for run_id, actor in old.items():
+                again = http.get(f"/api/runs/{run_id}").json()
+                assert again["status"] == "queued"
+                new[run_id] = again["placement"]["actor"]
+                assert new[run_id] != actor and new[run_id].startswith(f"gradwatch-run-{run_id}-")
+            wait_for(lambda: not set(old.values()) & set(ray.util.list_named_actors()), 30,
+                     what="the actors from before the crash to be ended")
+            assert set(new.values()) <= set(ray.util.list_named_actors())
+            for run_id in old:
+                assert http.post(f"/api/runs/{run_id}/stop").status_code == 202
+                assert wait_status(http, run_id, TERMINAL, timeout=30)["status"] == "stopped"
+        wait_for(lambda: not set(new.values()) & set(ray.util.list_named_actors()), 30,
+                 what="a stopped run's actor to leave Ray's queue")
+    finally:
+        ray.shutdown()
+        server.stop()
