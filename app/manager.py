@@ -243,7 +243,7 @@ class RunManager:
                 continue
             self.active.pop(run_id)
             if active.waiting_on_ray:  # never started: it stays queued, and is handed to Ray again at the next start
-                active.remote.kill()
+                await active.remote.end()
             elif active.ws is not None:
                 # A run on the cluster outlives the server, as a script's run does: its worker keeps its frames and
                 # reconnects to the next server on this data folder (or stops itself after worker_orphan_timeout_s).
@@ -254,7 +254,7 @@ class RunManager:
         # What checkpoints each run has when its worker is told to stop: any file not among them is its final one.
         before = {a.run_id: await asyncio.to_thread(self._checkpoint_files, a.run_id) for a in workers}
         for active in workers:
-            self._signal_worker(active, signal.SIGTERM)
+            await self._signal_worker(active, signal.SIGTERM)
         grace = self.settings.shutdown_grace_s
         exited = await asyncio.gather(*(_wait_exit(a, grace) for a in workers))
         killed = {a.run_id for a, gone in zip(workers, exited, strict=True) if not gone}
@@ -262,7 +262,7 @@ class RunManager:
             if active.run_id in killed:
                 log.warning("run %s: worker still running %.0f s after the shutdown began; killing it",
                             active.run_id, grace)
-                self._signal_worker(active, signal.SIGKILL)
+                await self._signal_worker(active, signal.SIGKILL)
         await asyncio.gather(*(_wait_exit(a, KILL_WAIT_S) for a in workers if a.run_id in killed))
         for run_id, active in list(self.active.items()):
             self.active.pop(run_id, None)
@@ -398,7 +398,7 @@ class RunManager:
         if active is not None and active.waiting_on_ray:
             assert active.remote is not None
             self.active.pop(run_id)
-            active.remote.kill()  # withdrawn from Ray's queue
+            await active.remote.end()  # withdrawn from Ray's queue
             await self._end(run_id, "stopped", None, accepted=rec.last_seq)
             await self._schedule()
             return await self.get(run_id)
@@ -414,7 +414,7 @@ class RunManager:
         active.stop_requested = True
         if not await self._tell(active, {"type": "stop"}):
             # A stop like the button's (SIGTERM would mean "the server is leaving").
-            self._signal_worker(active, signal.SIGINT)
+            await self._signal_worker(active, signal.SIGINT)
         self._spawn(self._kill_after(active, STOP_GRACE_S))
         return rec
 
@@ -639,7 +639,7 @@ class RunManager:
             with contextlib.suppress(sqlite3.Error):
                 await asyncio.to_thread(self.store.update_run, active.run_id, placement=placement)
             end = await worker.wait()
-        worker.kill()
+        await worker.end()
         await self._ray_worker_gone(active, end, placement)
 
     async def _ray_worker_gone(self, active: Active, end: WorkerEnd, placement: dict[str, Any]) -> None:
@@ -678,9 +678,9 @@ class RunManager:
         try:
             await asyncio.wait_for(active.attached.wait(), self.settings.reattach_grace_s)
         except TimeoutError:
-            self._signal_worker(active, signal.SIGTERM)
+            await self._signal_worker(active, signal.SIGTERM)
             await asyncio.sleep(5.0)
-            self._signal_worker(active, signal.SIGKILL)
+            await self._signal_worker(active, signal.SIGKILL)
             if self.active.get(active.run_id) is active:
                 self.active.pop(active.run_id)
                 await self._end(active.run_id, "interrupted", "the worker did not reconnect after a server restart",
@@ -689,7 +689,7 @@ class RunManager:
             return
         if active.remote is not None:
             end = await active.remote.wait()
-            active.remote.kill()
+            await active.remote.end()
             await self._ray_worker_gone(active, end, active.remote.placement or {})
             return
         while pid_alive(active.pid, None):
@@ -739,14 +739,14 @@ class RunManager:
         await asyncio.sleep(seconds)
         if self.active.get(active.run_id) is active and (active.remote is not None or pid_alive(active.pid, None)):
             log.warning("run %s did not stop within %.0f s; killing it", active.run_id, seconds)
-            self._signal_worker(active, signal.SIGKILL)
+            await self._signal_worker(active, signal.SIGKILL)
 
-    def _signal_worker(self, active: Active, sig: signal.Signals) -> None:
+    async def _signal_worker(self, active: Active, sig: signal.Signals) -> None:
         """Signal a run's worker, wherever it runs: a SIGKILL for a worker on Ray ends its actor too."""
         if active.remote is None:
             _signal(active.pid, sig)
         elif sig == signal.SIGKILL:
-            active.remote.kill()
+            await active.remote.end()
         else:
             active.remote.signal(sig)
 

@@ -19,6 +19,7 @@ Ray is an optional dependency (``pip install 'gradwatch[ray]'``): nothing import
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -116,11 +117,16 @@ class RayWorker:
             self.actor.signal.remote(int(signum))
 
     def kill(self) -> None:
-        """End the actor, and with it the worker (or the wait for resources, for a run Ray has not placed)."""
+        """End the actor, and with it the worker (or the wait for resources, for a run Ray has not placed).
+        Blocking (it waits for Ray's control store to answer): from the event loop, :meth:`end`."""
         import ray
 
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
+
+    async def end(self) -> None:
+        """:meth:`kill`, off the event loop."""
+        await asyncio.to_thread(self.kill)
 
 
 class RayBackend:

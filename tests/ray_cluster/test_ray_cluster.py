@@ -44,6 +44,13 @@ def _placed(http: httpx.Client, run_id: str) -> dict[str, Any]:
     return found
 
 
+def _long_run(http: httpx.Client, name: str, resources: str, **dotted: Any) -> dict[str, Any]:
+    """Submit a run that trains until stopped, pinned by ``resources``, and wait until it is placed and training."""
+    cfg = config(TINY_GAN, name=name, train__steps=1_000_000, train__resources=resources,
+                 intervals__sample_every=1_000_000, **dotted)
+    return _placed(http, _submit(http, cfg)["id"])
+
+
 def _local_workers(server: LiveServer) -> list[psutil.Process]:
     return [p for p in server.workers() if "app.worker" in " ".join(p.cmdline())]
 
@@ -78,9 +85,7 @@ def test_a_run_pinned_to_the_second_node_lands_there_streams_gaplessly_and_its_c
 
 def test_control_and_stop_reach_a_worker_on_ray(ray_server: LiveServer) -> None:
     with ray_server.client() as http:
-        run = _submit(http, config(TINY_GAN, name="controlled", train__steps=1_000_000, train__resources="node2=1",
-                                   gan__g_loss="saturating", intervals__sample_every=1_000_000))
-        _placed(http, run["id"])
+        run = _long_run(http, "controlled", "node2=1", gan__g_loss="saturating")
         flip = http.post(f"/api/runs/{run['id']}/control", json={"g_loss": "non_saturating"})
         assert flip.status_code == 200, flip.text
         with ray_server.stream(run["id"]) as ws:
@@ -170,14 +175,12 @@ def _worker_processes(run_id: str) -> list[psutil.Process]:
 
 def test_a_killed_server_finds_its_ray_run_again_after_a_restart(ray_server: LiveServer) -> None:
     with ray_server.client() as http:
-        run = _submit(http, config(TINY_GAN, name="outlives", train__steps=1_000_000, train__resources="node2=1",
-                                   intervals__sample_every=1_000_000))
-        before = _placed(http, run["id"])
+        run = _long_run(http, "outlives", "node2=1")
     ray_server.kill()
     time.sleep(1.0)
     ray_server.start(timeout=120)
     stopped = _carries_on_and_stops(ray_server, run["id"])
-    assert stopped["placement"]["node_id"] == before["placement"]["node_id"]
+    assert stopped["placement"]["node_id"] == run["placement"]["node_id"]
 
 
 def test_per_gpu_limits_hold_on_ray(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -224,9 +227,7 @@ def test_per_gpu_limits_hold_on_ray(ray_cluster: RayCluster, tmp_path_factory: p
 def test_a_worker_killed_on_its_node_fails_its_run_naming_the_node(
         ray_cluster: RayCluster, ray_server: LiveServer) -> None:
     with ray_server.client() as http:
-        run = _submit(http, config(TINY_GAN, name="killed", train__steps=1_000_000, train__resources="head_node=1",
-                                   intervals__sample_every=1_000_000))
-        _placed(http, run["id"])
+        run = _long_run(http, "killed", "head_node=1")
         (worker,) = _worker_processes(run["id"])
         worker.kill()
         failed = wait_status(http, run["id"], TERMINAL, timeout=60)
@@ -283,9 +284,7 @@ def test_a_run_launched_from_the_browser_trains_on_the_second_node_streams_live_
 def test_killing_the_second_node_fails_its_run_naming_the_node_while_a_run_on_the_head_completes(
         ray_cluster: RayCluster, ray_server: LiveServer) -> None:
     with ray_server.client() as http:
-        doomed = _submit(http, config(TINY_GAN, name="doomed", train__steps=1_000_000, train__resources="node2=1",
-                                      intervals__sample_every=1_000_000))
-        _placed(http, doomed["id"])
+        doomed = _long_run(http, "doomed", "node2=1")
         survivor = _submit(http, config(TINY_GAN, name="survivor", train__steps=400, train__resources="head_node=1"))
         placed = _placed(http, survivor["id"])
         assert placed["placement"]["node_id"] == ray_cluster.head_id
@@ -308,9 +307,7 @@ def test_a_run_on_ray_outlives_a_graceful_server_restart_and_carries_on(ray_serv
     """As a script's run does: stopping its worker at the server's shutdown would lose its final checkpoint (the
     server takes no uploads by then), so it trains on, keeps its frames, and reconnects to the next server."""
     with ray_server.client() as http:
-        run = _submit(http, config(TINY_GAN, name="restarted", train__steps=1_000_000, train__resources="head_node=1",
-                                   intervals__sample_every=1_000_000))
-        _placed(http, run["id"])
+        run = _long_run(http, "restarted", "head_node=1")
 
     ray_server.stop()
     assert not any("SIGTERM received" in line for line in ray_server.log), "Ray's handler cut the shutdown short"
