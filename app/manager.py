@@ -632,7 +632,7 @@ class RunManager:
         try:
             where = await worker.start(args, token, config_json, env)
         except Exception as exc:  # withdrawn (stopped while queued), or its node died before it started
-            end = WorkerEnd(None, lost=f"Ray could not start it: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            end = WorkerEnd(None, lost=str(exc).splitlines()[0] if str(exc) else repr(exc))
         else:
             placement = {k: v for k, v in placement.items() if k != "waiting_for"} | where
             log.info("run %s: placed by Ray on %s", active.run_id, describe_node(placement))
@@ -651,18 +651,9 @@ class RunManager:
             kept = f"\n(its scratch folder is kept there: {end.kept})" if end.kept else ""
             await asyncio.to_thread(_append_text, self.run_dir(active.run_id) / "worker.log",
                                     header + end.log_tail + kept + "\n")
-        # Used only if the worker did not report its own end: e.g. "worker killed by SIGKILL on 10.0.0.7 (gpu7), ..."
-        lost = f"{_describe_exit(end.code)} on Ray node {describe_node(placement)}"
-        if end.code is None and "node_id" not in placement:
-            lost = f"Ray could not start this run's worker: {end.lost}"
-        elif end.code is None:
-            node_id = placement.get("node_id")
-            assert self.ray is not None
-            dead = end.node_died or (node_id is not None and not await asyncio.to_thread(self.ray.node_alive, node_id))
-            if dead:
-                lost = f"the Ray node running this run died ({describe_node(placement)})"
-            else:
-                lost = f"Ray lost this run's worker on {describe_node(placement)}: {end.lost}"
+        # Used only if the worker did not report its own end: e.g. "worker killed by SIGKILL on Ray node 10.0.0.7 …"
+        lost = end.lost_reason(placement) or f"{_describe_exit(end.code)} on Ray node {describe_node(placement)}"
+        if end.code is None:
             newest = await asyncio.to_thread(_newest_checkpoint, self.run_dir(active.run_id) / "checkpoints")
             lost += f"; resume from {newest}" if newest else "; the run has no checkpoint to resume from"
         await self._worker_gone(active, end.code, lost=lost)

@@ -60,6 +60,18 @@ def describe_node(placement: dict[str, Any]) -> str:
     return f"{where}{f' ({host})' if host else ''}, node {node}"
 
 
+def alive_nodes() -> list[dict[str, Any]]:
+    """Ray's description of each live node of the cluster this process joined (blocking)."""
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def node_alive(node_id: str) -> bool:
+    """Whether the node is still in the cluster (blocking)."""
+    return any(node.get("NodeID") == node_id for node in alive_nodes())
+
+
 @dataclass
 class WorkerEnd:
     """How a run's worker on Ray ended: an exit code, or the reason Ray gives for losing it."""
@@ -69,6 +81,16 @@ class WorkerEnd:
     kept: str | None = None  # the scratch folder left on the node (it may hold an unsent final checkpoint)
     lost: str | None = None  # why there is no exit code: the node or the actor died
     node_died: bool = False
+
+    def lost_reason(self, placement: dict[str, Any]) -> str | None:
+        """Why the run has no exit code to report, naming the node; None when it has one."""
+        if self.code is not None:
+            return None
+        if "node_id" not in placement:
+            return f"Ray could not start this run's worker: {self.lost}"
+        if self.node_died:
+            return f"the Ray node running this run died ({describe_node(placement)})"
+        return f"Ray lost this run's worker on {describe_node(placement)}: {self.lost}"
 
 
 class RayWorker:
@@ -104,7 +126,9 @@ class RayWorker:
             result = await self._wait_ref
         except ray.exceptions.RayActorError as exc:
             message = str(exc)
-            node_died = "node has died" in message or "node was terminated" in message
+            node_id = (self.placement or {}).get("node_id")
+            node_died = ("node has died" in message or "node was terminated" in message
+                         or (node_id is not None and not await asyncio.to_thread(node_alive, node_id)))
             first = next((line.strip() for line in message.splitlines() if "died because" in line), "")
             return WorkerEnd(None, lost=first or message.splitlines()[0], node_died=node_died)
         except ray.exceptions.RayError as exc:
@@ -158,7 +182,7 @@ class RayBackend:
                 "(docs/deploy.md)") from exc
         resources = ray.cluster_resources()
         log.info("joined the Ray cluster at %s: %g CPUs, %g GPUs, %d nodes", address or "(local)",
-                 resources.get("CPU", 0), resources.get("GPU", 0), len(self.alive_nodes()))
+                 resources.get("CPU", 0), resources.get("GPU", 0), len(alive_nodes()))
 
     def disconnect(self) -> None:
         import ray
@@ -171,19 +195,10 @@ class RayBackend:
 
         return float(ray.cluster_resources().get("GPU", 0))
 
-    def alive_nodes(self) -> list[dict[str, Any]]:
-        """Ray's description of each live node (blocking)."""
-        import ray
-
-        return [node for node in ray.nodes() if node.get("Alive")]
-
-    def node_alive(self, node_id: str) -> bool:
-        return any(node.get("NodeID") == node_id for node in self.alive_nodes())
-
     def unavailable(self, request: dict[str, float]) -> list[str]:
         """The parts of a request no live node has at all (blocking): such a run waits until a node that has them
         joins the cluster, which is worth saying while it waits."""
-        totals = [node.get("Resources", {}) for node in self.alive_nodes()]
+        totals = [node.get("Resources", {}) for node in alive_nodes()]
         return [name for name, amount in request.items()
                 if not any(resources.get(name, 0) >= amount for resources in totals)]
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.main import create_app
-from app.ray_backend import RayBackend, actor_name, describe_node, describe_request
+from app.ray_backend import RayBackend, WorkerEnd, actor_name, describe_node, describe_request
 from app.security import host_allowed
 from app.settings import Settings
 from app.store import RunRecord
@@ -92,3 +92,14 @@ def test_the_local_backend_refuses_custom_resources_naming_the_field(tmp_path: P
         response = client.post("/api/runs", json=config(TINY_GAN, train__resources="node2=1"))
     assert response.status_code == 422
     assert "train.resources" in response.text and "--backend ray" in response.text
+
+
+def test_why_a_run_on_ray_has_no_exit_code_names_the_node() -> None:
+    placed = {"node_id": "0123456789abcdef", "node_ip": "10.0.0.7", "hostname": "gpu7"}
+    assert WorkerEnd(0).lost_reason(placed) is None  # an exit code says it all
+    assert WorkerEnd(None, lost="x", node_died=True).lost_reason(placed) == (
+        "the Ray node running this run died (10.0.0.7 (gpu7), node 0123456789ab)")
+    assert WorkerEnd(None, lost="The actor died unexpectedly").lost_reason(placed) == (
+        "Ray lost this run's worker on 10.0.0.7 (gpu7), node 0123456789ab: The actor died unexpectedly")
+    assert WorkerEnd(None, lost="scheduling failed").lost_reason({"actor": "a"}) == (
+        "Ray could not start this run's worker: scheduling failed")
