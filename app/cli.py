@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -89,6 +90,40 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
+#: How long `gradwatch serve --backend ray` waits for the cluster to answer (Ray itself retries for minutes).
+RAY_JOIN_TIMEOUT_S = 60.0
+
+
+def _join_ray(settings: Any) -> None:
+    """Join the Ray cluster before serving, so that a cluster that is not there is a one-line refusal at once,
+    not a traceback when the app starts, nor minutes of Ray retrying an address where nothing answers."""
+    import os
+    import threading
+
+    from app.ray_backend import RayBackend
+
+    failed: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            RayBackend(settings).connect()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=join, name="ray-join", daemon=True)
+    thread.start()
+    thread.join(RAY_JOIN_TIMEOUT_S)
+    if thread.is_alive():  # Ray is still retrying inside ray.init, which cannot be interrupted: leave at once
+        address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+        sys.stderr.write(f"cannot serve: no answer from the Ray cluster at {address!r} within "
+                         f"{RAY_JOIN_TIMEOUT_S:g} s; is its head running, and is this machine one of its nodes? "
+                         "(docs/deploy.md)\n")
+        sys.stderr.flush()
+        os._exit(1)
+    if failed:
+        raise SystemExit(f"cannot serve: {failed[0]}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
     import socket
@@ -113,13 +148,6 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise SystemExit(_format_validation_error(exc).replace("invalid run config", "cannot serve")) from exc
-    if settings.backend == "ray":
-        import importlib.util
-
-        from app.ray_backend import RAY_MISSING
-
-        if importlib.util.find_spec("ray") is None:
-            raise SystemExit(f"cannot serve: {RAY_MISSING}")
 
     # Bind before building the app, so that port 0 becomes a real port the workers can be told.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -133,12 +161,14 @@ def _serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{settings.port}/"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.backend == "ray":
+        _join_ray(settings)
     lines = [f"gradwatch {__version__} serving on {url} (data in {settings.data_dir})"]
     if generated:
         lines.append(f"access token generated; open {url}?token={token}")
     if settings.backend == "ray":
         reach = settings.public_url or f"{url.rstrip('/')} (no --public-url: only nodes on this machine reach it)"
-        lines.append(f"runs go to the Ray cluster at {settings.ray_address or 'RAY_ADDRESS or a new local one'}; "
+        lines.append(f"runs go to the Ray cluster at {settings.ray_address or '$RAY_ADDRESS, else this machine'}; "
                      f"its workers report to {reach}")
     report = setup_report(missing_vendor_files())
     if report:
@@ -183,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=["local", "ray"],
                        help="where runs train: processes on this machine (default) or a Ray cluster")
     serve.add_argument("--ray-address", help="the Ray cluster to join, e.g. ray-head:6379; this machine must be one "
-                       "of its nodes (default: $RAY_ADDRESS, else a new local cluster)")
+                       "of its nodes (default: $RAY_ADDRESS, else the cluster this machine is part of)")
     serve.add_argument("--public-url", help="http(s) URL at which workers on other machines reach this server, "
                        "e.g. http://10.0.0.5:8000")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -160,29 +160,37 @@ class RayBackend:
         self.settings = settings
 
     def connect(self) -> None:
-        """Join the cluster (blocking: call it in a thread). Without an address, ``$RAY_ADDRESS`` names one, and
-        without that Ray starts a cluster of this machine alone, with no dashboard."""
+        """Join the cluster (blocking: call it in a thread): ``ray_address``, else ``$RAY_ADDRESS``, else the
+        cluster this machine is a node of (Ray's ``auto``).
+
+        Never a Ray of the server's own: runs on Ray outlive a server restart (docs/deploy.md), which a cluster
+        that ends with the server would break, and the cluster is the user's to start and secure
+        (``ray start --head``)."""
         try:
             import ray
         except ImportError as exc:
             raise RuntimeError(RAY_MISSING) from exc
-        options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False,
-                                   "configure_logging": False}
-        address = self.settings.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            options["address"] = address
-        else:
-            options["include_dashboard"] = False
+        if ray.is_initialized():  # `gradwatch serve` joins before it serves, to refuse to start with a clear reason
+            return
+        address = self.settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
         try:
-            ray.init(**options)
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
         except Exception as exc:  # Ray says "No node info found matching attributes" on a machine without a node
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise RuntimeError(
-                f"cannot join the Ray cluster at {address}: {exc}. The server must run on a node of the cluster: on "
-                f"the head, or on a machine joined with `ray start --address {address} --num-cpus 0 --num-gpus 0` "
-                "(docs/deploy.md)") from exc
+                f"cannot join the Ray cluster at {address!r}: {first}. Start one first (`ray start --head` on this "
+                "machine), or name it with --ray-address; the server must run on one of its nodes: the head, or a "
+                f"machine joined with `ray start --address HEAD:6379 --num-cpus 0 --num-gpus 0` (docs/deploy.md)"
+            ) from exc
         resources = ray.cluster_resources()
-        log.info("joined the Ray cluster at %s: %g CPUs, %g GPUs, %d nodes", address or "(local)",
-                 resources.get("CPU", 0), resources.get("GPU", 0), len(alive_nodes()))
+        nodes = alive_nodes()
+        log.info("joined the Ray cluster at %s: %g CPUs, %g GPUs, %d nodes", address, resources.get("CPU", 0),
+                 resources.get("GPU", 0), len(nodes))
+        here = ray.util.get_node_ip_address()
+        others = sorted({str(n["NodeManagerAddress"]) for n in nodes if n.get("NodeManagerAddress")} - {here})
+        if others and self.settings.public_url is None:
+            log.warning("nodes at %s are other machines, and without --public-url their workers are told to reach "
+                        "this server at a loopback address: runs placed there cannot connect", ", ".join(others))
 
     def disconnect(self) -> None:
         import ray

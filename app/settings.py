@@ -183,8 +183,8 @@ class Settings(BaseSettings):
     )
     ray_address: str | None = Field(
         default=None, max_length=500,
-        description="the Ray cluster to join (e.g. 'ray-head:6379' or 'auto'); none: $RAY_ADDRESS, else a Ray "
-        "started for this server alone",
+        description="the Ray cluster to join (e.g. 'ray-head:6379'); none: $RAY_ADDRESS, else the cluster this "
+        "machine is a node of ('auto'). The server never starts a Ray of its own",
     )
     public_url: str | None = Field(
         default=None, max_length=500,

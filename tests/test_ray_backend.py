@@ -3,6 +3,9 @@ run says, the refusals at submit. The cluster itself: tests/test_ray.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from app.web.pages import _where
 from tests.live_server import TINY_GAN, config
 from trainer.config import RunConfig, parse_resources
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "k3J9-vQ2_xR7mN4pL8sT1wY6zA0bC5dE"
 
 
@@ -103,3 +107,16 @@ def test_why_a_run_on_ray_has_no_exit_code_names_the_node() -> None:
         "Ray lost this run's worker on 10.0.0.7 (gpu7), node 0123456789ab: The actor died unexpectedly")
     assert WorkerEnd(None, lost="scheduling failed").lost_reason({"actor": "a"}) == (
         "Ray could not start this run's worker: scheduling failed")
+
+
+@pytest.mark.xdist_group("ray")  # beside tests/test_ray.py, never while its cluster runs: "auto" would find it
+def test_serve_on_ray_with_no_cluster_refuses_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADWATCH_", "RAY_"))}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--backend", "ray", "--port", "0",
+                           "--data-dir", str(tmp_path / "data")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cannot serve: cannot join the Ray cluster at 'auto'") and "ray start --head" in last
+    assert "Traceback" not in done.stderr
