@@ -265,6 +265,11 @@ def test_a_run_launched_from_the_browser_trains_on_the_second_node_streams_live_
         where = page.inner_text("#run-where")
         assert where.startswith("Ray node 127.0.0.1") and ray_cluster.node2_id[:12] in where, where
         screenshot(page, "ray-run-on-node2")
+        page.goto("/")  # the runs table says where each run is too
+        row = page.locator(f'tr[data-run="{run_id}"]')
+        assert "Ray node 127.0.0.1" in row.inner_text() and ray_cluster.node2_id[:12] in row.inner_text()
+        screenshot(page, "ray-runs-table")
+        page.goto(f"/runs/{run_id}")
         page.wait_for_selector('body[data-ready="true"]', state="attached", timeout=60_000)
         page.click("#stop-button")
         page.wait_for_function("document.getElementById('run-status').textContent === 'stopped'", timeout=120_000)
