@@ -56,6 +56,7 @@ class RunSupervisor:
         self.run_id = run_id
         self.folder: Path | None = None
         self.process: asyncio.subprocess.Process | None = None
+        self.ended: asyncio.Future[dict[str, Any]] | None = None  # how the worker ended, once it has
         self.collected = asyncio.Event()
 
     async def start(self, args: list[str], token: str, config_json: str, env: dict[str, str]) -> dict[str, Any]:
@@ -82,7 +83,8 @@ class RunSupervisor:
             self.process.stdin.write(token.encode() + b"\n")
             await self.process.stdin.drain()
         self.process.stdin.close()
-        asyncio.get_running_loop().create_task(self._end_when_uncollected())
+        self.ended = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().create_task(self._watch())
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                 "hostname": socket.gethostname(), "pid": self.process.pid,
@@ -90,21 +92,11 @@ class RunSupervisor:
                 "folder": str(self.folder)}
 
     async def wait(self) -> dict[str, Any]:
-        """Wait for the worker to exit: its exit code and the end of its log. Its scratch folder is removed when the
-        server has everything, and kept (and named) otherwise: after a failure, or with a checkpoint or sample the
-        worker could not upload (it deletes each one the server acknowledged)."""
-        assert self.process is not None and self.folder is not None
-        code = await self.process.wait()
-        tail = log_tail(self.folder / "worker.log", LOG_TAIL_LINES)
-        kept = None
-        work = self.folder / "work"
-        unsent = [p for sub in ("checkpoints", "samples") for p in (work / sub).glob("*") if p.is_file()]
-        if code == 0 and not unsent:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        else:
-            kept = str(self.folder)
+        """Wait for the worker to exit: its exit code, the end of its log, and the scratch folder if it was kept."""
+        assert self.ended is not None
+        result = await asyncio.shield(self.ended)
         self.collected.set()
-        return {"code": code, "log_tail": tail, "kept": kept}
+        return result
 
     def signal(self, signum: int) -> bool:
         """Send the worker a signal; False if it has already exited."""
@@ -115,9 +107,22 @@ class RunSupervisor:
             return True
         return False
 
-    async def _end_when_uncollected(self) -> None:
-        assert self.process is not None
-        await self.process.wait()
+    async def _watch(self) -> None:
+        """When the worker exits, whoever is listening: its scratch folder is removed when the server has everything,
+        and kept (and named) otherwise: after a failure, or with a checkpoint or sample the worker could not upload
+        (it deletes each one the server acknowledged). Then the actor waits for the server to collect the exit, and
+        ends itself if no server does: an actor nobody collects would hold its CPUs or GPU share for ever."""
+        assert self.process is not None and self.folder is not None and self.ended is not None
+        code = await self.process.wait()
+        tail = log_tail(self.folder / "worker.log", LOG_TAIL_LINES)
+        work = self.folder / "work"
+        unsent = [p for sub in ("checkpoints", "samples") for p in (work / sub).glob("*") if p.is_file()]
+        kept = None
+        if code == 0 and not unsent:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            kept = str(self.folder)
+        self.ended.set_result({"code": code, "log_tail": tail, "kept": kept})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.collected.wait(), UNCOLLECTED_EXIT_S)
             return  # the server has the exit, and ends this actor itself

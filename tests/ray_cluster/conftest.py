@@ -10,6 +10,8 @@ makes a run named ``oom-victim`` raise a CUDA-style out-of-memory error at step 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,15 @@ def ray_cluster() -> Iterator[RayCluster]:
         "num_cpus": 2, "resources": {"head_node": 1}, "include_dashboard": False, "_system_config": health})
     node2 = cluster.add_node(num_cpus=1, resources={"node2": 1})
     cluster.wait_for_nodes()
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("gradwatch-run-*"))
     try:
         yield RayCluster(cluster, node2)
     finally:
         cluster.shutdown()
+        # The scratch folders the workers kept on purpose (a failed run's, a killed node's): not left in /tmp.
+        for folder in set(scratch.glob("gradwatch-run-*")) - before:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -81,6 +82,8 @@ def test_a_run_pinned_to_the_second_node_lands_there_streams_gaplessly_and_its_c
         assert state["step"] == 300 and state["config"]["name"] == "on-node2" and state["models"]
         samples = http.get(f"/api/runs/{run['id']}/samples").json()
         assert samples and http.get(samples[-1]["url"]).status_code == 200
+    # The server has every file: the worker's scratch folder on the node goes.
+    wait_for(lambda: not Path(placed["placement"]["folder"]).exists(), 30, what="the scratch folder to be removed")
 
 
 def test_control_and_stop_reach_a_worker_on_ray(ray_server: LiveServer) -> None:
