@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def _format_validation_error(exc: ValidationError) -> str:
@@ -90,11 +93,7 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
-#: How long `gradwatch serve --backend ray` waits for the cluster to answer (Ray itself retries for minutes).
-RAY_JOIN_TIMEOUT_S = 60.0
-
-
-def _join_ray(settings: Any) -> None:
+def _join_ray(settings: Settings) -> None:
     """Join the Ray cluster before serving, so that a cluster that is not there is a one-line refusal at once,
     not a traceback when the app starts, nor minutes of Ray retrying an address where nothing answers."""
     import os
@@ -112,12 +111,12 @@ def _join_ray(settings: Any) -> None:
 
     thread = threading.Thread(target=join, name="ray-join", daemon=True)
     thread.start()
-    thread.join(RAY_JOIN_TIMEOUT_S)
+    thread.join(settings.ray_join_timeout_s)
     if thread.is_alive():  # Ray is still retrying inside ray.init, which cannot be interrupted: leave at once
         address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
         sys.stderr.write(f"cannot serve: no answer from the Ray cluster at {address!r} within "
-                         f"{RAY_JOIN_TIMEOUT_S:g} s; is its head running, and is this machine one of its nodes? "
-                         "(docs/deploy.md)\n")
+                         f"{settings.ray_join_timeout_s:g} s (ray_join_timeout_s); is its head running, and is this "
+                         "machine one of its nodes? (docs/deploy.md)\n")
         sys.stderr.flush()
         os._exit(1)
     if failed:

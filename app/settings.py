@@ -192,6 +192,11 @@ class Settings(BaseSettings):
         "resume downloads), e.g. 'http://10.0.0.5:8000'; its host is accepted in Host headers. Needed by the Ray "
         "backend as soon as a node is not this machine",
     )
+    ray_join_timeout_s: float = Field(
+        default=60.0, ge=1, le=3600, allow_inf_nan=False,
+        description="how long `gradwatch serve` waits for the Ray cluster to answer before refusing to start (Ray "
+        "itself retries an address where nothing answers for minutes)",
+    )
     ray_cpus_per_run: float = Field(
         default=1.0, gt=0, le=256, allow_inf_nan=False,
         description="CPUs each run asks Ray for (its torch threads too); a CUDA run asks for 1/gpu_run_limit of a "

@@ -109,14 +109,19 @@ def test_why_a_run_on_ray_has_no_exit_code_names_the_node() -> None:
         "Ray could not start this run's worker: scheduling failed")
 
 
-@pytest.mark.xdist_group("ray")  # beside tests/test_ray.py, never while its cluster runs: "auto" would find it
-def test_serve_on_ray_with_no_cluster_refuses_in_one_line(tmp_path: Path) -> None:
+def test_serve_on_ray_refuses_in_one_line_when_the_cluster_does_not_answer(tmp_path: Path) -> None:
+    """Ray alone retries an address where nothing answers for minutes; the server gives up after
+    ray_join_timeout_s with one line (no traceback). (With no cluster at all, Ray's own "Could not find any running
+    Ray instance" comes back at once, in the same one-line form; not tested here, as whether Ray finds a cluster
+    on this machine depends on what else is running.)"""
     pytest.importorskip("ray")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADWATCH_", "RAY_"))}
-    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--backend", "ray", "--port", "0",
-                           "--data-dir", str(tmp_path / "data")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("GRADWATCH_", "RAY_"))},
+           "GRADWATCH_RAY_JOIN_TIMEOUT_S": "3"}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--backend", "ray", "--ray-address",
+                           "127.0.0.1:1", "--port", "0", "--data-dir", str(tmp_path / "data")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("cannot serve: cannot join the Ray cluster at 'auto'") and "ray start --head" in last
+    assert last == ("cannot serve: no answer from the Ray cluster at '127.0.0.1:1' within 3 s (ray_join_timeout_s); "
+                    "is its head running, and is this machine one of its nodes? (docs/deploy.md)")
     assert "Traceback" not in done.stderr
