@@ -96,6 +96,8 @@ _ADDED_RUN_COLUMNS: Final = {
 }
 
 _DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
+#: SQLite's largest integer: an open end of a step range.
+_MAX_SQL_INT: Final = 2**63 - 1
 #: MinMaxLTTB keeps the extremes of ``minmax_ratio * n_out`` buckets before LTTB picks (tsdownsample's default).
 _MINMAX_RATIO: Final = 4
 #: Points per block of a chunk summary: each block keeps its finite minimum and maximum.
@@ -1070,11 +1072,17 @@ class Store:
         return _concat_chunks(rows)
 
     def _summary_series(
-        self, conn: sqlite3.Connection, run_id: str, key: str
+        self, conn: sqlite3.Connection, run_id: str, key: str, within: tuple[int, int] | None = None
     ) -> tuple[Int64Array, Float64Array, Float64Array]:
-        """The key's chunk summaries concatenated in step order (chunks must not overlap in steps)."""
+        """The key's chunk summaries concatenated in step order (chunks must not overlap in steps); ``within``:
+        only the chunks that lie wholly inside those steps."""
         parts: list[tuple[Int64Array, Float64Array, Float64Array]] = []
-        for row in conn.execute(_SELECT_SUMMARIES, (run_id, key)):
+        query: str = _SELECT_SUMMARIES
+        params: tuple[str | int, ...] = (run_id, key)
+        if within is not None:
+            query = _SELECT_SUMMARIES.replace(" ORDER BY", " AND c.first_step >= ? AND c.last_step <= ? ORDER BY")
+            params = (run_id, key, *within)
+        for row in conn.execute(query, params):
             if row["summary"] is not None:
                 parts.append(_summary_from_blob(row["summary"]))
             else:  # written before summaries existed: summarize it now
@@ -1086,8 +1094,46 @@ class Store:
         values = np.concatenate([p[2] for p in parts])
         return _drop_null_continuations(steps, times, values)
 
+    def _range_series(
+        self, conn: sqlite3.Connection, run_id: str, key: str, start: int, end: int, max_points: int
+    ) -> tuple[Int64Array, Float64Array, Float64Array]:
+        """The points a zoomed chart (steps ``start`` to ``end``, inclusive) is chosen from.
+
+        Narrow ranges come back in full. For a wide one the chunks that lie wholly inside it stand in by their
+        summaries, as for the whole run (:meth:`_history_points`), and only the one or two chunks cut by its ends
+        are read in full and cut to it: half of a 1M-step run then costs about what the whole run costs.
+        """
+        chunks = conn.execute(
+            "SELECT id, first_step, last_step, n FROM metric_chunks WHERE run_id = ? AND key = ? AND first_step <= ?"
+            " AND last_step >= ? ORDER BY first_step, id",
+            (run_id, key, end, start),
+        ).fetchall()
+        inner = [c for c in chunks if int(c["first_step"]) >= start and int(c["last_step"]) <= end]
+        if _summary_suffices(chunks, max_points) and _summary_suffices(inner, max_points):
+            cut = [int(c["id"]) for c in chunks if not (int(c["first_step"]) >= start and int(c["last_step"]) <= end)]
+            parts = [self._summary_series(conn, run_id, key, (start, end))]
+            if cut:
+                marks = ",".join("?" for _ in cut)
+                query = f"SELECT steps, times, vals FROM metric_chunks WHERE id IN ({marks})"
+                parts.append(_concat_chunks(conn.execute(query, cut).fetchall()))
+            steps, times, values = (np.concatenate([p[i] for p in parts]) for i in range(3))
+            order = np.argsort(steps, kind="stable")
+            steps, times, values = steps[order], times[order], values[order]
+            inside = (steps >= start) & (steps <= end)
+            if int(inside.sum()) >= _MINMAX_RATIO * max_points:
+                return _drop_null_continuations(steps[inside], times[inside], values[inside])
+        full = conn.execute(
+            "SELECT steps, times, vals FROM metric_chunks WHERE run_id = ? AND key = ? AND first_step <= ?"
+            " AND last_step >= ? ORDER BY first_step, id",
+            (run_id, key, end, start),
+        ).fetchall()
+        steps, times, values = _concat_chunks(full)
+        inside = (steps >= start) & (steps <= end)
+        return steps[inside], times[inside], values[inside]
+
     def _history_points(
-        self, conn: sqlite3.Connection, run_id: str, key: str, max_points: int
+        self, conn: sqlite3.Connection, run_id: str, key: str, max_points: int,
+        span: tuple[int, int] | None = None,
     ) -> tuple[Int64Array, Float64Array, Float64Array]:
         """The points a ``max_points`` chart of the key is chosen from: its summaries where they suffice.
 
@@ -1096,9 +1142,14 @@ class Store:
         bucket and of the whole series (:func:`_summary_suffices`). Histories too short for that, keys
         whose chunks overlap in steps, and summaries too sparse to fill the chart (mostly null keys) are
         read in full. One read transaction, so that the writer merging chunks meanwhile changes nothing.
+
+        A ``span`` (first step, last step) is a zoomed chart: every point inside it, from the chunks that overlap
+        it (a chunk's summary thins it for the whole run's view; a zoom wants the detail).
         """
         conn.execute("BEGIN")
         try:
+            if span is not None:
+                return self._range_series(conn, run_id, key, *span, max_points)
             chunks = conn.execute(
                 "SELECT first_step, last_step, n FROM metric_chunks WHERE run_id = ? AND key = ?"
                 " ORDER BY first_step, id",
@@ -1114,22 +1165,28 @@ class Store:
                 conn.execute("COMMIT")
 
     def metric_history(
-        self, run_id: str, keys: Sequence[str] | None, max_points: int
+        self, run_id: str, keys: Sequence[str] | None, max_points: int, *,
+        start: int | None = None, end: int | None = None,
     ) -> dict[str, dict[str, list[Any]]]:
         """``{key: {"step", "time", "value"}}`` ordered by step, at most ``max_points`` points per key.
 
         Keys that do not exist are left out (all keys when ``keys`` is None). Longer histories are
         downsampled keeping extremes and both ends (see :func:`_select_points`); NaN comes back as None.
+        ``start`` and ``end`` (inclusive; either may be left open) narrow it to the steps a zoomed chart shows:
+        at full resolution when they hold at most ``max_points`` points, else downsampled the same way.
         """
         if max_points < 2:
             raise ValueError("max_points must be at least 2")
+        if start is not None and end is not None and start > end:
+            raise ValueError("start must not be after end")
+        span = None if start is None and end is None else (start or 0, _MAX_SQL_INT if end is None else end)
         existing = self.metric_keys(run_id)
         known = set(existing)
         wanted = existing if keys is None else [k for k in dict.fromkeys(keys) if k in known]
         conn = self._reader()
         out: dict[str, dict[str, list[Any]]] = {}
         for key in wanted:
-            steps, times, values = self._history_points(conn, run_id, key, max_points)
+            steps, times, values = self._history_points(conn, run_id, key, max_points, span)
             picked = _select_points(steps, values, max_points)
             out[key] = {
                 "step": steps[picked].tolist(),

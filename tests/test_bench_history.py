@@ -22,6 +22,8 @@ def test_history_benchmark_writes_its_json_with_every_spike_checked(tmp_path: Pa
         assert payload["in_process"][mode]["warm_median_ms"] > 0
     for max_points in ("2000", "4000"):
         assert payload["http"][max_points]["cold_ms"] > 0 and payload["http"][max_points]["bytes"] > 0
+    assert set(payload["http"]["zoom"]) == {"2,000 steps", "1 %", "10 %", "50 %"}
+    assert all(z["cold_ms"] > 0 and z["start"] <= z["end"] for z in payload["http"]["zoom"].values())
     assert isinstance(payload["met"], bool)
 
 
@@ -39,3 +41,11 @@ def test_the_check_catches_a_lost_spike() -> None:
         history.check(answer, keys, facts, 2000)
     with pytest.raises(AssertionError, match="max_points"):
         history.check(answer, keys, facts, 2)
+    # A zoom checks its own ends and only the spikes inside it.
+    spike_step = next(iter(spikes[keys[1]]))
+    zoomed = {key: {"step": [spike_step - 1, spike_step, spike_step + 1], "value": [0.0, 0.0, 0.0]} for key in keys}
+    zoomed[keys[1]]["value"][1] = spikes[keys[1]][spike_step]
+    history.check(zoomed, keys, facts, 2000, (spike_step - 1, spike_step + 1))
+    zoomed[keys[1]]["value"][1] = 0.0
+    with pytest.raises(AssertionError, match="spike"):
+        history.check(zoomed, keys, facts, 2000, (spike_step - 1, spike_step + 1))

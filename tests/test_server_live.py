@@ -85,6 +85,10 @@ def test_launch_streams_every_key_in_gapless_order(server: LiveServer) -> None:
                                                                   if f["type"] == "checkpoint"}
             history = http.get(f"/api/runs/{run['id']}/metrics", params={"keys": keys[0], "max_points": 10}).json()
             assert 2 <= len(history["metrics"][keys[0]]["step"]) <= 10
+            zoom = http.get(f"/api/runs/{run['id']}/metrics",
+                            params={"keys": keys[0], "max_points": 10, "start": 3, "end": 7}).json()
+            assert zoom["start"] == 3 and zoom["end"] == 7
+            assert zoom["metrics"][keys[0]]["step"] == [3, 4, 5, 6, 7]  # a zoom: every step of the range
             csv = http.get(f"/api/runs/{run['id']}/metrics.csv").text.splitlines()
             assert csv[0].startswith("step,time,") and len(csv) >= run["config"]["train"]["steps"] + 1
             # A reloaded page gets the same non-metric frames the stream carried, newest hist per key only.
@@ -270,6 +274,9 @@ def test_bad_requests_get_4xx_naming_the_field(server: LiveServer) -> None:
         # Nothing we served held a NaN: every body parsed as strict JSON.
         body = http.get(f"/api/runs/{some}/metrics").text
         json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+        for params, field in (({"start": 9, "end": 3}, "end"), ({"start": -1}, "start"), ({"end": "x"}, "end")):
+            response = http.get(f"/api/runs/{some}/metrics", params=params)
+            assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", field], params
     with server.stream("nope") as ws:
         with pytest.raises(Exception) as info:
             ws.recv(timeout=10)

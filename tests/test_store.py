@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from app.store import COMPACT_AFTER, SUMMARY_BLOCK, RunRecord, Store, _select_points
+from bench.history import full_reads
 
 Frame = tuple[dict[str, Any], str]
 T0 = 1_764_000_000.0
@@ -786,3 +787,45 @@ def test_frames_that_cannot_be_stored_leave_no_hole_a_later_acknowledgement_woul
     assert store.wait_flushed()
     assert acks == [2, 6]
     assert [seq for seq, _ in store.frames_after("r", 0)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_step_range_is_read_at_full_resolution_where_the_whole_run_is_thinned(store: Store) -> None:
+    """A zoomed chart: every point of the range when it fits in max_points, so a one-step excursion the whole
+    run's thinned view left out is there, with its exact value; a wider range is thinned within the range."""
+    n, per_frame = 200_000, 5_000
+    steps = np.arange(1, n + 1)
+    values = np.sin(steps / 3_000.0) + np.random.default_rng(0).normal(0.0, 0.1, n)
+    values[77_776], values[88_887] = 50.0, -50.0  # steps 77,777 and 88,888
+    store.insert_run(make_run("r"))
+    for seq, lo in enumerate(range(0, n, per_frame), start=1):
+        s = steps[lo : lo + per_frame].tolist()
+        store.append("r", [metrics("r", seq, s, {"loss/d": values[lo : lo + per_frame].tolist()})])
+    assert store.wait_flushed(60)
+
+    whole = store.metric_history("r", ["loss/d"], 2_000)["loss/d"]
+    hidden = next(s for s in range(100_000, n) if s not in set(whole["step"]))  # a step the thinned view dropped
+    zoom = store.metric_history("r", ["loss/d"], 2_000, start=hidden - 600, end=hidden + 600)["loss/d"]
+    assert zoom["step"] == list(range(hidden - 600, hidden + 601))
+    assert zoom["value"] == values[hidden - 601 : hidden + 600].tolist()
+    assert zoom["time"] == [T0 + s / 10 for s in zoom["step"]]
+
+    wide = store.metric_history("r", ["loss/d"], 1_000, start=50_001, end=150_000)["loss/d"]
+    assert wide["step"][0] == 50_001 and wide["step"][-1] == 150_000 and len(wide["step"]) <= 1_000
+    picked = dict(zip(wide["step"], wide["value"], strict=True))
+    assert picked[77_777] == 50.0 and picked[88_888] == -50.0  # its extremes kept
+
+    # A range wide enough for the summaries (those of the chunks inside it, the cut ones read in full): the same
+    # ends, extremes and exact values as reading every point of the range.
+    summarized = store.metric_history("r", ["loss/d"], 100, start=50_001, end=150_000)["loss/d"]
+    with full_reads():
+        full = store.metric_history("r", ["loss/d"], 100, start=50_001, end=150_000)["loss/d"]
+    assert summarized["step"][0] == full["step"][0] == 50_001 and summarized["step"][-1] == full["step"][-1] == 150_000
+    picked = dict(zip(summarized["step"], summarized["value"], strict=True))
+    assert picked[77_777] == 50.0 and picked[88_888] == -50.0 and len(summarized["step"]) <= 100
+    assert all(v == values[s - 1] for s, v in picked.items())
+    assert summarized != full  # (the two paths really differ: otherwise this checks nothing)
+    assert store.metric_history("r", None, 10, start=n - 2)["loss/d"]["step"] == [n - 2, n - 1, n]  # open end
+    assert store.metric_history("r", None, 10, end=3)["loss/d"]["step"] == [1, 2, 3]  # open start
+    assert store.metric_history("r", None, 10, start=n + 1, end=n + 5)["loss/d"]["step"] == []
+    with pytest.raises(ValueError, match="start must not be after end"):
+        store.metric_history("r", None, 10, start=5, end=4)

@@ -202,13 +202,21 @@ async def delete_run(run_id: str, manager: ManagerDep) -> Response:
 @router.get("/runs/{run_id}/metrics")
 async def metrics(run_id: str, manager: ManagerDep, store: StoreDep,
                   keys: Annotated[str | None, Query(max_length=10_000, description="Comma-separated keys")] = None,
-                  max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000) -> dict[str, Any]:
-    """History per key, downsampled to at most ``max_points`` keeping extremes."""
+                  max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
+                  start: Annotated[int | None, Query(ge=0, le=2**53, description="First step (zoom)")] = None,
+                  end: Annotated[int | None, Query(ge=0, le=2**53, description="Last step (zoom)")] = None,
+                  ) -> dict[str, Any]:
+    """History per key, downsampled to at most ``max_points`` keeping extremes; ``start``/``end`` narrow it to the
+    steps a zoomed chart shows, at full resolution when they hold at most ``max_points`` points."""
     await manager.get(run_id)
+    if start is not None and end is not None and start > end:
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "end"),
+                                       "msg": f"end ({end}) is before start ({start})"}])
     wanted = [k for k in keys.split(",") if k] if keys else None
-    history = await asyncio.to_thread(store.metric_history, run_id, wanted, max_points)
+    history = await asyncio.to_thread(store.metric_history, run_id, wanted, max_points, start=start, end=end)
     missing = [k for k in wanted if k not in history] if wanted else []
-    return {"run": run_id, "max_points": max_points, "metrics": history, "missing": missing}
+    return {"run": run_id, "max_points": max_points, "start": start, "end": end, "metrics": history,
+            "missing": missing}
 
 
 @router.get("/runs/{run_id}/metrics.csv")
