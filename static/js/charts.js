@@ -147,6 +147,7 @@ export class LineChart extends Chart {
     this.drawn = []; // points Plotly holds per trace
     this.queue = new Map(); // index -> {x, y}
     this.shapes = [];
+    this.zoomedFrom = new Map(); // index -> points the trace had before a zoom brought in detail
   }
 
   /** The index of trace ``id``, created with ``spec`` (name, colour, dash…) on first use. */
@@ -213,6 +214,57 @@ export class LineChart extends Chart {
     this.queue.clear();
     if (extended.length) Plotly.extendTraces(this.el, extend, extended);
     if (rethinned.length) Plotly.restyle(this.el, thinned, rethinned);
+  }
+
+  /**
+   * Full-resolution points for steps ``start``..``end`` of some traces (a zoomed view, from the server:
+   * ``{trace id: {step, value}}``): they replace what the trace holds in that range, the rest stays.
+   */
+  detail(start, end, points) {
+    const update = { x: [], y: [] };
+    const indices = [];
+    for (const [id, { step, value }] of Object.entries(points)) {
+      const index = this.ids.get(id);
+      if (index === undefined) continue;
+      const trace = this.el.data[index];
+      const x = [];
+      const y = [];
+      let i = 0;
+      while (i < trace.x.length && trace.x[i] < start) { x.push(trace.x[i]); y.push(trace.y[i]); i++; }
+      for (let k = 0; k < step.length; k++) { x.push(step[k]); y.push(value[k] ?? null); }
+      while (i < trace.x.length && trace.x[i] <= end) i++;
+      for (; i < trace.x.length; i++) { x.push(trace.x[i]); y.push(trace.y[i]); }
+      update.x.push(x);
+      update.y.push(y);
+      indices.push(index);
+      if (!this.zoomedFrom.has(index)) this.zoomedFrom.set(index, this.drawn[index]);
+      this.drawn[index] = x.length;
+    }
+    if (indices.length) Plotly.restyle(this.el, update, indices);
+  }
+
+  /** The zoom was reset: each line zoomed into goes back to the number of points it had before (thinned, extremes
+   * and both ends kept), so the whole run's view is what it was. */
+  rethin() {
+    const update = { x: [], y: [] };
+    const indices = [];
+    const before = this.zoomedFrom;
+    this.zoomedFrom = new Map();
+    (this.el.data || []).forEach((trace, index) => {
+      const budget = Math.min(MAX_DRAWN, before.get(index) ?? MAX_DRAWN);
+      if (trace.x.length <= budget) return;
+      const keep = thin(trace.y, budget);
+      update.x.push(keep.map((k) => trace.x[k]));
+      update.y.push(keep.map((k) => trace.y[k]));
+      indices.push(index);
+      this.drawn[index] = keep.length;
+    });
+    if (indices.length) Plotly.restyle(this.el, update, indices);
+  }
+
+  /** Trace ids, in the order traces were created. */
+  traceIds() {
+    return [...this.ids.keys()];
   }
 
   /** A labelled vertical line at ``step`` (a live control change, for instance). */

@@ -16,10 +16,12 @@ export class ExtraCharts {
   /**
    * @param {HTMLElement} container where the panels go, after what it holds already
    * @param {(group: string) => {title: string, note?: string}} describe a panel's heading (set as text)
+   * @param {(chart: LineChart) => void} [made] called with each chart as it is made (the run page's zoom)
    */
-  constructor(container, describe) {
+  constructor(container, describe, made = () => {}) {
     this.container = container;
     this.describe = describe;
+    this.made = made;
     this.charts = new Map(); // group -> LineChart
   }
 
@@ -47,6 +49,7 @@ export class ExtraCharts {
     this.container.insertBefore(section, next || null);
     chart = new LineChart(el, {});
     this.charts.set(group, chart);
+    this.made(chart);
     return chart;
   }
 

@@ -9,6 +9,7 @@ import { groupOf, planned } from "./keys.js";
 import { ExtraCharts } from "./extra.js";
 import { SampleView } from "./samples.js";
 import { lossFromNorms, showControls, showGLoss } from "./controls.js";
+import { zoomDetail } from "./zoom.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -22,7 +23,16 @@ const charts = {};
 const state = { gLoss: boot.g_loss, step: boot.step, klDims: new Map(), evalLatest: new Map(), alerts: new Set() };
 // Keys no panel was made for (a script's own): a chart per prefix, after the built-in panels.
 const extra = new ExtraCharts($("panels"), (group) => (group === "other"
-  ? { title: "Other metrics", note: "keys without a prefix" } : { title: `${group}/…`, note: "logged by the run" }));
+  ? { title: "Other metrics", note: "keys without a prefix" } : { title: `${group}/…`, note: "logged by the run" }),
+(chart) => zoomDetail(chart, rangeOf));
+
+/** A zoomed chart's lines at full resolution: each trace id on this page is its metric key. */
+async function rangeOf(ids, start, end) {
+  const keys = encodeURIComponent([...new Set(ids)].join(","));
+  const answer = await getJSON(`/api/runs/${boot.id}/metrics?keys=${keys}&start=${start}&end=${end}`
+    + `&max_points=${HISTORY_POINTS}`);
+  return answer.metrics;
+}
 
 function log(axis = {}) {
   return { yaxis: { type: "log", exponentformat: "power", ...axis } };
@@ -275,6 +285,9 @@ async function getJSON(url) {
 
 async function main() {
   buildCharts();
+  for (const chart of Object.values(charts)) {
+    if (chart instanceof LineChart) zoomDetail(chart, rangeOf);
+  }
   // History up to (at least) last_seq, then every frame after it live: the chart
   // drops points it already has, so the overlap leaves no gap and no duplicate.
   const since = boot.last_seq;
