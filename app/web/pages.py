@@ -189,7 +189,8 @@ def _row(rec: RunRecord, manager: RunManager) -> dict[str, Any]:
         "steps": steps if steps and steps > 0 else None, "dataset": _typed(_at(cfg, "data", "name"), str),
         "g_loss": _typed(_at(cfg, "gan", "g_loss"), str) if rec.kind == "gan" else None,
         "rate": manager.steps_per_s(rec.id), "device": rec.device or "—", "alert": rec.last_alert,
-        "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.created_at)),
+        # UTC here, marked so; static/js/time.js shows it in the browser's own time zone.
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec.created_at)), "created_at": rec.created_at,
         "ended": rec.status in TERMINAL_STATUSES, "error": rec.error,
         "external": rec.external, "source": source, "can_stop": _allowed(rec)["stop"], "where": _where(rec),
     }
@@ -319,7 +320,7 @@ async def run_page(run_id: str, request: Request, templates: TemplatesDep, manag
     cfg = _run_config(rec)
     boot = {"id": rec.id, "name": rec.name, "kind": rec.kind, "status": rec.status, "config": rec.config,
             "last_seq": rec.last_seq, "step": rec.step, "external": rec.external, "controls": rec.controls,
-            "g_loss": run["g_loss"]}
+            "g_loss": run["g_loss"], "started_at": rec.started_at, "ended_at": rec.ended_at}
     rows, cut = config_rows(rec.config)
     return templates.TemplateResponse(request, "run.html", {
         "run": run, "rec": rec, "boot": boot, "samples": samples, "checkpoints": checkpoints,

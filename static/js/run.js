@@ -10,6 +10,7 @@ import { ExtraCharts } from "./extra.js";
 import { SampleView } from "./samples.js";
 import { lossFromNorms, showControls, showGLoss } from "./controls.js";
 import { zoomDetail } from "./zoom.js";
+import { RunClock } from "./time.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -20,7 +21,8 @@ const HISTORY_POINTS = 2000;
 
 const charts = {};
 // boot.g_loss: the config's, for a launched run; a script's GAN run tells it by its norms (lossFromNorms).
-const state = { gLoss: boot.g_loss, step: boot.step, klDims: new Map(), evalLatest: new Map(), alerts: new Set() };
+const state = { gLoss: boot.g_loss, step: boot.step, klDims: new Map(), evalLatest: new Map(), alerts: new Set(),
+  status: boot.status, startedAt: boot.started_at, endedAt: boot.ended_at };
 // Keys no panel was made for (a script's own): a chart per prefix, after the built-in panels.
 const extra = new ExtraCharts($("panels"), (group) => (group === "other"
   ? { title: "Other metrics", note: "keys without a prefix" } : { title: `${group}/…`, note: "logged by the run" }),
@@ -225,6 +227,10 @@ function setStatus(status, error) {
   const badge = $("run-status");
   badge.textContent = status;
   badge.className = `badge status-${status}`;
+  state.status = status;
+  // The clock's ends, for a run that starts or ends while the page is open (the page had them for the rest).
+  if (status === "running" && !state.startedAt) state.startedAt = Date.now() / 1000;
+  if (TERMINAL.has(status) && !state.endedAt) state.endedAt = Date.now() / 1000;
   // "waiting for Ray: …" holds only while queued; the node it then runs on is on the page after a reload.
   const where = $("run-where");
   if (where && status !== "queued" && where.classList.contains("where-waiting")) where.hidden = true;
@@ -288,6 +294,9 @@ async function main() {
   for (const chart of Object.values(charts)) {
     if (chart instanceof LineChart) zoomDetail(chart, rangeOf);
   }
+  const steps = boot.config?.train?.steps; // a launched run's; a script's run has no planned length, so no ETA
+  new RunClock($("run-clock"), () => ({ status: state.status, step: state.step, steps: Number.isInteger(steps) ? steps : null,
+    startedAt: state.startedAt, endedAt: state.endedAt }));
   // History up to (at least) last_seq, then every frame after it live: the chart
   // drops points it already has, so the overlap leaves no gap and no duplicate.
   const since = boot.last_seq;
