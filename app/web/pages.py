@@ -28,6 +28,7 @@ from app.api.runs import artifacts_of
 from app.manager import RunError, RunManager
 from app.ray_backend import describe_node
 from app.store import TERMINAL_STATUSES, RunRecord
+from app.web.diff import config_diff
 from app.web.form import FormField, errors_by_field, flat_values, form_sections, nested_config
 from trainer.config import TWO_D_DATASETS, RunConfig
 from trainer.presets import get_preset
@@ -397,4 +398,6 @@ async def compare_page(request: Request, templates: TemplatesDep, manager: Manag
     rows = [_row(r, manager) for r in records]
     boot = [{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "last_seq": r.last_seq,
              "g_loss": row["g_loss"], "external": r.external} for r, row in zip(records, rows, strict=True)]
-    return templates.TemplateResponse(request, "compare.html", {"runs": rows, "boot": boot, "dropped": dropped})
+    diff = config_diff([r.config for r in records]) if len(records) > 1 else None
+    return templates.TemplateResponse(request, "compare.html",
+                                      {"runs": rows, "boot": boot, "dropped": dropped, "diff": diff})
