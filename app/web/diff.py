@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.web.form import flat_values
@@ -24,6 +24,11 @@ class ConfigDiff:
 
     rows: list[tuple[str, list[str]]]
     more: int = 0
+    values: list[tuple[str, list[Any]]] = field(default_factory=list)  # the rows' values as they are (None: absent)
+
+    def varied(self) -> list[dict[str, Any]]:
+        """The differing fields but the run's name, with their values, for the parallel-coordinates view."""
+        return [{"name": name, "values": values} for name, values in self.values if name != "name"]
 
 
 def _cell(value: Any) -> str:
@@ -45,6 +50,7 @@ def config_diff(configs: Sequence[Mapping[str, Any]], limit: int = MAX_ROWS) -> 
     differing = [name for name in fields
                  if any(name not in values for values in flat)
                  or not all(_same(flat[0][name], values[name]) for values in flat[1:])]
-    rows = [(name, [_cell(values[name]) if name in values else MISSING for values in flat])
-            for name in differing[:limit]]
-    return ConfigDiff(rows, max(0, len(differing) - limit))
+    shown = differing[:limit]
+    rows = [(name, [_cell(values[name]) if name in values else MISSING for values in flat]) for name in shown]
+    raw = [(name, [values.get(name) for values in flat]) for name in shown]
+    return ConfigDiff(rows, max(0, len(differing) - limit), raw)

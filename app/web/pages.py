@@ -399,5 +399,6 @@ async def compare_page(request: Request, templates: TemplatesDep, manager: Manag
     boot = [{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "last_seq": r.last_seq,
              "g_loss": row["g_loss"], "external": r.external} for r, row in zip(records, rows, strict=True)]
     diff = config_diff([r.config for r in records]) if len(records) > 1 else None
-    return templates.TemplateResponse(request, "compare.html",
-                                      {"runs": rows, "boot": boot, "dropped": dropped, "diff": diff})
+    varied = diff.varied() if diff is not None else []
+    return templates.TemplateResponse(request, "compare.html", {"runs": rows, "boot": boot, "dropped": dropped,
+                                                                "diff": diff, "varied": varied})

@@ -10,6 +10,7 @@ import { LineChart, PALETTE, plain } from "./charts.js";
 import { connectionIndicator, RunStream } from "./stream.js";
 import { specFamily } from "./keys.js";
 import { ExtraCharts } from "./extra.js";
+import { drawParcoords } from "./parcoords.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -28,6 +29,7 @@ const charts = {
 
 // Every key outside SPEC §2 that any compared run logs (a script's own "val/acc"…): one chart per key, a line per run.
 const extra = new ExtraCharts($("cmp-panels"), (key) => ({ title: key, note: "logged by the runs" }));
+const finals = []; // per run, in boot order: the last value of each key its history holds
 
 /** Shadow norm per point: whichever of the two losses' norms is not the applied one. */
 function shadow(steps, applied, sat, nonsat) {
@@ -121,6 +123,11 @@ async function start(run, index, indicate) {
     fetch(`/api/runs/${run.id}/events?until=${since}`).then((r) => r.json()),
   ]);
   const m = history.metrics;
+  finals[index] = new Map();
+  for (const [key, h] of Object.entries(m)) {
+    const last = h.value.findLast((v) => v !== null && v !== undefined);
+    if (last !== undefined) finals[index].set(key, last);
+  }
   if (m["grad/g_norm"]) {
     const steps = m["grad/g_norm"].step;
     const data = {};
@@ -144,6 +151,8 @@ async function main() {
   if (!kinds.has("gan")) for (const id of ["cmp-gnorm", "cmp-gloss", "cmp-dfake", "cmp-dloss"]) $(id).closest(".panel").hidden = true;
   if (!kinds.has("gan") && !kinds.has("vae")) $("cmp-eval").closest(".panel").hidden = true;  // scripts' own metrics only
   const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
+  const varied = JSON.parse($("varied").textContent);
+  if (varied.length && $("cmp-parcoords")) drawParcoords($("cmp-parcoords"), varied, finals);
   window.gradwatch = { charts, extra, streams };
   document.body.dataset.ready = "true";
 }
