@@ -181,42 +181,36 @@ def in_process(data_dir: Path, keys: list[str], facts: dict[str, Any], max_point
     return result
 
 
+def _timed_gets(url: str, repeat: int) -> tuple[dict[str, Any], bytes]:
+    """GET ``url`` once cold and ``repeat`` times warm, each timed to the last byte; the times and the first body."""
+
+    def get() -> bytes:
+        with NO_PROXY.open(url, timeout=60) as response:
+            body: bytes = response.read()
+        return body
+
+    cold, body = _timed(get)
+    warm = [_timed(get)[0] for _ in range(repeat)]
+    return {"cold_ms": round(cold, 1), "warm_median_ms": round(statistics.median(warm), 1),
+            "warm_min_ms": round(min(warm), 1), "warm_max_ms": round(max(warm), 1), "bytes": len(body)}, body
+
+
 def over_http(data_dir: Path, keys: list[str], facts: dict[str, Any], repeat: int) -> dict[str, Any]:
     """The real server on the built data directory; each GET timed to the last byte of its body."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"zoom": {}}
     with Server(data_dir) as server:
         for max_points in (2000, 4000):
-            url = f"{server.url}/api/runs/{RUN_ID}/metrics?max_points={max_points}"
-
-            def get(url: str = url) -> bytes:
-                with NO_PROXY.open(url, timeout=60) as response:
-                    body: bytes = response.read()
-                return body
-
-            cold, body = _timed(lambda: get())
-            warm = [_timed(lambda: get())[0] for _ in range(repeat)]
-            answer = json.loads(body)
-            check(answer["metrics"], keys, facts, max_points)
-            out[str(max_points)] = {"cold_ms": round(cold, 1), "warm_median_ms": round(statistics.median(warm), 1),
-                                    "warm_min_ms": round(min(warm), 1), "warm_max_ms": round(max(warm), 1),
-                                    "bytes": len(body)}
-        out["zoom"] = {}
+            times, body = _timed_gets(f"{server.url}/api/runs/{RUN_ID}/metrics?max_points={max_points}", repeat)
+            check(json.loads(body)["metrics"], keys, facts, max_points)
+            out[str(max_points)] = times
         for label, (start, end) in zooms(facts["ends"][1]).items():
             url = f"{server.url}/api/runs/{RUN_ID}/metrics?max_points=2000&start={start}&end={end}"
-
-            def get_zoom(url: str = url) -> bytes:
-                with NO_PROXY.open(url, timeout=60) as response:
-                    body: bytes = response.read()
-                return body
-
-            cold, body = _timed(lambda: get_zoom())
-            warm = [_timed(lambda: get_zoom())[0] for _ in range(repeat)]
+            times, body = _timed_gets(url, repeat)
             answer = json.loads(body)["metrics"]
             check(answer, keys, facts, 2000, (start, end))
             if end - start + 1 <= 2000 and any(len(s["step"]) != end - start + 1 for s in answer.values()):
                 raise AssertionError(f"zoom {label}: not every step of a range that fits in max_points")
-            out["zoom"][label] = {"start": start, "end": end, "cold_ms": round(cold, 1),
-                                  "warm_median_ms": round(statistics.median(warm), 1), "bytes": len(body)}
+            out["zoom"][label] = {"start": start, "end": end, **times}
     return out
 
 
