@@ -746,8 +746,7 @@ class RunManager:
         name = (rec.placement or {}).get("actor")
         if self.ray is None or not name or rec.external:
             return None
-        placement = rec.placement or {}
-        return await asyncio.to_thread(self.ray.find, name, placement.get("resources", {}), placement)
+        return await asyncio.to_thread(self.ray.find, name, rec.placement)
 
     async def _end(self, run_id: str, status: str, error: str | None, *, accepted: int) -> None:
         """Record a terminal status the worker could not report itself, as a frame too.

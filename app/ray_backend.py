@@ -96,13 +96,11 @@ class WorkerEnd:
 class RayWorker:
     """The server's handle on one run's actor."""
 
-    def __init__(self, run_id: str, name: str, actor: Any, request: dict[str, float]) -> None:
+    def __init__(self, run_id: str, name: str, actor: Any) -> None:
         self.run_id = run_id
         self.name = name
         self.actor = actor
-        self.request = request
         self.placement: dict[str, Any] | None = None  # filled in once the actor has started the worker
-        self._start_ref: Any = None
         self._wait_ref: Any = None
 
     @property
@@ -112,8 +110,7 @@ class RayWorker:
     async def start(self, args: list[str], token: str, config_json: str, env: dict[str, str]) -> dict[str, Any]:
         """Ask the actor to start the worker; returns once Ray has placed it and the worker runs (this is where a
         run waits for resources). Raises what Ray raises for an actor that could not start."""
-        self._start_ref = self.actor.start.remote(args, token, config_json, env)
-        self.placement = await self._start_ref
+        self.placement = await self.actor.start.remote(args, token, config_json, env)
         return self.placement
 
     async def wait(self) -> WorkerEnd:
@@ -230,9 +227,9 @@ class RayBackend:
             num_cpus=request.get("CPU", 0), num_gpus=request.get("GPU", 0), resources=custom or None,
             max_concurrency=8,
         ).remote(run_id)
-        return RayWorker(run_id, name, actor, request)
+        return RayWorker(run_id, name, actor)
 
-    def find(self, name: str, request: dict[str, float], placement: dict[str, Any] | None) -> RayWorker | None:
+    def find(self, name: str, placement: dict[str, Any] | None) -> RayWorker | None:
         """A run's live actor from before a restart, by its name, or None (blocking)."""
         import ray
 
@@ -240,13 +237,13 @@ class RayBackend:
             actor = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return None
-        worker = RayWorker(name.removeprefix(ACTOR_PREFIX).rsplit("-", 1)[0], name, actor, request)
+        worker = RayWorker(name.removeprefix(ACTOR_PREFIX).rsplit("-", 1)[0], name, actor)
         worker.placement = placement
         return worker
 
     def kill_stale(self, name: str) -> bool:
         """End a run's actor left from before a restart, if there is one (blocking)."""
-        worker = self.find(name, {}, None)
+        worker = self.find(name, None)
         if worker is None:
             return False
         worker.kill()
