@@ -3,6 +3,7 @@
 For a wheel (not an editable install, which serves the checkout's own files) it adds, under ``app/web/bundle/``:
 
 - ``templates/`` and ``static/``, copied from the source tree (a checkout or the sdist);
+- ``docs/*.md``, which the app shows at ``/guide/{name}`` (app/web/guide.py);
 - ``vendor/htmx.min.js``, fetched from the npm registry at build time by ``npm ci`` against the committed
   package.json and package-lock.json (version and integrity hash pinned there), in a scratch folder: the source
   tree's own node_modules/ is neither used nor touched, and nothing third-party is ever committed.
@@ -44,6 +45,9 @@ class BundleBrowserFiles(BuildHookInterface):
                 # static/vendor/ is a git-ignored leftover of an older set-up, never served.
                 if path.is_file() and not relative.startswith("static/vendor/") and "__pycache__" not in relative:
                     force[str(path)] = f"{BUNDLE}/{relative}"
+        for path in sorted((root / "docs").glob("*.md")):
+            if path.is_file():
+                force[str(path)] = f"{BUNDLE}/docs/{path.name}"
         force[str(self._fetch_htmx(root))] = f"{BUNDLE}/vendor/htmx.min.js"
 
     def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:

@@ -27,7 +27,7 @@ from app.manager import RunError, RunManager
 from app.security import SecurityMiddleware
 from app.settings import Settings
 from app.store import Store
-from app.web import assets, pages
+from app.web import assets, guide, pages
 
 #: Liveness for a container's health check; the one path besides assets that needs no token.
 HEALTH_PATH = "/healthz"
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(assets.vendor_router())
     app.include_router(pages.router)
+    app.include_router(guide.router)
     app.mount(assets.ASSETS_URL, StaticFiles(directory=assets.STATIC_DIR), name="assets")
 
     @app.exception_handler(RunError)

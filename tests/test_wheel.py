@@ -30,13 +30,18 @@ def _browser_files() -> list[str]:
                   for p in (ROOT / folder).rglob("*") if p.is_file() and "vendor" not in p.parts)
 
 
+def _docs() -> list[str]:
+    """The docs the app shows at /guide/{name}."""
+    return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+
+
 def test_the_sdist_holds_what_the_wheel_is_built_from_and_the_wheel_holds_what_the_server_serves(
     installed_wheel: InstalledWheel,
 ) -> None:
     with tarfile.open(installed_wheel.sdist) as sdist:
         in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"package.json", "package-lock.json", "hatch_build.py", "pyproject.toml", "app/web/assets.py",
-            *_browser_files()} <= in_sdist
+            *_browser_files(), *_docs()} <= in_sdist
     # No third-party code in the source release: htmx comes from npm when a wheel is built from it.
     assert not [name for name in in_sdist if "node_modules" in name or name.endswith(".min.js")]
 
@@ -44,6 +49,7 @@ def test_the_sdist_holds_what_the_wheel_is_built_from_and_the_wheel_holds_what_t
         in_wheel = set(wheel.namelist())
         htmx = wheel.read(f"{BUNDLE}/vendor/htmx.min.js").decode()
     assert {f"{BUNDLE}/{name}" for name in _browser_files()} <= in_wheel
+    assert {f"{BUNDLE}/{name}" for name in _docs()} <= in_wheel and "docs/maths.md" in _docs()
     assert {"app/cli.py", "app/worker.py", "trainer/__init__.py", "gradwatch/__init__.py"} <= in_wheel
     assert f'version:"{HTMX_VERSION}"' in htmx  # the version package.json pins, not whatever npm had cached
     assert not [name for name in in_wheel if name.startswith(("tests/", "bench/", "node_modules/"))]
@@ -75,6 +81,9 @@ def test_the_installed_wheel_serves_the_whole_dashboard_and_runs_a_run(
         css = http.get("/assets/css/app.css")
         assert css.status_code == 200 and css.content == (ROOT / "static/css/app.css").read_bytes()
         assert http.get("/docs").status_code == 200  # the offline API docs
+        maths = http.get("/guide/maths", headers={"accept": "text/html"})  # the project's docs, from the bundle
+        assert maths.status_code == 200 and "The maths gradwatch implements" in maths.text
+        assert http.get("/guide/nope", headers={"accept": "text/html"}).status_code == 404
 
         created = http.post("/api/runs", json=config(TINY_GAN, name="from the wheel", train__steps=30))
         assert created.status_code == 201, created.text

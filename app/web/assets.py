@@ -4,7 +4,7 @@ Nothing third-party is committed: plotly.min.js is the file the plotly Python
 package ships, htmx is the file ``npm ci`` put under node_modules. Both are
 served by the app itself (no CDN), so the dashboard works air-gapped.
 
-Two layouts: an installed wheel carries templates/, static/ and htmx in the
+Two layouts: an installed wheel carries templates/, static/, docs/ and htmx in the
 package itself, under ``app/web/bundle/`` (hatch_build.py puts them there when
 the wheel is built); a checkout (editable install, ``make install``) has no
 bundle and serves the repository's own templates/, static/ and node_modules/.
@@ -27,6 +27,8 @@ BUNDLE = Path(str(files("app.web") / "bundle"))
 BUNDLED = BUNDLE.is_dir()
 TEMPLATES_DIR = (BUNDLE if BUNDLED else ROOT) / "templates"
 STATIC_DIR = (BUNDLE if BUNDLED else ROOT) / "static"
+#: The repository's docs/*.md, shown read-only at /guide/{name} (app/web/guide.py).
+DOCS_DIR = (BUNDLE if BUNDLED else ROOT) / "docs"
 #: htmx: bundled by the wheel's build from npm, or where `npm ci` puts it in a checkout.
 HTMX_FILE = BUNDLE / "vendor" / "htmx.min.js" if BUNDLED else ROOT / "node_modules/htmx.org/dist/htmx.min.js"
 #: Our own CSS and JS, under this URL prefix (the prefix /static/docs belongs to the offline API docs).
