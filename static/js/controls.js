@@ -19,7 +19,10 @@ export function showControls(controls) {
 
 /** Show ``loss`` as the generator loss in force; the flip button offers the other of saturating / non-saturating. */
 export function showGLoss(loss) {
-  if ($("run-gloss")) $("run-gloss").textContent = loss;
+  if ($("run-gloss")) {
+    $("run-gloss").textContent = loss;
+    $("run-gloss").className = `loss-${loss}`; // the loss's colour, as on its chart lines (chartview.js LOSS_VARS)
+  }
   const flip = $("flip-button");
   if (flip) {
     const other = loss === "saturating" ? "non_saturating" : "saturating";

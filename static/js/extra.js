@@ -17,11 +17,13 @@ export class ExtraCharts {
    * @param {HTMLElement} container where the panels go, after what it holds already
    * @param {(group: string) => {title: string, note?: string}} describe a panel's heading (set as text)
    * @param {(chart: LineChart) => void} [made] called with each chart as it is made (the run page's zoom)
+   * @param {object} [options] LineChart options for every chart (``origin`` of "time since start")
    */
-  constructor(container, describe, made = () => {}) {
+  constructor(container, describe, made = () => {}, options = {}) {
     this.container = container;
     this.describe = describe;
     this.made = made;
+    this.options = options;
     this.charts = new Map(); // group -> LineChart
   }
 
@@ -47,17 +49,19 @@ export class ExtraCharts {
     const next = [...this.container.querySelectorAll(":scope > .extra-panel")]
       .find((s) => order(s.dataset.group) > order(group));
     this.container.insertBefore(section, next || null);
-    chart = new LineChart(el, {});
+    chart = new LineChart(el, {}, { ...this.options, name: `extra:${group}` });
+    chart.scaleButton(heading);
     this.charts.set(group, chart);
     this.made(chart);
     return chart;
   }
 
-  /** Queue points of trace ``id`` on ``group``'s chart (``spec``: name, colour… of a new trace). */
-  append(group, id, steps, values, spec) {
+  /** Queue points of trace ``id`` on ``group``'s chart (``spec``: name, colour… of a new trace; ``times``: unix
+   * seconds per step). */
+  append(group, id, steps, values, spec, times = null) {
     // SVG, not WebGL: a browser keeps about 16 WebGL contexts and drops the oldest beyond that (a blank built-in
     // chart), and a script may log dozens of groups. Lines are thinned to a few thousand points anyway.
-    this.chart(group).append(id, steps, values, { type: "scatter", ...spec });
+    this.chart(group).append(id, steps, values, { type: "scatter", ...spec }, times);
   }
 
   /** Points the trace ``id`` holds on screen (0 before it exists): what tests and benchmarks read. */

@@ -11,6 +11,7 @@ import { SampleView } from "./samples.js";
 import { lossFromNorms, showControls, showGLoss } from "./controls.js";
 import { zoomDetail } from "./zoom.js";
 import { RunClock } from "./time.js";
+import { LOSS_VARS, mountToolbar } from "./chartview.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -26,7 +27,7 @@ const state = { gLoss: boot.g_loss, step: boot.step, klDims: new Map(), evalLate
 // Keys no panel was made for (a script's own): a chart per prefix, after the built-in panels.
 const extra = new ExtraCharts($("panels"), (group) => (group === "other"
   ? { title: "Other metrics", note: "keys without a prefix" } : { title: `${group}/…`, note: "logged by the run" }),
-(chart) => zoomDetail(chart, rangeOf));
+(chart) => zoomDetail(chart, rangeOf), { origin: () => state.startedAt });
 
 /** A zoomed chart's lines at full resolution: each trace id on this page is its metric key. */
 async function rangeOf(ids, start, end) {
@@ -40,20 +41,25 @@ function log(axis = {}) {
   return { yaxis: { type: "log", exponentformat: "power", ...axis } };
 }
 
+/** A line chart whose log/linear choice is remembered under ``name`` (the compare page's charts share the names). */
+function line(id, name, layout) {
+  return new LineChart($(id), layout, { name, origin: () => state.startedAt });
+}
+
 function buildCharts() {
   if (boot.kind === "gan") {
-    charts.losses = new LineChart($("chart-losses"), { yaxis: { title: { text: "loss (nats)" } } });
-    charts.gnorm = new LineChart($("chart-gnorm"), { ...log({ title: { text: "‖∇θ L_G‖₂" } }) });
-    charts.dprob = new LineChart($("chart-dprob"), { yaxis: { title: { text: "probability" }, range: [0, 1] } });
-    charts.layers = new LineChart($("chart-layers"), { ...log({ title: { text: "‖∇‖₂ per tensor" } }),
+    charts.losses = line("chart-losses", "losses", { yaxis: { title: { text: "loss (nats)" } } });
+    charts.gnorm = line("chart-gnorm", "gnorm", { ...log({ title: { text: "‖∇θ L_G‖₂" } }) });
+    charts.dprob = line("chart-dprob", "dprob", { yaxis: { title: { text: "probability" }, range: [0, 1] } });
+    charts.layers = line("chart-layers", "layers", { ...log({ title: { text: "‖∇‖₂ per tensor" } }),
       showlegend: false, hovermode: "closest" });
     charts.saturation = new SaturationView($("chart-saturation"));
     if ($("chart-field")) charts.field = new FieldView($("chart-field"));
   } else if (boot.kind === "vae") {
-    charts.elbo = new LineChart($("chart-elbo"), { yaxis: { title: { text: "nats per input" } } });
-    charts.kl = new LineChart($("chart-kl"), { yaxis: { title: { text: "KL (nats)" } } });
-    charts.active = new LineChart($("chart-active"), { yaxis: { title: { text: "latent dimensions" }, rangemode: "tozero" } });
-    charts.vaegrad = new LineChart($("chart-vaegrad"), log({ title: { text: "‖∇‖₂" } }));
+    charts.elbo = line("chart-elbo", "elbo", { yaxis: { title: { text: "nats per input" } } });
+    charts.kl = line("chart-kl", "kl", { yaxis: { title: { text: "KL (nats)" } } });
+    charts.active = line("chart-active", "active", { yaxis: { title: { text: "latent dimensions" }, rangemode: "tozero" } });
+    charts.vaegrad = line("chart-vaegrad", "vaegrad", log({ title: { text: "‖∇‖₂" } }));
     charts.kldim = new SnapshotChart($("chart-kldim"), { showlegend: false, xaxis: { title: { text: "latent dimension" }, dtick: 1 },
       yaxis: { title: { text: "KL (nats)" }, rangemode: "tozero" }, hovermode: "closest" }, () => {
       const dims = [...state.klDims.keys()].sort((a, b) => a - b);
@@ -62,7 +68,7 @@ function buildCharts() {
     });
   }
   if ($("chart-eval")) {
-    charts.eval = new LineChart($("chart-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" },
+    charts.eval = line("chart-eval", "eval", { yaxis: { title: { text: "count" }, rangemode: "tozero" },
       yaxis2: { title: { text: "fraction" }, overlaying: "y", side: "right", range: [0, 1.05], dtick: 0.25, showgrid: false },
       margin: { l: 48, r: 48, t: 8, b: 36 } });
   }
@@ -74,8 +80,8 @@ const SERIES = {
   "loss/d_real": ["losses", { name: "D loss, real", line: { dash: "dot", width: 1 } }],
   "loss/d_fake": ["losses", { name: "D loss, fake", line: { dash: "dot", width: 1 } }],
   "grad/g_norm": ["gnorm", () => ({ name: "applied", line: { width: 3, color: cssVar("--text") }, opacity: 0.55 })],
-  "grad/g_norm_saturating": ["gnorm", () => ({ name: "saturating", line: { width: 1.5, color: cssVar("--sat"), dash: "dash" } })],
-  "grad/g_norm_non_saturating": ["gnorm", () => ({ name: "non-saturating", line: { width: 1.5, color: cssVar("--nonsat"), dash: "dash" } })],
+  "grad/g_norm_saturating": ["gnorm", () => ({ name: "saturating", line: { width: 1.5, color: cssVar(LOSS_VARS.saturating), dash: "dash" } })],
+  "grad/g_norm_non_saturating": ["gnorm", () => ({ name: "non-saturating", line: { width: 1.5, color: cssVar(LOSS_VARS.non_saturating), dash: "dash" } })],
   "grad/d_norm": ["gnorm", { name: "D (applied)", visible: "legendonly", line: { width: 1 } }],
   "d/real_prob": ["dprob", () => ({ name: "D(x), real", line: { color: cssVar("--real") } })],
   "d/fake_prob": ["dprob", () => ({ name: "D(G(z)), fake", line: { color: cssVar("--fake") } })],
@@ -92,24 +98,24 @@ const COUNT_EVALS = new Set(["eval/modes", "eval/classes", "eval/active_units"])
 const FRACTION_EVALS = new Set(["eval/hq_frac", "eval/precision", "eval/recall", "eval/coverage"]);
 
 /** Route one key's points to its chart: its built-in panel if this run's kind has one, else a generic chart. */
-function series(key, steps, values) {
+function series(key, steps, values, times = null) {
   if (!planned(key, boot.kind)) {
     if (key.startsWith("eval/")) noteEval(key, steps, values);
     const group = groupOf(key);
-    extra.append(group, key, steps, values, { name: plain(group === "other" ? key : key.slice(group.length + 1)) });
+    extra.append(group, key, steps, values, { name: plain(group === "other" ? key : key.slice(group.length + 1)) }, times);
     return;
   }
   const route = SERIES[key];
   if (route && charts[route[0]]) {
     const spec = typeof route[1] === "function" ? route[1]() : route[1];
-    charts[route[0]].append(key, steps, values, spec);
+    charts[route[0]].append(key, steps, values, spec, times);
     if (key === "eval/active_units") noteEval(key, steps, values);
     // The ELBO chart shows both of its terms: reconstruction and KL.
-    if (key === "loss/kl" && charts.elbo) charts.elbo.append(key, steps, values, { name: "KL(q‖p)", line: { dash: "dash" } });
+    if (key === "loss/kl" && charts.elbo) charts.elbo.append(key, steps, values, { name: "KL(q‖p)", line: { dash: "dash" } }, times);
     return;
   }
   if (key.startsWith("grad/g_layer/") && charts.layers) {
-    charts.layers.append(key, steps, values, { name: key.slice(13), line: { width: 1 } });
+    charts.layers.append(key, steps, values, { name: key.slice(13), line: { width: 1 } }, times);
   } else if (key.startsWith("kl/dim/") && charts.kldim) {
     const last = values[values.length - 1];
     if (last !== undefined) {
@@ -119,8 +125,8 @@ function series(key, steps, values) {
   } else if (key.startsWith("eval/")) {
     noteEval(key, steps, values);
     if (!charts.eval) return;
-    if (COUNT_EVALS.has(key)) charts.eval.append(key, steps, values, { name: key.slice(5), mode: "lines+markers" });
-    else if (FRACTION_EVALS.has(key)) charts.eval.append(key, steps, values, { name: key.slice(5), mode: "lines+markers", yaxis: "y2", line: { dash: "dot" } });
+    if (COUNT_EVALS.has(key)) charts.eval.append(key, steps, values, { name: key.slice(5), mode: "lines+markers" }, times);
+    else if (FRACTION_EVALS.has(key)) charts.eval.append(key, steps, values, { name: key.slice(5), mode: "lines+markers", yaxis: "y2", line: { dash: "dot" } }, times);
   }
 }
 
@@ -167,7 +173,7 @@ function newestShared(metrics, keys) {
 }
 
 function onMetrics(frame) {
-  for (const [key, values] of Object.entries(frame.data)) series(key, frame.step, values);
+  for (const [key, values] of Object.entries(frame.data)) series(key, frame.step, values, frame.time);
   noteGLoss(frame.step, frame.data);
   const step = frame.step[frame.step.length - 1];
   if (step > state.step && !Object.keys(frame.data).every((k) => k.startsWith("eval/"))) {
@@ -290,9 +296,13 @@ async function getJSON(url) {
 }
 
 async function main() {
+  mountToolbar($("panels"));
+  if (state.gLoss && $("run-gloss")) $("run-gloss").className = `loss-${state.gLoss}`;
   buildCharts();
   for (const chart of Object.values(charts)) {
-    if (chart instanceof LineChart) zoomDetail(chart, rangeOf);
+    if (!(chart instanceof LineChart)) continue;
+    zoomDetail(chart, rangeOf);
+    chart.scaleButton(chart.el.closest(".panel")?.querySelector("h3"));
   }
   const steps = boot.config?.train?.steps; // a launched run's; a script's run has no planned length, so no ETA
   new RunClock($("run-clock"), () => ({ status: state.status, step: state.step, steps: Number.isInteger(steps) ? steps : null,
@@ -304,7 +314,7 @@ async function main() {
     getJSON(`/api/runs/${boot.id}/metrics?max_points=${HISTORY_POINTS}`),
     getJSON(`/api/runs/${boot.id}/events?until=${since}`),
   ]);
-  for (const [key, h] of Object.entries(history.metrics)) series(key, h.step, h.value);
+  for (const [key, h] of Object.entries(history.metrics)) series(key, h.step, h.value, h.time);
   const newest = newestShared(history.metrics, NORMS);
   if (newest) noteGLoss(newest.step, newest.data);
   for (const frame of events.frames) {

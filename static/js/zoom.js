@@ -25,8 +25,9 @@ export function zoomDetail(chart, fetchRange) {
     }
     const range = event["xaxis.range"] || [event["xaxis.range[0]"], event["xaxis.range[1]"]];
     if (range[0] === undefined || range[1] === undefined) return; // a change of something else
-    const start = Math.max(0, Math.floor(Number(range[0])));
-    const end = Math.ceil(Number(range[1]));
+    const steps = chart.stepsIn(range[0], range[1]); // the axis may be in steps, wall time or seconds since start
+    if (steps === null) return;
+    const [start, end] = steps;
     if (!(end >= start)) return;
     clearTimeout(timer);
     timer = setTimeout(async () => {
