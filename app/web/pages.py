@@ -37,6 +37,9 @@ from trainer.presets import get_preset
 MAX_FORM_BYTES = 64 * 1024
 #: Runs overlaid on one compare page: one websocket and a few traces each; beyond this the legend is unreadable.
 MAX_COMPARE = 10
+#: Runs whose data plane or sample grids the compare page shows side by side (each plane is a heat map and a
+#: snapshot fetch per slider move); the line charts still show every run.
+MAX_PLANES = 6
 
 
 @dataclass(frozen=True)
@@ -397,8 +400,38 @@ async def compare_page(request: Request, templates: TemplatesDep, manager: Manag
     records = [await manager.get(run_id) for run_id in ids[:MAX_COMPARE]]
     rows = [_row(r, manager) for r in records]
     boot = [{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "last_seq": r.last_seq,
-             "g_loss": row["g_loss"], "external": r.external} for r, row in zip(records, rows, strict=True)]
+             "g_loss": row["g_loss"], "external": r.external, **_plane(r)}
+            for r, row in zip(records, rows, strict=True)]
     diff = config_diff([r.config for r in records]) if len(records) > 1 else None
     varied = diff.varied() if diff is not None else []
-    return templates.TemplateResponse(request, "compare.html", {"runs": rows, "boot": boot, "dropped": dropped,
-                                                                "diff": diff, "varied": varied})
+    return templates.TemplateResponse(request, "compare.html", {
+        "runs": rows, "boot": boot, "dropped": dropped, "diff": diff, "varied": varied, "twin": _twin(records, rows),
+        "planes": any(b["plane"] for b in boot), "max_planes": MAX_PLANES,
+        "planes_cut": any(b["plane"] for b in boot[MAX_PLANES:])})
+
+
+def _plane(rec: RunRecord) -> dict[str, Any]:
+    """What the compare page's side-by-side view shows of a run: its 2-D data plane ("field": the JSON snapshots),
+    its sample grids ("image": the PNGs) or nothing (a VAE on 2-D points writes no samples to show); and how many
+    grids its server keeps (intervals.keep_samples: the first and the newest ``keep``; a script keeps them all)."""
+    cfg = _run_config(rec)
+    two_d = _at(cfg, "data", "name") in TWO_D_DATASETS
+    plane = "field" if two_d and rec.kind == "gan" else None if two_d else "image"
+    keep = None if rec.external else _typed(_at(cfg, "intervals", "keep_samples"), int)
+    return {"plane": plane, "keep": keep}
+
+
+def _twin(records: list[RunRecord], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A saturation twin: two GAN runs, one on each of the saturating and the non-saturating loss; else None.
+
+    ``head_start``: the D-only steps both runs began with, where they have the same configs otherwise (a twin
+    launched from the runs page differs only in g_loss and name), else None."""
+    if len(records) != 2 or any(r.kind != "gan" for r in records):
+        return None
+    if {row["g_loss"] for row in rows} != {"saturating", "non_saturating"}:
+        return None
+    cfgs = [_run_config(r) for r in records]
+    diff = config_diff(cfgs)
+    same = all(name in ("name", "gan.g_loss") for name, _ in diff.rows)
+    head = _typed(_at(cfgs[0], "gan", "d_head_start"), int)
+    return {"same": same, "head_start": head if same and head else None}

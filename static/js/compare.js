@@ -11,6 +11,7 @@ import { connectionIndicator, RunStream } from "./stream.js";
 import { specFamily } from "./keys.js";
 import { ExtraCharts } from "./extra.js";
 import { drawParcoords } from "./parcoords.js";
+import { PlaneStrip } from "./twin.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -90,8 +91,11 @@ function plot(run, index, steps, data) {
   }
 }
 
+let planes = null; // the side-by-side data planes / sample grids (twin.js), where the page has them
+
 function onFrame(run, index, frame) {
-  if (frame.type === "metrics") plot(run, index, frame.step, frame.data);
+  if (frame.type === "sample") planes?.add(run.id, frame);
+  else if (frame.type === "metrics") plot(run, index, frame.step, frame.data);
   else if (frame.type === "status") {
     const badge = document.querySelector(`[data-status-for="${run.id}"]`);
     if (badge) {
@@ -150,10 +154,14 @@ async function main() {
   if (!kinds.has("vae")) $("cmp-elbo").closest(".panel").hidden = true;
   if (!kinds.has("gan")) for (const id of ["cmp-gnorm", "cmp-gloss", "cmp-dfake", "cmp-dloss"]) $(id).closest(".panel").hidden = true;
   if (!kinds.has("gan") && !kinds.has("vae")) $("cmp-eval").closest(".panel").hidden = true;  // scripts' own metrics only
+  if ($("cmp-planes")) {
+    planes = new PlaneStrip($("cmp-planes"), boot, { labels: LABELS, color: (i) => PALETTE[i % PALETTE.length] });
+    planes.load();
+  }
   const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
   const varied = JSON.parse($("varied").textContent);
   if (varied.length && $("cmp-parcoords")) drawParcoords($("cmp-parcoords"), varied, finals);
-  window.gradwatch = { charts, extra, streams };
+  window.gradwatch = { charts, extra, streams, planes };
   document.body.dataset.ready = "true";
 }
 
