@@ -170,4 +170,16 @@ def test_a_generator_loss_has_the_same_colour_on_every_page(chromium_browser: Br
             assert page.get_attribute('li[data-run="sat"] .swatch', "data-color") == sat
             assert page.get_attribute('li[data-run="nonsat"] .swatch', "data-color") == nonsat
         screenshot(page, "chart-view-twin-colours")
+
+        # Zoom on the compare page fetches each run's own steps at full resolution, the shadow line too.
+        page.evaluate("Plotly.relayout(window.gradwatch.charts.gnorm.el,"
+                      " {'xaxis.range[0]': 1000, 'xaxis.range[1]': 1200})")
+        for trace in ("sat:applied", "nonsat:applied", "sat:shadow"):
+            page.wait_for_function(
+                "([id]) => { const c = window.gradwatch.charts.gnorm; const l = c.lines[c.ids.get(id)];"
+                " return l.step.filter((s) => s >= 1000 && s <= 1200).length === 201; }", arg=[trace], timeout=30_000)
+        shadow = page.evaluate("(() => { const c = window.gradwatch.charts.gnorm;"
+                               " const l = c.lines[c.ids.get('sat:shadow')];"
+                               " return l.value[l.step.indexOf(1100)]; })()")
+        assert shadow == 0.5  # the saturating run's shadow: its non-saturating norm at that step
         seen.assert_clean(server.url)
