@@ -20,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
-from app.api import presets, runs, stream
+from app.api import changes, presets, runs, stream
 from app.hub import Hub
 from app.limits import BodyLimitMiddleware
 from app.manager import RunError, RunManager
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityMiddleware, settings=settings,
                        exempt_prefixes=("/ws/worker/", "/worker/", "/static/", assets.ASSETS_URL + "/", HEALTH_PATH))
     app.include_router(presets.router)
+    app.include_router(changes.router)  # before runs: /api/runs/changes is not a run id
     app.include_router(runs.router)
     app.include_router(stream.router)
     app.include_router(assets.vendor_router())

@@ -41,6 +41,7 @@ import psutil
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from app.changes import Changes
 from app.hub import Hub, close_quietly
 from app.placement import CUDA_ENV, server_gpu_ids, worker_cuda_visible_devices
 from app.rate import StepRate
@@ -163,6 +164,9 @@ class RunManager:
         self._lock = asyncio.Lock()
         self._submit_lock = asyncio.Lock()
         self.rates = StepRate()
+        # Pushes run-table changes to the runs page (app.changes): the store reports every committed run-row change.
+        self.changes = Changes()
+        store.on_change = self.changes.notify
 
     @property
     def gpus(self) -> int:
@@ -170,6 +174,7 @@ class RunManager:
 
     # -- life cycle -------------------------------------------------------------
     async def start(self) -> None:
+        self.changes.start()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         if self.ray is not None:
             with _signal_handlers_kept():
@@ -236,6 +241,7 @@ class RunManager:
         and waited for too. Its run becomes ``interrupted`` with an error that
         says whether the final checkpoint was written.
         """
+        self.changes.close()  # the runs pages' event streams end (they would hold the server open)
         for task in list(self._tasks):
             task.cancel()
         for run_id, active in list(self.active.items()):

@@ -93,6 +93,8 @@ _ADDED_RUN_COLUMNS: Final = {
     "seq_offset": "INTEGER NOT NULL DEFAULT 0",
     "uid": "TEXT",
     "placement": "TEXT",
+    "tags": "TEXT",
+    "notes": "TEXT",
 }
 
 _DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
@@ -253,6 +255,8 @@ class RunRecord:
     # Where a run on a Ray cluster is (app.ray_backend): {"backend": "ray", "actor", "resources"} once handed to Ray,
     # "waiting_for" while Ray has no room for it, then "node_id", "node_ip", "hostname" once a node took it.
     placement: dict[str, Any] | None = None
+    tags: list[str] | None = None  # the user's labels (PATCH /api/runs/{id}); None on a run never tagged
+    notes: str | None = None  # the user's free text about the run
 
     @property
     def external(self) -> bool:
@@ -262,7 +266,9 @@ class RunRecord:
 
 _RUN_COLUMNS: Final = tuple(f.name for f in fields(RunRecord))
 _UPDATABLE: Final = frozenset(_RUN_COLUMNS) - {"id"}
-_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from", "source", "controls", "placement"})
+_JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from", "source", "controls", "placement", "tags"})
+#: Status filter "active" of :meth:`Store.page_runs`: the runs that are not over yet.
+ACTIVE_STATUSES: Final = ("queued", "running")
 
 Float64Array = npt.NDArray[np.float64]
 Int64Array = npt.NDArray[np.int64]
@@ -281,6 +287,45 @@ def _to_db(column: str, value: Any) -> Any:
 def _record_from_row(row: sqlite3.Row) -> RunRecord:
     values = {c: (json.loads(row[c]) if c in _JSON_COLUMNS and row[c] is not None else row[c]) for c in _RUN_COLUMNS}
     return RunRecord(**values)
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern matching ``text`` anywhere, its own ``%`` and ``_`` taken literally (ESCAPE '\\')."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _run_filters(query: str, status: str, kind: str, tag: str, sweep: str) -> tuple[list[str], list[Any]]:
+    """The WHERE terms (joined with AND) and their parameters of :meth:`Store.page_runs`."""
+    where: list[str] = []
+    params: list[Any] = []
+    if status == "active":
+        where.append(f"status IN ({', '.join('?' for _ in ACTIVE_STATUSES)})")
+        params += ACTIVE_STATUSES
+    elif status:
+        where.append("status = ?")
+        params.append(status)
+    if kind:
+        where.append("kind = ?")
+        params.append(kind)
+    if sweep:
+        where.append("sweep_id = ?")
+        params.append(sweep)
+    if tag:
+        # Tags are a JSON list of strings; json_each reads them one by one, so a tag never matches across two.
+        where.append("EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE lower(json_each.value) = lower(?))")
+        params.append(tag)
+    text = query.strip()
+    if text:
+        pattern = _like(text)
+        # LIKE is case-insensitive for ASCII; the cheap columns first (SQLite stops at the first true term), the
+        # config's JSON is parsed only for rows they did not match.
+        where.append(
+            "(name LIKE :p ESCAPE '\\' OR id LIKE :p ESCAPE '\\'"
+            " OR EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE json_each.value LIKE :p ESCAPE '\\')"
+            " OR json_extract(config, '$.data.name') LIKE :p ESCAPE '\\'"
+            " OR (kind = 'gan' AND json_extract(config, '$.gan.g_loss') LIKE :p ESCAPE '\\'))".replace(":p", "?"))
+        params += [pattern] * 5
+    return where, params
 
 
 def _nan_to_none(values: Iterable[float]) -> list[float | None]:
@@ -605,6 +650,10 @@ class Store:
                 if column not in present:
                     self._runs_conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {decl}")
             self._runs_conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_by_uid ON runs (uid) WHERE uid IS NOT NULL")
+            # The runs table's sweep groups read a sweep's members; filtered pages keep the newest-first order.
+            self._runs_conn.execute(
+                "CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep_id) WHERE sweep_id IS NOT NULL")
+            self._runs_conn.execute("CREATE INDEX IF NOT EXISTS runs_by_kind ON runs (kind, created_at DESC, id)")
             self._runs_conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._write_conn = _connect(self.path)
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
@@ -620,6 +669,17 @@ class Store:
         self._broken: dict[str, int] = {}
         # Partly filled chunks added per (run, key) since its last compaction; touched by the writer only.
         self._small_chunks: dict[tuple[str, str], int] = {}
+        #: Told the id of every run whose row changed (created, updated, deleted, or its step advanced), after the
+        #: change is committed, from whichever thread made it (app.changes.Changes.notify is thread-safe).
+        self.on_change: Callable[[str], None] | None = None
+
+    def _changed(self, run_id: str) -> None:
+        listener = self.on_change
+        if listener is not None:
+            try:
+                listener(run_id)
+            except Exception:
+                logger.exception("store: change listener failed for run %s", run_id)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -686,6 +746,7 @@ class Store:
                 self._runs_conn.execute(f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({placeholders})", values)
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"run {run.id!r} already exists") from exc
+        self._changed(run.id)
 
     def update_run(self, run_id: str, **fields: Any) -> RunRecord:
         """Set some fields of a run and return the updated record.
@@ -705,6 +766,8 @@ class Store:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise KeyError(run_id)
+        if fields:
+            self._changed(run_id)
         return _record_from_row(row)
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -728,12 +791,42 @@ class Store:
         sql += " ORDER BY created_at DESC, id"
         return [_record_from_row(row) for row in self._reader().execute(sql, params).fetchall()]
 
+    def page_runs(self, query: str = "", status: str = "", kind: str = "", tag: str = "", sweep: str = "",
+                  limit: int = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
+        """One page of the runs table, newest first, and how many runs match in all; filtered in SQL.
+
+        ``query`` matches, case-insensitively and as a substring, a run's name, id, any tag, its dataset or (GAN
+        runs) its generator loss. ``status`` is one of RUN_STATUSES or ``"active"`` (queued or running); ``tag``
+        matches one tag exactly but for case; ``sweep`` a sweep id. Empty strings filter nothing.
+        """
+        where, params = _run_filters(query, status, kind, tag, sweep)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        conn = self._reader()
+        total = int(conn.execute(f"SELECT COUNT(*) FROM runs{clause}", params).fetchone()[0])
+        rows = conn.execute(f"SELECT * FROM runs{clause} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                            [*params, max(0, limit), max(0, offset)]).fetchall()
+        return [_record_from_row(row) for row in rows], total
+
+    def sweep_runs(self, sweep_ids: Iterable[str]) -> dict[str, list[RunRecord]]:
+        """Every run of each sweep, newest first (a sweep has at most a few dozen)."""
+        ids = list(dict.fromkeys(sweep_ids))
+        if not ids:
+            return {}
+        sql = (f"SELECT * FROM runs WHERE sweep_id IN ({', '.join('?' for _ in ids)})"
+               " ORDER BY created_at DESC, id")
+        out: dict[str, list[RunRecord]] = {sweep_id: [] for sweep_id in ids}
+        for row in self._reader().execute(sql, ids).fetchall():
+            rec = _record_from_row(row)
+            out[str(rec.sweep_id)].append(rec)
+        return out
+
     def delete_run(self, run_id: str) -> None:
         """Remove the run row, its frames and its metric history in one transaction (no-op if unknown)."""
         with self._runs_transaction() as conn:
             for table in ("frames", "metric_chunks", "metric_keys"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        self._changed(run_id)
 
     @contextmanager
     def _runs_transaction(self) -> Iterator[sqlite3.Connection]:
@@ -921,6 +1014,8 @@ class Store:
                         committed.extend(self._commit([item]))
                     except Exception as item_exc:
                         self._fail(item, item_exc)
+        for run_id in dict.fromkeys(item.run_id for item in committed):
+            self._changed(run_id)  # its step and last_seq moved
         for item in committed:
             if item.on_commit is not None:
                 try:

@@ -19,6 +19,7 @@ from app.api.schemas import (
     Artifact,
     ResumeFrom,
     RunDetail,
+    RunMetaPatch,
     RunRequest,
     RunSummary,
     ScriptRunOut,
@@ -173,6 +174,22 @@ async def list_runs(store: StoreDep, manager: ManagerDep) -> list[RunSummary]:
 @router.get("/runs/{run_id}", response_model=RunDetail)
 async def get_run(run_id: str, manager: ManagerDep) -> RunDetail:
     return await _detail(manager, await manager.get(run_id))
+
+
+async def update_meta(manager: RunManager, run_id: str, patch: RunMetaPatch) -> RunRecord:
+    """Rename, tag or annotate a run (any status, a script's run too); 404 for an unknown run."""
+    await manager.get(run_id)
+    changes = patch.changes()
+    try:
+        return await asyncio.to_thread(manager.store.update_run, run_id, **changes)
+    except KeyError as exc:  # deleted in between
+        raise RunError(404, f"no run {run_id!r}") from exc
+
+
+@router.patch("/runs/{run_id}", response_model=RunDetail)
+async def patch_run(run_id: str, patch: RunMetaPatch, manager: ManagerDep) -> RunDetail:
+    """Change a run's ``name``, ``tags`` (the whole list) or ``notes``; fields left out stay as they are."""
+    return await _detail(manager, await update_meta(manager, run_id, patch))
 
 
 @router.post("/runs/{run_id}/stop", response_model=RunDetail, status_code=202)

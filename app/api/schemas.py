@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -118,6 +120,76 @@ class ScriptRunRequest(BaseModel):
         return config
 
 
+MAX_TAGS = 32
+MAX_TAG_CHARS = 40
+MAX_NAME_CHARS = 200
+MAX_NOTES_CHARS = 10_000
+#: A tag: letters, digits and ``-_.:/+``, with spaces only inside (stripped at the ends before the check).
+TAG_PATTERN = re.compile(r"[\w\-.:/+]+(?: +[\w\-.:/+]+)*")
+
+
+def _control_free(text: str, *, newlines: bool = False) -> bool:
+    allowed = {"\n", "\r", "\t"} if newlines else set()
+    return not any(unicodedata.category(ch) in ("Cc", "Cf") and ch not in allowed for ch in text)
+
+
+class RunMetaPatch(BaseModel):
+    """What a user may change of any run, whatever its status: its name, its tags, its notes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description=f"1 to {MAX_NAME_CHARS} characters after trimming, no control "
+                                                "characters")
+    tags: list[str] | None = Field(None, description=f"at most {MAX_TAGS}, each 1 to {MAX_TAG_CHARS} characters: "
+                                                     "letters, digits, -_.:/+ and inner spaces; repeats (ignoring "
+                                                     "case) are dropped")
+    notes: str | None = Field(None, description=f"free text, at most {MAX_NOTES_CHARS:,} characters")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        if name is None:
+            raise ValueError("must be a string (a run always has a name)")
+        name = name.strip()
+        if not 1 <= len(name) <= MAX_NAME_CHARS:
+            raise ValueError(f"must be 1 to {MAX_NAME_CHARS} characters after trimming spaces")
+        if not _control_free(name):
+            raise ValueError("must not contain control characters")
+        return name
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: list[str] | None) -> list[str] | None:
+        if tags is None:
+            raise ValueError("must be a list of strings (send [] to remove every tag)")
+        kept: dict[str, str] = {}
+        for raw in tags:
+            tag = raw.strip()
+            if not 1 <= len(tag) <= MAX_TAG_CHARS:
+                raise ValueError(f"each tag must be 1 to {MAX_TAG_CHARS} characters; got {len(tag)}")
+            if not TAG_PATTERN.fullmatch(tag):
+                raise ValueError(f"tag {tag[:MAX_TAG_CHARS]!r}: use letters, digits, -_.:/+ and spaces inside")
+            kept.setdefault(tag.casefold(), tag)
+        if len(kept) > MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags; got {len(kept)}")
+        return list(kept.values())
+
+    @field_validator("notes")
+    @classmethod
+    def _notes(cls, notes: str | None) -> str | None:
+        if notes is None:
+            raise ValueError('must be a string (send "" to clear the notes)')
+        if len(notes) > MAX_NOTES_CHARS:
+            raise ValueError(f"at most {MAX_NOTES_CHARS:,} characters; got {len(notes):,}")
+        if not _control_free(notes, newlines=True):
+            raise ValueError("must not contain control characters other than line breaks and tabs")
+        return notes
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the request set, as store columns."""
+        return self.model_dump(exclude_unset=True)
+
+
 class RunSummary(BaseModel):
     id: str
     name: str
@@ -141,11 +213,14 @@ class RunSummary(BaseModel):
     steps_per_s: float | None = Field(
         None, description="Training steps per second over the last ~10 s; null unless the run is training."
     )
+    tags: list[str] = Field(default_factory=list, description="the user's labels (PATCH /api/runs/{id})")
+    notes: str = Field("", description="the user's notes about the run")
 
     @classmethod
     def of(cls, rec: RunRecord, steps_per_s: float | None = None) -> RunSummary:
         """The summary of a stored run; the rate is the manager's to know (it is not stored)."""
         fields = {k: getattr(rec, k) for k in cls.model_fields if k != "steps_per_s"}
+        fields["tags"], fields["notes"] = rec.tags or [], rec.notes or ""
         return cls.model_validate({**fields, "steps_per_s": steps_per_s})
 
 

@@ -14,9 +14,9 @@ import shlex
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
@@ -24,10 +24,11 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from app.api.deps import ManagerDep, StoreDep
-from app.api.runs import artifacts_of
+from app.api.runs import artifacts_of, update_meta
+from app.api.schemas import RunMetaPatch
 from app.manager import RunError, RunManager
 from app.ray_backend import describe_node
-from app.store import TERMINAL_STATUSES, RunRecord
+from app.store import RUN_STATUSES, TERMINAL_STATUSES, RunRecord, Store
 from app.web.diff import config_diff
 from app.web.form import FormField, errors_by_field, flat_values, form_sections, nested_config
 from trainer.config import TWO_D_DATASETS, RunConfig
@@ -197,6 +198,7 @@ def _row(rec: RunRecord, manager: RunManager) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec.created_at)), "created_at": rec.created_at,
         "ended": rec.status in TERMINAL_STATUSES, "error": rec.error,
         "external": rec.external, "source": source, "can_stop": _allowed(rec)["stop"], "where": _where(rec),
+        "tags": rec.tags or [], "notes": rec.notes or "", "sweep_id": rec.sweep_id,
     }
 
 
@@ -220,13 +222,132 @@ def _preset_values(key: str) -> tuple[dict[str, Any], bool]:
     return flat_values(get_preset(preset.config).model_dump(mode="json")), preset.twin
 
 
+#: Rows per page of the runs table the user may choose; the first is not the default.
+PAGE_SIZES = (25, 50, 100)
+DEFAULT_PAGE_SIZE = 50
+STATUS_FILTERS = ("active", *RUN_STATUSES)
+KIND_FILTERS = ("gan", "vae", "custom")
+
+
+@dataclass(frozen=True)
+class TableQuery:
+    """The runs table's filters, page and grouping: what the runs page's URL and its filter form carry."""
+
+    q: str = ""
+    status: str = ""
+    kind: str = ""
+    tag: str = ""
+    sweep: str = ""
+    page: int = 1
+    per: int = DEFAULT_PAGE_SIZE
+    group: bool = True
+
+    def params(self, **changes: Any) -> dict[str, str]:
+        """The query parameters that say this state (defaults left out), with ``changes`` applied."""
+        state = {**self.__dict__, **changes}
+        out = {k: str(state[k]) for k in ("q", "status", "kind", "tag", "sweep") if state[k]}
+        if state["page"] != 1:
+            out["page"] = str(state["page"])
+        if state["per"] != DEFAULT_PAGE_SIZE:
+            out["per"] = str(state["per"])
+        if not state["group"]:
+            out["group"] = "0"
+        return out
+
+    def url(self, **changes: Any) -> str:
+        params = self.params(**changes)
+        return "/?" + urlencode(params) if params else "/"
+
+
+def table_query(request: Request) -> TableQuery:
+    """The table state from a request's query; what is not understood is left at its default, never a 422 (a
+    shared link with a stale filter still opens the runs page)."""
+    q = request.query_params
+
+    def text(name: str, limit: int) -> str:
+        return q.get(name, "").strip()[:limit]
+
+    def number(name: str, default: int) -> int:
+        raw = q.get(name, "")
+        return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else default
+
+    status, kind = text("status", 20), text("kind", 20)
+    per = number("per", DEFAULT_PAGE_SIZE)
+    return TableQuery(q=text("q", 200), status=status if status in STATUS_FILTERS else "",
+                      kind=kind if kind in KIND_FILTERS else "", tag=text("tag", 40), sweep=text("sweep", 64),
+                      page=max(1, number("page", 1)), per=per if per in PAGE_SIZES else DEFAULT_PAGE_SIZE,
+                      group=q.get("group", "1") not in ("0", "off", "false"))
+
+
+def _sweep_label(members: list[RunRecord]) -> str:
+    """What varies across a sweep's runs, e.g. ``gan.g_loss: saturating, non_saturating``."""
+    if len(members) < 2:
+        return ""
+    diff = config_diff([rec.config for rec in reversed(members)])  # oldest first: the order the sweep made them
+    parts = []
+    for name, values in diff.values:
+        if name == "name":
+            continue
+        shown = list(dict.fromkeys(v if isinstance(v, str) else json.dumps(v) for v in values))
+        parts.append(f"{name}: {', '.join(shown)}")
+    return "; ".join(parts[:4]) + (f"; +{len(parts) - 4} more" if len(parts) > 4 else "")
+
+
+def _sweep_group(sweep_id: str, members: list[RunRecord]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for rec in members:
+        counts[rec.status] = counts.get(rec.status, 0) + 1
+    ids = [rec.id for rec in reversed(members)]
+    return {"id": sweep_id, "label": _sweep_label(members) or "sweep", "count": len(members),
+            "statuses": sorted(counts.items(), key=lambda kv: RUN_STATUSES.index(kv[0])),
+            "compare": f"/compare?runs={','.join(ids)}"}
+
+
+async def _table_context(table: TableQuery, store: Store, manager: RunManager) -> dict[str, Any]:
+    """One page of the runs table (filtered in SQL), and its sweep groups when grouping is on."""
+    offset = (table.page - 1) * table.per
+    records, total = await asyncio.to_thread(store.page_runs, table.q, table.status, table.kind, table.tag,
+                                             table.sweep, table.per, offset)
+    pages = max(1, -(-total // table.per))
+    if not records and table.page > pages:  # past the end (runs were deleted, a filter narrowed): the last page
+        table = replace(table, page=pages)
+        offset = (pages - 1) * table.per
+        records, total = await asyncio.to_thread(store.page_runs, table.q, table.status, table.kind, table.tag,
+                                                 table.sweep, table.per, offset)
+    rows = [_row(rec, manager) for rec in records]
+    # Each sweep with a run on this page is shown as one block, where its newest run on the page is.
+    blocks: list[dict[str, Any]] = []
+    if table.group and not table.sweep:
+        sweep_ids = [rec.sweep_id for rec in records if rec.sweep_id]
+        sweeps = await asyncio.to_thread(store.sweep_runs, sweep_ids) if sweep_ids else {}
+        by_sweep: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            sweep_id = row["sweep_id"]
+            if sweep_id and len(sweeps.get(sweep_id, [])) > 1:
+                if sweep_id not in by_sweep:
+                    by_sweep[sweep_id] = {"group": _sweep_group(sweep_id, sweeps[sweep_id]), "rows": []}
+                    blocks.append(by_sweep[sweep_id])
+                by_sweep[sweep_id]["rows"].append(row)
+            else:
+                blocks.append({"group": None, "rows": [row]})
+    else:
+        blocks = [{"group": None, "rows": rows}]
+    first = offset + 1 if rows else 0
+    window = range(max(1, table.page - 3), min(pages, table.page + 3) + 1)
+    return {"runs": rows, "blocks": blocks, "table": table, "total": total, "first": first,
+            "last": offset + len(rows), "pages": pages, "window": list(window), "page_sizes": PAGE_SIZES,
+            "status_filters": STATUS_FILTERS, "kind_filters": KIND_FILTERS,
+            "filtered": bool(table.q or table.status or table.kind or table.tag or table.sweep)}
+
+
 @router.get("/", response_class=HTMLResponse)
 async def runs_page(request: Request, templates: TemplatesDep, store: StoreDep, manager: ManagerDep,
+                    table: Annotated[TableQuery, Depends(table_query)],
                     preset: Annotated[str, Query(max_length=64)] = "saturation-twin") -> HTMLResponse:
     values, twin = _preset_values(preset)
-    runs = [_row(rec, manager) for rec in await asyncio.to_thread(store.list_runs)]
-    return templates.TemplateResponse(request, "runs.html",
-                                      {**_form_context(values, preset=preset, twin=twin), "runs": runs})
+    return templates.TemplateResponse(request, "runs.html", {
+        **_form_context(values, preset=preset, twin=twin), **await _table_context(table, store, manager),
+        "changes_version": manager.changes.version})
 
 
 @router.get("/ui/form", response_class=HTMLResponse)
@@ -287,20 +408,21 @@ async def launch(request: Request, templates: TemplatesDep, manager: ManagerDep)
 
 @router.get("/ui/runs-table", response_class=HTMLResponse)
 async def runs_table(request: Request, templates: TemplatesDep, store: StoreDep, manager: ManagerDep,
+                     table: Annotated[TableQuery, Depends(table_query)],
                      notice: str | None = None, status_code: int = 200) -> HTMLResponse:
-    runs = [_row(rec, manager) for rec in await asyncio.to_thread(store.list_runs)]
-    return templates.TemplateResponse(request, "partials/runs_table.html", {"runs": runs, "notice": notice},
-                                      status_code=status_code)
+    context = {**await _table_context(table, store, manager), "notice": notice}
+    return templates.TemplateResponse(request, "partials/runs_table.html", context, status_code=status_code)
 
 
 async def _table_after(action: Awaitable[Any], request: Request, templates: Jinja2Templates, store: StoreDep,
                        manager: RunManager) -> HTMLResponse:
     """Run a table button's action; the answer is the refreshed table, with a refusal (409…) above it."""
+    table = table_query(request)
     try:
         await action
     except RunError as exc:
-        return await runs_table(request, templates, store, manager, exc.detail, exc.status)
-    return await runs_table(request, templates, store, manager)
+        return await runs_table(request, templates, store, manager, table, exc.detail, exc.status)
+    return await runs_table(request, templates, store, manager, table)
 
 
 @router.post("/ui/table/runs/{run_id}/stop", response_class=HTMLResponse)
@@ -364,6 +486,46 @@ async def page_stop(run_id: str, request: Request, templates: TemplatesDep, mana
     except RunError as exc:
         return _notice(templates, request, exc.detail, ok=False, status_code=exc.status)
     return _notice(templates, request, "Stopping: the worker writes a final checkpoint, then ends.", ok=True)
+
+
+META_PARTS = ("name", "tags", "notes")
+
+
+@router.post("/ui/runs/{run_id}/meta", response_class=HTMLResponse)
+async def page_meta(run_id: str, request: Request, templates: TemplatesDep, manager: ManagerDep) -> HTMLResponse:
+    """The run page's rename, tags and notes editors: one form each (``part``), answered with that part redrawn.
+
+    The tags form sends every kept tag as ``tag`` and the new one as ``new_tag`` (blank: none). Refused input comes
+    back in place with the message, as typed, and a 422.
+    """
+    pairs = await _form_pairs(request)
+    form = dict(pairs)
+    part = form.get("part", "")
+    if part not in META_PARTS:
+        raise RunError(422, f"part must be one of {', '.join(META_PARTS)}")
+    rec = await manager.get(run_id)
+    if part == "tags":
+        typed = [value for name, value in pairs if name == "tag"]
+        typed += [t for t in form.get("new_tag", "").split(",") if t.strip()]
+        raw: dict[str, Any] = {"tags": typed}
+    else:
+        raw = {part: form.get(part, "")}
+    try:
+        patch = RunMetaPatch.model_validate(raw)
+    except ValidationError as exc:
+        message = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in exc.errors())
+        shown = _row(rec, manager)
+        if part == "tags":
+            shown["tags"] = [value for name, value in pairs if name == "tag"]
+        else:
+            shown[part] = raw[part]
+        return templates.TemplateResponse(request, "partials/run_meta.html",
+                                          {"run": shown, "part": part, "error": message, "editing": True,
+                                           "new_tag": form.get("new_tag", "")},
+                                          status_code=422)
+    updated = await update_meta(manager, run_id, patch)
+    return templates.TemplateResponse(request, "partials/run_meta.html",
+                                      {"run": _row(updated, manager), "part": part, "saved": True})
 
 
 @router.post("/ui/runs/{run_id}/control", response_class=HTMLResponse)
