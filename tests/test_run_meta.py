@@ -86,11 +86,17 @@ def test_a_running_run_and_a_scripts_run_can_be_renamed(client: TestClient) -> N
     ({"tags": None}, "tags"),
     ({"notes": "x" * 10_001}, "notes"),
     ({"notes": "nul\x00"}, "notes"),
+    ('{"name": "lone \\ud800 surrogate"}', "name"),  # raw JSON: a lone surrogate is only sayable escaped
+    ('{"notes": "\\udfff"}', "notes"),
     ({"notes": None}, "notes"),
 ])
-def test_each_bad_field_is_a_422_naming_it(client: TestClient, body: dict[str, Any], field: str) -> None:
+def test_each_bad_field_is_a_422_naming_it(client: TestClient, body: dict[str, Any] | str, field: str) -> None:
     rec = _insert(client)
-    locs = _errors(client.patch(f"/api/runs/{rec.id}", json=body))
+    if isinstance(body, str):
+        response = client.patch(f"/api/runs/{rec.id}", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.patch(f"/api/runs/{rec.id}", json=body)
+    locs = _errors(response)
     assert any(loc[:2] == ("body", field) for loc in locs), locs
     assert client.get(f"/api/runs/{rec.id}").json()["name"] == "plain run"  # nothing changed
 

@@ -20,7 +20,9 @@ _DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/runs/changes", response_class=StreamingResponse, responses=_DOC)
+# Not in the OpenAPI schema: an endless stream is no request-and-answer operation, and the schema's generated
+# clients (tests/test_schemathesis.py among them) would wait on it forever. README and docs/architecture.md §5 say it.
+@router.get("/runs/changes", response_class=StreamingResponse, responses=_DOC, include_in_schema=False)
 async def run_changes(manager: ManagerDep) -> StreamingResponse:
     """Push notifications of run-table changes; a browser's ``EventSource`` reconnects by itself."""
     return StreamingResponse(manager.changes.stream(), media_type="text/event-stream",

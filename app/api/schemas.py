@@ -130,7 +130,8 @@ TAG_PATTERN = re.compile(r"[\w\-.:/+]+(?: +[\w\-.:/+]+)*")
 
 def _control_free(text: str, *, newlines: bool = False) -> bool:
     allowed = {"\n", "\r", "\t"} if newlines else set()
-    return not any(unicodedata.category(ch) in ("Cc", "Cf") and ch not in allowed for ch in text)
+    # Cs: a lone surrogate (JSON's "\ud800") is not text at all, and SQLite could not store it as UTF-8.
+    return not any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") and ch not in allowed for ch in text)
 
 
 class RunMetaPatch(BaseModel):

@@ -127,9 +127,6 @@ document.addEventListener("click", (event) => {
     syncSweeps();
     return;
   }
-  // A run deleted from the table leaves the selection.
-  const del = event.target.closest?.("button[hx-delete^='/ui/table/runs/']");
-  if (del) selected.delete(del.closest("tr[data-run]")?.dataset.run);
   // Mark the chosen preset.
   const button = event.target.closest?.(".preset");
   if (button) for (const b of document.querySelectorAll(".preset")) b.classList.toggle("active", b === button);
@@ -144,6 +141,15 @@ document.addEventListener("change", (event) => {
   }
   // Show the GAN or the VAE section as the kind changes.
   if (target.name === "kind" && target.form?.id === "launch-form") target.form.dataset.kind = target.value;
+});
+
+// A run deleted from the table (confirmed, and done) leaves the selection.
+document.body.addEventListener("htmx:afterRequest", (event) => {
+  const button = event.detail.elt;
+  if (event.detail.successful && button?.matches?.("button[hx-delete^='/ui/table/runs/']")) {
+    selected.delete(button.closest("tr[data-run]")?.dataset.run);
+    syncCompare();
+  }
 });
 
 document.body.addEventListener("htmx:afterSwap", (event) => {
