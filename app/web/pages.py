@@ -345,9 +345,10 @@ async def runs_page(request: Request, templates: TemplatesDep, store: StoreDep, 
                     table: Annotated[TableQuery, Depends(table_query)],
                     preset: Annotated[str, Query(max_length=64)] = "saturation-twin") -> HTMLResponse:
     values, twin = _preset_values(preset)
+    version = manager.changes.version  # read before the table: a change in between makes the page reload it
     return templates.TemplateResponse(request, "runs.html", {
         **_form_context(values, preset=preset, twin=twin), **await _table_context(table, store, manager),
-        "changes_version": manager.changes.version})
+        "changes_version": version})
 
 
 @router.get("/ui/form", response_class=HTMLResponse)
