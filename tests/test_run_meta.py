@@ -313,7 +313,7 @@ def test_changes_coalesce_and_end_on_close() -> None:
     assert set().union(*(e["runs"] for e in events)) == {"run0", "run1", "run2", "other"}
 
 
-def test_the_changes_endpoint_needs_the_token(tmp_path: Path) -> None:
+def test_the_changes_endpoint_and_the_patch_need_the_token(tmp_path: Path) -> None:
     import secrets
 
     from app.main import create_app
@@ -323,3 +323,8 @@ def test_the_changes_endpoint_needs_the_token(tmp_path: Path) -> None:
     app = create_app(Settings(data_dir=tmp_path, token=token, _env_file=None))  # type: ignore[call-arg]
     with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         assert client.get("/api/runs/changes").status_code == 401
+        # The PATCH takes the same token as every other API write.
+        _insert(client)
+        assert client.patch("/api/runs/abc123", json={"name": "x"}).status_code == 401
+        r = client.patch("/api/runs/abc123", json={"name": "x"}, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["name"] == "x"
