@@ -461,7 +461,7 @@ def test_digits_gan_vae_and_runs_pages_render_samples_evaluations_and_kl(
     with new_page(chromium_browser, server.url, viewport={"width": 1400, "height": 900}) as page:
         seen = watch(page)
         page.goto("/")
-        # The table refreshes itself every second: both rows reach "completed" with no reload.
+        # The server pushes the table's changes: both rows reach "completed" with no reload.
         for run_id in (gan_id, vae_id):
             page.wait_for_selector(f'#runs-table tr[data-run="{run_id}"][data-status="completed"]', timeout=LONG_MS)
         assert page.locator("#runs-table tr[data-run]").count() == len(run_ids(server))
@@ -469,7 +469,8 @@ def test_digits_gan_vae_and_runs_pages_render_samples_evaluations_and_kl(
         assert page.is_disabled("#compare-button")
         page.check(f'#runs-table tr[data-run="{gan_id}"] .compare-pick')
         page.evaluate("document.querySelector('#runs-table table').dataset.stale = '1'")
-        page.wait_for_selector("#runs-table table:not([data-stale])")
+        server.client().patch(f"/api/runs/{vae_id}", json={"notes": "a change the server pushes"}).raise_for_status()
+        page.wait_for_selector("#runs-table table:not([data-stale])")  # the table was drawn again, by the push
         assert page.is_checked(f'#runs-table tr[data-run="{gan_id}"] .compare-pick')
         assert page.is_enabled("#compare-button") and page.input_value("#compare-runs") == gan_id
         screenshot(page, "runs")
