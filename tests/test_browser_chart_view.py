@@ -162,6 +162,13 @@ def test_a_generator_loss_has_the_same_colour_on_every_page(chromium_browser: Br
         assert _trace(page, "gnorm", "grad/g_norm_non_saturating")["color"] == nonsat
         assert page.locator("#run-gloss").get_attribute("class") == "loss-saturating"
 
+        page.goto("/")  # the runs table names each loss in its colour
+        for run_id, colour in (("sat", sat), ("nonsat", nonsat)):
+            label = page.locator(f'#runs-table tr[data-run="{run_id}"] .run-name [class^="loss-"]')
+            assert label.evaluate("(el) => getComputedStyle(el).color") == page.evaluate(
+                "(c) => { const e = document.createElement('i'); e.style.color = c; document.body.append(e);"
+                " const rgb = getComputedStyle(e).color; e.remove(); return rgb; }", colour)
+
         for order in ("nonsat,sat", "sat,nonsat"):
             _open(page, f"/compare?runs={order}")
             assert _trace(page, "gloss", "sat")["color"] == sat
