@@ -792,7 +792,7 @@ class Store:
         return [_record_from_row(row) for row in self._reader().execute(sql, params).fetchall()]
 
     def page_runs(self, query: str = "", status: str = "", kind: str = "", tag: str = "", sweep: str = "",
-                  limit: int = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
+                  limit: int | None = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
         """One page of the runs table, newest first, and how many runs match in all; filtered in SQL.
 
         ``query`` matches, case-insensitively and as a substring, a run's name, id, any tag, its dataset or (GAN
@@ -804,7 +804,7 @@ class Store:
         conn = self._reader()
         total = int(conn.execute(f"SELECT COUNT(*) FROM runs{clause}", params).fetchone()[0])
         rows = conn.execute(f"SELECT * FROM runs{clause} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-                            [*params, max(0, limit), max(0, offset)]).fetchall()
+                            [*params, -1 if limit is None else max(0, limit), max(0, offset)]).fetchall()
         return [_record_from_row(row) for row in rows], total
 
     def sweep_runs(self, sweep_ids: Iterable[str]) -> dict[str, list[RunRecord]]:

@@ -215,6 +215,28 @@ def test_the_runs_table_filters_searches_and_pages(client: TestClient) -> None:
     assert client.get("/ui/runs-table?status=bogus&per=7&page=-1&kind=x").status_code == 200
 
 
+def test_the_runs_api_filters_and_pages_like_the_table(client: TestClient) -> None:
+    """GET /api/runs takes the table's filters and a page (limit, offset); X-Total-Count says how many match."""
+    for i in range(7):
+        rec = _insert(client, f"r{i}", name=f"run {i}", created_at=1000.0 + i,
+                      status="running" if i % 3 == 0 else "completed", sweep_id="sw" if i < 2 else None)
+        if i % 2 == 0:
+            client.patch(f"/api/runs/{rec.id}", json={"tags": ["even"]})
+    everything = client.get("/api/runs")
+    assert [r["id"] for r in everything.json()] == [f"r{i}" for i in range(6, -1, -1)]
+    assert everything.headers["x-total-count"] == "7"
+    page = client.get("/api/runs", params={"limit": 3, "offset": 3})
+    assert [r["id"] for r in page.json()] == ["r3", "r2", "r1"] and page.headers["x-total-count"] == "7"
+    assert [r["id"] for r in client.get("/api/runs", params={"tag": "EVEN"}).json()] == ["r6", "r4", "r2", "r0"]
+    assert [r["id"] for r in client.get("/api/runs", params={"status": "active"}).json()] == ["r6", "r3", "r0"]
+    assert [r["id"] for r in client.get("/api/runs", params={"sweep": "sw"}).json()] == ["r1", "r0"]
+    found = client.get("/api/runs", params={"q": "RUN 5"})
+    assert [r["id"] for r in found.json()] == ["r5"] and found.headers["x-total-count"] == "1"
+    for params, field in (({"status": "sleeping"}, "status"), ({"kind": "bert"}, "kind"), ({"limit": 0}, "limit"),
+                          ({"limit": 1001}, "limit"), ({"offset": -1}, "offset"), ({"q": "x" * 201}, "q")):
+        assert _errors(client.get("/api/runs", params=params)) == [("query", field)]
+
+
 def test_sweeps_are_grouped_with_what_varies_and_a_compare_link(client: TestClient) -> None:
     now = time.time()
     _insert(client, "s1", name="sat", sweep_id="sw1", created_at=now - 2, gan={"g_loss": "saturating"})

@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -166,9 +166,25 @@ async def create_sweep(request: SweepRequest, manager: ManagerDep) -> SweepOut:
     return SweepOut(id=sweep_id, runs=runs)
 
 
+RunStatusFilter = Literal["queued", "running", "completed", "stopped", "failed", "interrupted", "active"]
+RunKindFilter = Literal["gan", "vae", "custom"]
+
+
 @router.get("/runs", response_model=list[RunSummary])
-async def list_runs(store: StoreDep, manager: ManagerDep) -> list[RunSummary]:
-    return [RunSummary.of(rec, manager.steps_per_s(rec.id)) for rec in await asyncio.to_thread(store.list_runs)]
+async def list_runs(
+    store: StoreDep, manager: ManagerDep, response: Response,
+    q: Annotated[str, Query(max_length=200, description="Substring of a name, id, tag, dataset or loss")] = "",
+    status: Annotated[RunStatusFilter | None, Query(description="A status, or active (queued or running)")] = None,
+    kind: Annotated[RunKindFilter | None, Query()] = None,
+    tag: Annotated[str, Query(max_length=40, description="Runs with this tag (case ignored)")] = "",
+    sweep: Annotated[str, Query(max_length=64, description="Runs of this sweep id")] = "",
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="At most this many runs (default: all)")] = None,
+    offset: Annotated[int, Query(ge=0, le=2**53)] = 0,
+) -> list[RunSummary]:
+    """Runs newest first, filtered and paged in SQL as the runs table is; ``X-Total-Count`` says how many match."""
+    records, total = await asyncio.to_thread(store.page_runs, q, status or "", kind or "", tag, sweep, limit, offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [RunSummary.of(rec, manager.steps_per_s(rec.id)) for rec in records]
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)
