@@ -46,6 +46,17 @@ what it fixed, side by side in one run.
     python -m bench.browser --modes filled --frames 20 --case-seconds 8 --gl-max-n 10000   # make bench
 
 Writes ``bench/results/browser.json``.
+
+**Compare page** (``--compare 10,20,50``): instead of the run page, N stored runs (``--compare-steps`` steps of
+the same 26 keys each) opened on one ``/compare?runs=…`` page, whose handler ``window.gradwatch.onFrame(runIndex,
+frame)`` is fed one metrics frame per run per *tick* (what N live runs send while each flushes a frame): handler
+(all N calls) + flush per tick, and per frame (the tick over N). Also the page's load time (navigation to
+``data-ready``: N runs' histories and events fetched and drawn, N websockets opened). The page shows at most
+``MAX_COMPARE`` runs (app/web/pages.py), so the benchmark's server lifts that limit to the largest N (in its own
+process only). Writes ``bench/results/browser-compare.json``; the figures chose ``MAX_COMPARE``
+(docs/benchmarks.md, "Compare page").
+
+    python -m bench.browser --compare 10,20,50 --renderers scattergl,scatter
 """
 
 from __future__ import annotations
@@ -129,6 +140,72 @@ WEBGL_JS = """() => { const c = document.createElement('canvas');
   const g = c.getContext('webgl2') || c.getContext('webgl');
   if (!g) return null; const d = g.getExtension('WEBGL_debug_renderer_info');
   return d ? g.getParameter(d.UNMASKED_RENDERER_WEBGL) : 'webgl'; }"""
+
+
+#: Feeds ``ticks`` ticks, each one metrics frame to every one of ``runs`` runs on the compare page; per tick
+#: [handler ms (all runs), flush ms, wall ms].
+TICK_JS = """
+async ({ticks, runs, stepsPerFrame, firstStep, keys, warmup, budgetMs}) => {
+  const g = window.gradwatch;
+  const tick = () => new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
+  const make = (first, n, r) => {
+    const step = [], time = [], now = Date.now() / 1000, data = {};
+    for (let i = 0; i < n; i++) { step.push(first + i); time.push(now); }
+    keys.forEach((key, j) => {
+      const v = new Array(n);
+      for (let i = 0; i < n; i++) v[i] = 2 + Math.sin((first + i) / (3000 + 500 * j) + r) + 0.1 * (Math.random() - 0.5);
+      data[key] = v;
+    });
+    // The applied norm is the non-saturating one, as in a non-saturating run: its shadow is the saturating norm.
+    if (data["grad/g_norm_non_saturating"]) data["grad/g_norm"] = data["grad/g_norm_non_saturating"].slice();
+    return { type: "metrics", run: "bench", seq: 0, step, time, data };
+  };
+  let next = firstStep;
+  const out = [];
+  const started = performance.now();
+  let warm = warmup;
+  for (let t = 0; t < warm + ticks; t++) {
+    const elapsed = performance.now() - started;
+    if (t < warm && elapsed > budgetMs / 2) warm = t;
+    if (t >= warm + 3 && elapsed > budgetMs) break;
+    const frames = [];
+    for (let r = 0; r < runs; r++) frames.push(make(next, stepsPerFrame, r));
+    next += stepsPerFrame;
+    let before = 0;
+    requestAnimationFrame(() => { before = performance.now(); });
+    const t0 = performance.now();
+    for (let r = 0; r < runs; r++) g.onFrame(r, frames[r]);
+    const t1 = performance.now();
+    const after = await tick();
+    const end = await tick();
+    if (t >= warm) out.push([t1 - t0, after - before, end - t0]);
+  }
+  return { times: out, next };
+}
+"""
+#: Traces per compare chart, and the last step of every main trace.
+COMPARE_STATE_JS = """() => { const c = window.gradwatch.charts;
+  return { traces: Object.fromEntries(Object.entries(c).filter(([, v]) => v.el && v.el.data)
+                                        .map(([k, v]) => [k, v.el.data.length])),
+           last: Object.values(c).filter((v) => Array.isArray(v.last)).flatMap((v) => v.last)
+                   .filter((s) => Number.isFinite(s)) }; }"""
+#: ``python -c`` for the compare benchmark's server: the app with MAX_COMPARE lifted to argv[1], then ``gradwatch``.
+LIFT_COMPARE_LIMIT = ("import sys; import app.web.pages as pages; pages.MAX_COMPARE = int(sys.argv[1]); "
+                      "from app.cli import main; sys.exit(main(sys.argv[2:]))")
+
+
+class CompareServer(Server):
+    """``gradwatch serve`` whose compare page takes up to ``limit`` runs (the app's MAX_COMPARE, in this process)."""
+
+    def __init__(self, data_dir: Path, limit: int) -> None:
+        super().__init__(data_dir)
+        self.limit = limit
+
+    def command(self, port: str) -> list[str]:
+        command = super().command(port)
+        if command[1:3] != ["-m", "app.cli"]:
+            raise RuntimeError(f"unexpected server command {command}")
+        return [command[0], "-c", LIFT_COMPARE_LIMIT, str(self.limit), *command[3:]]
 
 
 def chromium_path() -> str:
@@ -284,6 +361,101 @@ def _case(args: argparse.Namespace, browser: Browser, url: str, script: str | No
             "fill_s": round(fill_s, 1), **summarize(result["times"])}
 
 
+def build_compare_runs(data_dir: Path, n: int, steps: int, keys: list[str]) -> list[str]:
+    """``n`` completed non-saturating GAN runs of ``steps`` steps (their applied norm is the non-saturating one)."""
+    store = Store(data_dir / "gradwatch.db")
+    store.start()
+    ids = [f"cmp{i:03d}" for i in range(n)]
+    try:
+        for i, run_id in enumerate(ids):
+            columns = curves(steps, keys, seed=i)
+            if "grad/g_norm_non_saturating" in columns:
+                columns["grad/g_norm"] = columns["grad/g_norm_non_saturating"].copy()
+            write_run(store, run_id, columns, frame_steps=256)
+        if not store.wait_flushed(300):
+            raise RuntimeError("the store did not commit the runs")
+    finally:
+        store.close()
+    return ids
+
+
+def summarize_ticks(times: list[list[float]], runs: int) -> dict[str, float]:
+    """A tick's figures (one frame to each of ``runs`` runs), and per frame (a tick's JS time over ``runs``)."""
+    tick = summarize(times)
+    return {**tick, "per_frame_median_ms": round(tick["median_ms"] / runs, 3),
+            "per_frame_p95_ms": round(tick["p95_ms"] / runs, 3)}
+
+
+def measure_compare(args: argparse.Namespace, server: Server, ids: list[str], keys: list[str]) -> list[dict[str, Any]]:
+    """Every (renderer, N) case of the compare page: load time, then ticks of one frame per run."""
+    from playwright.sync_api import sync_playwright
+
+    cases: list[dict[str, Any]] = []
+    with sync_playwright() as playwright:
+        for renderer in args.renderers:
+            browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True,
+                                                 args=CHROMIUM_ARGS + RENDERERS[renderer])
+            try:
+                for n in args.compare:
+                    case = {"renderer": renderer, **_compare_case(args, browser, server.url, ids[:n], keys)}
+                    cases.append(case)
+                    print(f"  {renderer:9s} compare N={n:>3}: load {case['load_s']:.2f} s, per tick "
+                          f"{case['median_ms']:.2f} ms median (handler {case['handler_median_ms']:.2f} + flush "
+                          f"{case['flush_median_ms']:.2f}), p95 {case['p95_ms']:.2f}; per frame "
+                          f"{case['per_frame_median_ms']:.3f} ms", flush=True)
+            finally:
+                browser.close()
+    return cases
+
+
+def _compare_case(args: argparse.Namespace, browser: Browser, base: str, ids: list[str],
+                  keys: list[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    page = _open(browser, f"{base}/compare?runs={','.join(ids)}")
+    try:
+        load_s = time.perf_counter() - started
+        types = page.evaluate(TRACE_TYPES_JS)
+        shown = page.evaluate("() => document.querySelectorAll('#compare-runs li[data-run]').length")
+        if shown != len(ids):
+            raise RuntimeError(f"the compare page shows {shown} runs, not {len(ids)}")
+        before = page.evaluate(COMPARE_STATE_JS)
+        result = page.evaluate(TICK_JS, {"ticks": args.frames, "runs": len(ids), "stepsPerFrame": args.steps_per_frame,
+                                         "firstStep": args.compare_steps + 1, "keys": keys, "warmup": args.warmup,
+                                         "budgetMs": 1000 * args.case_seconds})
+        last = set(page.evaluate(COMPARE_STATE_JS)["last"])
+        if last != {int(result["next"]) - 1}:  # every run's lines took every point of every tick
+            raise RuntimeError(f"the compare lines end at steps {last}, not {int(result['next']) - 1}")
+    finally:
+        page.context.close()
+    return {"trace_types": types, "n": len(ids), "steps_per_run": args.compare_steps, "load_s": round(load_s, 2),
+            "traces": before["traces"], **summarize_ticks(result["times"], len(ids))}
+
+
+def compare_main(args: argparse.Namespace, meta: dict[str, Any]) -> int:
+    """The compare-page benchmark (``--compare``): a table of load time and per-tick / per-frame JS cost by N."""
+    out = args.json if args.json is not None else RESULTS_DIR / "browser-compare.json"
+    meta = {**meta, "compare_steps": args.compare_steps, "page": "compare"}
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"browser benchmark not available: {reason}")
+        write_json(out, {"meta": meta, "available": False, "reason": reason, "cases": []})
+        return 0
+    keys = synthetic_keys(N_KEYS)
+    with tempfile.TemporaryDirectory(prefix="gradwatch-browser-") as tmp:
+        ids = build_compare_runs(Path(tmp), max(args.compare), args.compare_steps, keys)
+        with CompareServer(Path(tmp), max(args.compare)) as server:
+            cases = measure_compare(args, server, ids, keys)
+    rows = [[c["renderer"], str(c["n"]), f"{c['load_s']:.2f}", f"{c['handler_median_ms']:.2f}",
+             f"{c['flush_median_ms']:.2f}", f"{c['median_ms']:.2f}", f"{c['p95_ms']:.2f}",
+             f"{c['per_frame_median_ms']:.3f}", f"{c['wall_median_ms']:.0f}"] for c in cases]
+    print(render_table(["renderer", "runs", "load s", "handler ms", "flush ms", "per tick ms", "p95 ms",
+                        "per frame ms", "wall ms"], rows))
+    print("a tick = one 16-step frame to every run; per tick = handler (all runs) + flush (JS); per frame = per tick "
+          "/ runs; wall = from the tick to the second animation frame after it (includes software rendering)")
+    write_json(out, {"meta": meta, "available": True, "reason": None, "cases": cases})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.browser", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1_000, 10_000, 100_000])
@@ -301,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                              "none skipped); software WebGL takes seconds per frame at 100k unthinned points")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["current"],
                         help="current (the app's charts.js) and/or before-fix (its thinning switched off)")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "browser.json")
+    parser.add_argument("--compare", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="measure the compare page instead, with these numbers of runs (e.g. 10,20,50)")
+    parser.add_argument("--compare-steps", type=int, default=2_000,
+                        help="steps of history per run on the compare page (it loads at most 2,000 per key)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: bench/results/browser.json (browser-compare.json with --compare)")
     args = parser.parse_args(argv)
     bad = ([r for r in args.renderers if r not in RENDERERS] + [m for m in args.modes if m not in ("history", "filled")]
            + [v for v in args.variants if v not in ("current", "before-fix")])
@@ -310,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**machine_info("cpu"), "chromium": chromium_version(), "steps_per_frame": args.steps_per_frame,
             "keys": N_KEYS, "frames": args.frames, "warmup": args.warmup, "case_seconds": args.case_seconds,
             "variants": args.variants}
+    if args.compare:
+        if min(args.compare) < 1:
+            parser.error("--compare: numbers of runs are at least 1")
+        return compare_main(args, meta)
+    if args.json is None:
+        args.json = RESULTS_DIR / "browser.json"
     reason = unavailable_reason()
     if reason is not None:
         print(f"browser benchmark not available: {reason}")

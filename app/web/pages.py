@@ -36,8 +36,11 @@ from trainer.presets import get_preset
 
 #: A launch form is a few kilobytes; anything much larger is not one.
 MAX_FORM_BYTES = 64 * 1024
-#: Runs overlaid on one compare page: one websocket and a few traces each; beyond this the legend is unreadable.
-MAX_COMPARE = 10
+#: Runs overlaid on one compare page: one websocket and up to five lines each. Chosen from the compare-page benchmark
+#: (bench/browser.py --compare, docs/benchmarks.md §8): one 16-step frame from every run costs the page 140 ms of
+#: JS at 20 runs with WebGL (the bar: under 200 ms, the page still answering a hover or zoom within a fifth of a
+#: second while every run streams), 238 ms at 50; 20 runs load in about 4 s.
+MAX_COMPARE = 20
 #: Runs whose data plane or sample grids the compare page shows side by side (each plane is a heat map and a
 #: snapshot fetch per slider move); the line charts still show every run.
 MAX_PLANES = 6

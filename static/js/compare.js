@@ -27,6 +27,15 @@ const charts = {
   eval: new LineChart($("cmp-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" } }),
   elbo: new LineChart($("cmp-elbo"), { yaxis: { title: { text: "ELBO (nats)" } } }),
 };
+// Past LEGEND_RUNS runs, legends of 1–2 entries per run would crowd out the lines (bench/browser.py --compare,
+// docs/benchmarks.md): the run list above names every run in its colour and dash, and hovering a line names it.
+const LEGEND_RUNS = 8;
+if (boot.length > LEGEND_RUNS) {
+  for (const chart of Object.values(charts)) {
+    chart.layout.showlegend = false;
+    Plotly.relayout(chart.el, { showlegend: false });
+  }
+}
 
 // Every key outside SPEC §2 that any compared run logs (a script's own "val/acc"…): one chart per key, a line per run.
 const extra = new ExtraCharts($("cmp-panels"), (key) => ({ title: key, note: "logged by the runs" }));
@@ -67,10 +76,13 @@ function labels(runs) {
 }
 const LABELS = labels(boot);
 
+const DASHES = ["solid", "dash", "dashdot", "longdash"];
+
 function plot(run, index, steps, data) {
   const color = PALETTE[index % PALETTE.length];
+  const dash = DASHES[Math.floor(index / PALETTE.length) % DASHES.length]; // a repeated colour, another dash
   const name = plain(LABELS[index]);
-  const line = (extra = {}) => ({ name, legendgroup: run.id, line: { color, width: 2, ...extra } });
+  const line = (extra = {}) => ({ name, legendgroup: run.id, line: { color, width: 2, dash, ...extra } });
   const g = data["grad/g_norm"];
   if (g) {
     charts.gnorm.append(`${run.id}:applied`, steps, g, { ...line(), name: `${name} · applied` });
@@ -118,14 +130,28 @@ function onFrame(run, index, frame) {
   }
 }
 
+/** A run's history and its non-metrics events up to the page's last_seq. */
+function load(run) {
+  return Promise.all([
+    fetch(`/api/runs/${run.id}/metrics?max_points=${HISTORY_POINTS}`).then((r) => r.json()),
+    fetch(`/api/runs/${run.id}/events?until=${run.last_seq}`).then((r) => r.json()),
+  ]);
+}
+const loads = boot.map(load);
+const allLoaded = Promise.all(loads);
+
 async function start(run, index, indicate) {
   const swatch = document.querySelector(`li[data-run="${run.id}"] .swatch`);
-  if (swatch) swatch.style.background = PALETTE[index % PALETTE.length];
+  if (swatch) {
+    swatch.style.backgroundColor = PALETTE[index % PALETTE.length];
+    swatch.dataset.dash = DASHES[Math.floor(index / PALETTE.length) % DASHES.length];
+  }
   const since = run.last_seq;
-  const [history, events] = await Promise.all([
-    fetch(`/api/runs/${run.id}/metrics?max_points=${HISTORY_POINTS}`).then((r) => r.json()),
-    fetch(`/api/runs/${run.id}/events?until=${since}`).then((r) => r.json()),
-  ]);
+  const [history, events] = await loads[index];
+  // Every run's history is drawn in one go once all have arrived: each new trace (Plotly.addTraces) and each flush
+  // redraws every line a chart already holds, so drawing run by run as they arrive cost O(runs²) redraws: 52 s
+  // to load 10 runs, over 120 s for 20 (bench/browser.py --compare, docs/benchmarks.md).
+  await allLoaded;
   const m = history.metrics;
   finals[index] = new Map();
   for (const [key, h] of Object.entries(m)) {
@@ -161,7 +187,9 @@ async function main() {
   const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
   const varied = JSON.parse($("varied").textContent);
   if (varied.length && $("cmp-parcoords")) drawParcoords($("cmp-parcoords"), varied, finals);
-  window.gradwatch = { charts, extra, streams, planes };
+  // onFrame(runIndex, frame): the handler each run's stream calls, so that a benchmark can time the page's work
+  // per frame without a server (bench/browser.py --compare).
+  window.gradwatch = { charts, extra, streams, planes, onFrame: (i, frame) => onFrame(boot[i], i, frame) };
   document.body.dataset.ready = "true";
 }
 

@@ -35,7 +35,7 @@ export class PlaneStrip {
       const chart = el.querySelector(".plane-chart");
       this.planes.set(run.id, {
         mode: run.plane, keep: run.keep ?? null, el, list: [], shown: null,
-        view: chart ? new FieldView(chart) : null, img: el.querySelector("img"),
+        chart, view: null, img: el.querySelector("img"), // the FieldView is made once the section is shown
       });
     }
     this.slider.addEventListener("input", () => {
@@ -83,6 +83,7 @@ export class PlaneStrip {
     const union = new Set();
     for (const plane of this.planes.values()) for (const s of plane.list) union.add(s.step);
     this.steps = [...union].sort((a, b) => a - b);
+    this.root.hidden = this.steps.length === 0; // runs with no samples (yet): nothing to show
     this.slider.max = String(Math.max(0, this.steps.length - 1));
     this.slider.disabled = this.steps.length < 2;
     if (this.following || this.at === null) {
@@ -114,7 +115,10 @@ export class PlaneStrip {
       plane.shown = pick.url;
       plane.el.dataset.step = pick.step;
       plane.el.dataset.url = pick.url;
-      if (plane.view) plane.view.load(pick.url);
+      if (plane.chart) {
+        plane.view ??= new FieldView(plane.chart);
+        plane.view.load(pick.url);
+      }
       else if (plane.img) {
         plane.img.src = pick.url;
         plane.img.hidden = false;
