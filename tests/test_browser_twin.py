@@ -140,3 +140,49 @@ def test_image_runs_show_their_sample_grids_side_by_side_and_pruned_grids_are_no
                                ".every((i) => i.complete && i.naturalWidth > 0)")
         screenshot(page, "compare-image-samples")
         seen.assert_clean(server.url)  # no request for a pruned grid (it would 404)
+
+
+def test_live_runs_add_steps_and_the_slider_follows_the_newest_unless_moved(
+        chromium_browser: Browser, server: LiveServer) -> None:
+    with server.client() as http:
+        ring = http.get("/api/presets").json()["ring8-saturating"]
+    base = config(ring, train__steps=20_000, train__device="cpu", gan__d_head_start=20, model__width=16,
+                  model__depth=2, intervals__sample_every=40, intervals__keep_samples=1000,
+                  intervals__eval_every=100_000, intervals__checkpoint_every=100_000,
+                  intervals__flush_ms=20, intervals__flush_steps=16)
+    with server.client() as http:
+        response = http.post("/api/sweeps", json={"base": base, "vary": {"gan.g_loss": ["saturating",
+                                                                                        "non_saturating"]}})
+        assert response.status_code == 201, response.text
+        ids = [run["id"] for run in response.json()["runs"]]
+    try:
+        with new_page(chromium_browser, server.url) as page:
+            seen = watch(page)
+            page.goto(f"/compare?runs={','.join(ids)}")
+            page.wait_for_selector('body[data-ready="true"]', state="attached", timeout=READY_MS)
+            # Following: as sample frames arrive the slider grows and sits on the newest step, in both planes.
+            page.wait_for_function("() => Number(document.getElementById('cmp-plane-slider').max) >= 3",
+                                   timeout=READY_MS)
+            page.wait_for_function("""() => { const s = document.getElementById('cmp-plane-slider');
+                return s.value === s.max; }""")
+            grown = page.eval_on_selector("#cmp-plane-slider", "(el) => Number(el.max)")
+            page.wait_for_function(f"() => Number(document.getElementById('cmp-plane-slider').max) > {grown}",
+                                   timeout=READY_MS)
+            assert page.eval_on_selector("#cmp-plane-slider", "(el) => el.value === el.max")
+            # Moved away from the end: new steps extend the slider but leave the user's choice alone.
+            _move(page, 0)
+            first = page.eval_on_selector("#cmp-planes", "(el) => Number(el.dataset.step)")
+            size = page.eval_on_selector("#cmp-plane-slider", "(el) => Number(el.max)")
+            page.wait_for_function(f"() => Number(document.getElementById('cmp-plane-slider').max) > {size + 1}",
+                                   timeout=READY_MS)
+            assert page.eval_on_selector("#cmp-plane-slider", "(el) => Number(el.value)") == 0
+            assert page.eval_on_selector("#cmp-planes", "(el) => Number(el.dataset.step)") == first
+            planes = page.evaluate(PLANES_JS)
+            assert all(p["step"] is not None and p["step"] <= first for p in planes), planes
+            seen.assert_clean(server.url)
+    finally:
+        with server.client() as http:
+            for run_id in ids:
+                http.post(f"/api/runs/{run_id}/stop")
+            for run_id in ids:
+                wait_status(http, run_id, TERMINAL)
