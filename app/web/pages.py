@@ -566,7 +566,7 @@ async def compare_page(request: Request, templates: TemplatesDep, manager: Manag
     records = [await manager.get(run_id) for run_id in ids[:MAX_COMPARE]]
     rows = [_row(r, manager) for r in records]
     boot = [{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "last_seq": r.last_seq,
-             "g_loss": row["g_loss"], "external": r.external, **_plane(r)}
+             "g_loss": row["g_loss"], "external": r.external, "started_at": r.started_at, **_plane(r)}
             for r, row in zip(records, rows, strict=True)]
     diff = config_diff([r.config for r in records]) if len(records) > 1 else None
     varied = diff.varied() if diff is not None else []

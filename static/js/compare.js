@@ -6,11 +6,13 @@
 // right now (the other of saturating / non-saturating), at the same
 // parameters and batch.
 
-import { LineChart, PALETTE, plain } from "./charts.js";
+import { cssVar, LineChart, PALETTE, plain } from "./charts.js";
 import { connectionIndicator, RunStream } from "./stream.js";
 import { specFamily } from "./keys.js";
 import { ExtraCharts } from "./extra.js";
 import { drawParcoords } from "./parcoords.js";
+import { mountToolbar, runStyles } from "./chartview.js";
+import { zoomDetail } from "./zoom.js";
 import { PlaneStrip } from "./twin.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -19,13 +21,19 @@ const $ = (id) => document.getElementById(id);
 // on a 1M-step run (43 ms; 4,000 points there missed them and took 445 ms, docs/benchmarks.md).
 const HISTORY_POINTS = 2000;
 
+// A run's start, for "time since start": each line counts from its own run's start.
+const startOf = new Map(boot.map((r) => [r.id, r.started_at ?? null]));
+const origin = (traceId) => startOf.get(traceId.split(":")[0]) ?? null;
+/** A line chart whose log/linear choice is remembered under ``name`` (shared with the run page's chart of that name). */
+const line = (id, name, layout) => new LineChart($(id), layout, { name, origin });
+if (boot.length) mountToolbar($("cmp-panels"));
 const charts = {
-  gnorm: new LineChart($("cmp-gnorm"), { yaxis: { type: "log", exponentformat: "power", title: { text: "‖∇θ L_G‖₂" } } }),
-  gloss: new LineChart($("cmp-gloss"), { yaxis: { title: { text: "loss (nats)" } } }),
-  dfake: new LineChart($("cmp-dfake"), { yaxis: { title: { text: "D(G(z))" }, range: [0, 1] } }),
-  dloss: new LineChart($("cmp-dloss"), { yaxis: { title: { text: "loss (nats)" } } }),
-  eval: new LineChart($("cmp-eval"), { yaxis: { title: { text: "count" }, rangemode: "tozero" } }),
-  elbo: new LineChart($("cmp-elbo"), { yaxis: { title: { text: "ELBO (nats)" } } }),
+  gnorm: line("cmp-gnorm", "gnorm", { yaxis: { type: "log", exponentformat: "power", title: { text: "‖∇θ L_G‖₂" } } }),
+  gloss: line("cmp-gloss", "gloss", { yaxis: { title: { text: "loss (nats)" } } }),
+  dfake: line("cmp-dfake", "dfake", { yaxis: { title: { text: "D(G(z))" }, range: [0, 1] } }),
+  dloss: line("cmp-dloss", "dloss", { yaxis: { title: { text: "loss (nats)" } } }),
+  eval: line("cmp-eval", "eval", { yaxis: { title: { text: "count" }, rangemode: "tozero" } }),
+  elbo: line("cmp-elbo", "elbo", { yaxis: { title: { text: "ELBO (nats)" } } }),
 };
 // Past LEGEND_RUNS runs, legends of 1–2 entries per run would crowd out the lines (bench/browser.py --compare,
 // docs/benchmarks.md): the run list above names every run in its colour and dash, and hovering a line names it.
@@ -37,8 +45,47 @@ if (boot.length > LEGEND_RUNS) {
   }
 }
 
+// What each trace draws, so that a zoom can fetch its steps at full resolution: trace id -> {run, keys, derive}.
+const sources = new Map();
+function source(id, run, keys, derive = (m) => m[keys[0]]) {
+  if (!sources.has(id)) sources.set(id, { run, keys, derive });
+}
+
+/** A zoomed chart's lines at full resolution: per run one request for the keys its traces draw. */
+async function rangeOf(ids, start, end) {
+  const byRun = new Map();
+  for (const id of ids) {
+    const src = sources.get(id);
+    if (!src) continue;
+    if (!byRun.has(src.run)) byRun.set(src.run, []);
+    byRun.get(src.run).push([id, src]);
+  }
+  const out = {};
+  await Promise.all([...byRun].map(async ([run, traces]) => {
+    const keys = encodeURIComponent([...new Set(traces.flatMap(([, src]) => src.keys))].join(","));
+    const response = await fetch(`/api/runs/${run}/metrics?keys=${keys}&start=${start}&end=${end}&max_points=${HISTORY_POINTS}`);
+    if (!response.ok) throw new Error(`run ${run}: ${response.status}`);
+    const { metrics } = await response.json();
+    for (const [id, src] of traces) {
+      const points = src.derive(metrics);
+      if (points) out[id] = points;
+    }
+  }));
+  return out;
+}
+
+/** The shadow line's points from a history: the other loss's norm, on the applied norm's steps. */
+function shadowHistory(m) {
+  const g = m["grad/g_norm"];
+  if (!g) return null;
+  const sat = alignedHistory(m, "grad/g_norm_saturating", g.step);
+  const ns = alignedHistory(m, "grad/g_norm_non_saturating", g.step);
+  return { step: g.step, time: g.time, value: shadow(g.step, g.value, sat, ns) };
+}
+
 // Every key outside SPEC §2 that any compared run logs (a script's own "val/acc"…): one chart per key, a line per run.
-const extra = new ExtraCharts($("cmp-panels"), (key) => ({ title: key, note: "logged by the runs" }));
+const extra = new ExtraCharts($("cmp-panels"), (key) => ({ title: key, note: "logged by the runs" }),
+  (chart) => zoomDetail(chart, rangeOf), { origin });
 const finals = []; // per run, in boot order: the last value of each key its history holds
 
 /** Shadow norm per point: whichever of the two losses' norms is not the applied one. */
@@ -75,31 +122,40 @@ function labels(runs) {
   return names.map((n) => (cut > 0 ? n.slice(cut).replace(/^[\s·]+/, "") : n) || n);
 }
 const LABELS = labels(boot);
+// A run's colour: its generator loss's when no other run here has that loss (a twin: orange saturating, blue
+// non-saturating, as on each run's page), else a palette colour; past the palette, dashed.
+const STYLES = runStyles(boot, PALETTE, cssVar);
 
-const DASHES = ["solid", "dash", "dashdot", "longdash"];
-
-function plot(run, index, steps, data) {
-  const color = PALETTE[index % PALETTE.length];
-  const dash = DASHES[Math.floor(index / PALETTE.length) % DASHES.length]; // a repeated colour, another dash
+/** Route one run's points (``times``: unix seconds per step) to the charts. */
+function plot(run, index, steps, data, times = null) {
+  const { color, dash } = STYLES[index];
   const name = plain(LABELS[index]);
-  const line = (extra = {}) => ({ name, legendgroup: run.id, line: { color, width: 2, dash, ...extra } });
+  const style = (extra = {}) => ({ name, legendgroup: run.id, line: { color, width: 2, dash, ...extra } });
+  const add = (chart, id, key, values, spec) => {
+    source(id, run.id, [key]);
+    chart.append(id, steps, values, spec, times);
+  };
   const g = data["grad/g_norm"];
   if (g) {
-    charts.gnorm.append(`${run.id}:applied`, steps, g, { ...line(), name: `${name} · applied` });
+    add(charts.gnorm, `${run.id}:applied`, "grad/g_norm", g, { ...style(), name: `${name} · applied` });
     const sat = data["grad/g_norm_saturating"] || [];
     const ns = data["grad/g_norm_non_saturating"] || [];
+    source(`${run.id}:shadow`, run.id, ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"], shadowHistory);
     charts.gnorm.append(`${run.id}:shadow`, steps, shadow(steps, g, sat, ns),
-      { ...line({ dash: "dot", width: 1.5 }), name: `${name} · shadow`, showlegend: true });
+      { ...style({ dash: "dot", width: 1.5 }), name: `${name} · shadow`, showlegend: true }, times);
   }
-  if (data["loss/g"]) charts.gloss.append(run.id, steps, data["loss/g"], line());
-  if (data["d/fake_prob"]) charts.dfake.append(run.id, steps, data["d/fake_prob"], line());
-  if (data["loss/d"]) charts.dloss.append(run.id, steps, data["loss/d"], line());
-  if (data["loss/elbo"]) charts.elbo.append(run.id, steps, data["loss/elbo"], line());
+  if (data["loss/g"]) add(charts.gloss, run.id, "loss/g", data["loss/g"], style());
+  if (data["d/fake_prob"]) add(charts.dfake, run.id, "d/fake_prob", data["d/fake_prob"], style());
+  if (data["loss/d"]) add(charts.dloss, run.id, "loss/d", data["loss/d"], style());
+  if (data["loss/elbo"]) add(charts.elbo, run.id, "loss/elbo", data["loss/elbo"], style());
   for (const key of ["eval/modes", "eval/classes"]) {
-    if (data[key]) charts.eval.append(`${run.id}:${key}`, steps, data[key], { ...line(), mode: "lines+markers", name: `${name} · ${key.slice(5)}` });
+    if (data[key]) add(charts.eval, `${run.id}:${key}`, key, data[key], { ...style(), mode: "lines+markers", name: `${name} · ${key.slice(5)}` });
   }
   for (const [key, values] of Object.entries(data)) {
-    if (specFamily(key) === null) extra.append(key, `${run.id}:${key}`, steps, values, line());
+    if (specFamily(key) === null) {
+      source(`${run.id}:${key}`, run.id, [key]);
+      extra.append(key, `${run.id}:${key}`, steps, values, style(), times);
+    }
   }
 }
 
@@ -107,7 +163,7 @@ let planes = null; // the side-by-side data planes / sample grids (twin.js), whe
 
 function onFrame(run, index, frame) {
   if (frame.type === "sample") planes?.add(run.id, frame);
-  else if (frame.type === "metrics") plot(run, index, frame.step, frame.data);
+  else if (frame.type === "metrics") plot(run, index, frame.step, frame.data, frame.time);
   else if (frame.type === "status") {
     const badge = document.querySelector(`[data-status-for="${run.id}"]`);
     if (badge) {
@@ -143,8 +199,10 @@ const allLoaded = Promise.all(loads);
 async function start(run, index, indicate) {
   const swatch = document.querySelector(`li[data-run="${run.id}"] .swatch`);
   if (swatch) {
-    swatch.style.backgroundColor = PALETTE[index % PALETTE.length];
-    swatch.dataset.dash = DASHES[Math.floor(index / PALETTE.length) % DASHES.length];
+    swatch.style.backgroundColor = STYLES[index].color; // not `background`: it would clear a dashed swatch's pattern
+    swatch.dataset.color = STYLES[index].color;
+    if (STYLES[index].dash !== "solid") swatch.classList.add("dashed");
+    swatch.dataset.dash = STYLES[index].dash; // which dash: past two rounds of the palette, "dashed" alone repeats
   }
   const since = run.last_seq;
   const [history, events] = await loads[index];
@@ -162,10 +220,10 @@ async function start(run, index, indicate) {
     const steps = m["grad/g_norm"].step;
     const data = {};
     for (const key of ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"]) data[key] = alignedHistory(m, key, steps);
-    plot(run, index, steps, data);
+    plot(run, index, steps, data, m["grad/g_norm"].time);
   }
   for (const [key, h] of Object.entries(m)) {
-    if (!key.startsWith("grad/g_norm")) plot(run, index, h.step, { [key]: h.value });
+    if (!key.startsWith("grad/g_norm")) plot(run, index, h.step, { [key]: h.value }, h.time);
   }
   for (const frame of events.frames) if (frame.type !== "metrics") onFrame(run, index, frame);
   const stream = new RunStream(run.id, (frame) => onFrame(run, index, frame), (s) => indicate(run.id, s));
@@ -180,8 +238,12 @@ async function main() {
   if (!kinds.has("vae")) $("cmp-elbo").closest(".panel").hidden = true;
   if (!kinds.has("gan")) for (const id of ["cmp-gnorm", "cmp-gloss", "cmp-dfake", "cmp-dloss"]) $(id).closest(".panel").hidden = true;
   if (!kinds.has("gan") && !kinds.has("vae")) $("cmp-eval").closest(".panel").hidden = true;  // scripts' own metrics only
+  for (const chart of Object.values(charts)) {
+    zoomDetail(chart, rangeOf);
+    chart.scaleButton(chart.el.closest(".panel")?.querySelector("h3"));
+  }
   if ($("cmp-planes")) {
-    planes = new PlaneStrip($("cmp-planes"), boot, { labels: LABELS, color: (i) => PALETTE[i % PALETTE.length] });
+    planes = new PlaneStrip($("cmp-planes"), boot, { labels: LABELS, color: (i) => STYLES[i].color });
     planes.load();
   }
   const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
