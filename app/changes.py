@@ -7,9 +7,9 @@ Each listener (``GET /api/runs/changes``, server-sent events) then sends one ``r
 changed, at most one every :data:`MIN_INTERVAL_S`; the browser re-fetches its page of the table.
 
 Shutdown: uvicorn lets a streaming response run until it ends and only then runs the app's lifespan shutdown, so
-an open event stream would hold the server for its whole graceful-shutdown timeout. :meth:`Changes.start` therefore
-finds the uvicorn server through the signal handler it installed and ends every stream as soon as the server is
-asked to exit; :meth:`Changes.close` (the lifespan shutdown) ends them too, for servers run any other way.
+an open event stream would hold the server for its whole graceful-shutdown timeout. ``gradwatch serve`` therefore
+calls :meth:`Changes.close_soon` the moment it is asked to exit (``app.cli``'s uvicorn server, from its signal
+handler); :meth:`Changes.close` (the lifespan shutdown) ends them too, for servers run any other way.
 """
 
 from __future__ import annotations
@@ -17,18 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 #: A listener gets at most one event per this many seconds, however fast runs change (a training run's step
 #: advances many times a second).
 MIN_INTERVAL_S = 0.5
 #: A comment line this often keeps proxies and the browser from timing out an idle stream.
 KEEPALIVE_S = 15.0
-#: How often the watcher looks whether uvicorn has been asked to exit.
-_EXIT_POLL_S = 0.1
 
 
 class Changes:
@@ -43,29 +39,24 @@ class Changes:
         self._scheduled = False
         self._recent: list[tuple[int, frozenset[str]]] = []  # (version, ids) of the last few flushes
         self._event = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
         self.listeners = 0
 
     def start(self) -> None:
-        """Bind to the running loop; end the streams when the uvicorn server running this loop is told to exit."""
+        """Bind to the running loop (notifications come from any thread and wake it)."""
         self._loop = asyncio.get_running_loop()
-        server = _uvicorn_server()
-        if server is not None:
-            self._watcher = self._loop.create_task(self._watch_exit(server))
-
-    async def _watch_exit(self, server: Any) -> None:
-        while not self.closed:
-            if getattr(server, "should_exit", False):
-                self.close()
-                return
-            await asyncio.sleep(_EXIT_POLL_S)
 
     def close(self) -> None:
-        """End every stream (idempotent)."""
+        """End every stream (idempotent; on the event loop)."""
         self.closed = True
         self._event.set()
-        if self._watcher is not None and self._watcher is not asyncio.current_task():
-            self._watcher.cancel()
+
+    def close_soon(self) -> None:
+        """End every stream, from any thread or a signal handler: the server was asked to exit."""
+        loop = self._loop
+        if loop is None or self.closed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed already
+            loop.call_soon_threadsafe(self.close)
 
     def notify(self, run_id: str) -> None:
         """A run's row changed (any thread, never blocks)."""
@@ -122,13 +113,3 @@ class Changes:
         finally:
             self.listeners -= 1
 
-
-def _uvicorn_server() -> Any:
-    """The uvicorn ``Server`` serving this process, if it installed its signal handler (``gradwatch serve`` does)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    handler = signal.getsignal(signal.SIGTERM)
-    owner = getattr(handler, "__self__", None)
-    if owner is not None and hasattr(owner, "should_exit") and type(owner).__module__.startswith("uvicorn"):
-        return owner
-    return None

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from app.settings import Settings
 
 
@@ -178,12 +180,24 @@ def _serve(args: argparse.Namespace) -> int:
     # not bandwidth, limits fan-out (bench/throughput.py: clients fell to 15-22 % of the stream).
     # The HTTP protocol adds a header deadline, a header size and a connection cap (app/limits.py); the websocket
     # pings free the connections of peers that vanished without closing.
-    config = uvicorn.Config(create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=15,
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which also ends the runs pages' event streams the moment it is asked to exit: uvicorn waits
+        for open streaming responses before the app's own shutdown runs, so they would hold it for the whole grace."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            manager = getattr(app.state, "manager", None)  # set once the app has started
+            if manager is not None:
+                manager.changes.close_soon()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=15,
                             http=guarded_http_protocol(settings), ws_max_size=MAX_MESSAGE_BYTES,
                             ws_per_message_deflate=False, ws_ping_interval=settings.ws_ping_interval_s,
                             ws_ping_timeout=settings.ws_ping_timeout_s)
     logging.getLogger("uvicorn.access").addFilter(RedactTokenFilter())  # after Config: it sets up the loggers
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
     return 0
 
 
