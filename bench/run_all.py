@@ -35,6 +35,7 @@ QUICK: dict[str, list[str]] = {
     "history": [],
     "browser": ["--modes", "filled", "--frames", "20", "--case-seconds", "8"],
     "submit": [],
+    "runs_table": ["--repeat", "20"],
 }
 #: A sweep with a long queue may take this much longer than on an empty one (it took 23× before issue 12).
 SUBMIT_RATIO_TARGET = 2.0
@@ -112,6 +113,11 @@ def summary_rows(names: list[str]) -> list[list[str]]:
         ratio, queued = d["ratio_last_first"], d["sweeps"][-1]["queued_before"]
         rows.append(["submit", f"{d['size']}-run sweep, {queued:,} queued / none queued", _fmt(ratio, "×", 2),
                      f"≤ {SUBMIT_RATIO_TARGET:g}×", "yes" if ratio <= SUBMIT_RATIO_TARGET else "NO"])
+    if "runs_table" in names and (d := _load("runs_table")) is not None:
+        runs = d.get("meta", {}).get("runs")
+        for query, r in d["http"].items():
+            rows.append(["runs_table", f"{_fmt(runs)} runs, GET /ui/runs-table {query}: p95", _fmt(r["p95_ms"], " ms"),
+                         f"< {d['target_ms']:.0f} ms", "yes" if r["p95_ms"] < d["target_ms"] else "NO"])
     return rows
 
 

