@@ -118,6 +118,10 @@ def test_smoothing_log_scale_and_time_axes_redraw_the_lines_and_survive_a_reload
         assert page.input_value("#chart-smoothing") == "0.9"
         assert again["y"] == pytest.approx(smooth["y"], rel=1e-9) and again["raw"]["y"] == raw["held"]
         assert again["yaxis"] == "log" and _trace(page, "gnorm", "grad/g_norm")["yaxis"] == "linear"
+        # Each line keeps its colour whether smoothing was on as the page opened or not, its raw line the same.
+        g_loss = _trace(page, "losses", "loss/g")
+        assert again["color"] == again["raw"]["color"] == smooth["color"] == raw["color"]
+        assert g_loss["color"] == g_loss["raw"]["color"] != raw["color"]
         assert page.locator('button.chart-scale[data-chart="losses"]').get_attribute("aria-pressed") == "true"
 
         # x by time since the run started (started_at = T0): step n sits at n * 0.01 s.

@@ -49,6 +49,10 @@ export function plain(text) {
   return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 }
 
+/** Plotly's own default line colours, given explicitly (LineChart.trace). */
+export const COLORWAY = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+  "#bcbd22", "#17becf"];
+
 export const PALETTE = ["#1971c2", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#0c8599", "#5f3dc4", "#c2255c",
   "#66a80f", "#495057"];
 
@@ -216,6 +220,11 @@ export class LineChart extends Chart {
   trace(id, spec = {}) {
     let index = this.ids.get(id);
     if (index === undefined) {
+      // Plotly colours a trace without one by its index among all traces, raw companions included: a line would
+      // change colour as smoothing comes and goes. Each line gets its colour here, by its place among lines.
+      if (!spec.line?.color && !spec.marker?.color) {
+        spec = { ...spec, line: { ...spec.line, color: COLORWAY[this.ids.size % COLORWAY.length] } };
+      }
       index = this.el.data.length;
       this.ids.set(id, index);
       this.lines[index] = { id, step: [], time: [], value: [], smooth: { acc: 0, n: 0 }, raw: null, spec };
@@ -234,7 +243,7 @@ export class LineChart extends Chart {
     const line = this.lines[index];
     if (line.raw !== null) return line.raw;
     const main = this.el.data[index];
-    const color = main.line?.color || this.el._fullData?.[index]?.line?.color || cssVar("--muted");
+    const color = main.line?.color || main.marker?.color || cssVar("--muted");
     line.raw = this.el.data.length;
     Plotly.addTraces(this.el, {
       type: main.type, mode: "lines", x: [], y: [], name: `${main.name} (raw)`, legendgroup: main.legendgroup,
