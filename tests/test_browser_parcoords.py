@@ -36,8 +36,11 @@ def test_a_four_run_sweep_has_four_lines_across_the_varied_field_and_the_final_m
         trace: dict[str, Any] = page.evaluate(
             "(() => { const t = document.getElementById('cmp-parcoords').data[0];"
             " return {type: t.type, dims: t.dimensions.map((d) => ({label: d.label, values: Array.from(d.values)})),"
-            " colors: Array.from(t.line.color)}; })()")
+            " colors: Array.from(t.line.color), scale: t.line.colorscale.map((c) => c[1])}; })()")
         assert trace["type"] == "parcoords" and trace["colors"] == [0, 1, 2, 3]  # four lines, one per run
+        # Each line in its run's colour on the rest of the page (the run list's swatches).
+        swatches = [page.get_attribute(f'li[data-run="{run_id}"] .swatch', "data-color") for run_id in ids]
+        assert trace["scale"] == swatches and len(set(swatches)) == 4
         dims = {d["label"]: d["values"] for d in trace["dims"]}
         assert next(iter(dims)) == "gan.lr_g" and dims["gan.lr_g"] == RATES  # in the runs' order
         finals = dims["final grad/g_norm"]

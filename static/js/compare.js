@@ -248,7 +248,7 @@ async function main() {
   }
   const streams = await Promise.all(boot.map((run, i) => start(run, i, indicate)));
   const varied = JSON.parse($("varied").textContent);
-  if (varied.length && $("cmp-parcoords")) drawParcoords($("cmp-parcoords"), varied, finals);
+  if (varied.length && $("cmp-parcoords")) drawParcoords($("cmp-parcoords"), varied, finals, STYLES.map((st) => st.color));
   // onFrame(runIndex, frame): the handler each run's stream calls, so that a benchmark can time the page's work
   // per frame without a server (bench/browser.py --compare).
   window.gradwatch = { charts, extra, streams, planes, onFrame: (i, frame) => onFrame(boot[i], i, frame) };
