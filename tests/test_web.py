@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from app.store import RunRecord
 from app.web import assets
 from app.web.form import errors_by_field, flat_values, form_sections, nested_config
+from app.web.pages import MAX_COMPARE
 from trainer.config import RunConfig
 from trainer.presets import get_preset
 
@@ -199,16 +200,16 @@ def test_rarely_changed_fields_are_folded_until_one_of_them_is_wrong(client: Tes
     assert re.search(r'<details class="more" open>\s*<summary>More GAN options', response.text)
 
 
-def test_compare_shows_at_most_ten_runs_and_says_which_it_left_out(client: TestClient) -> None:
+def test_compare_shows_at_most_max_compare_runs_and_says_which_it_left_out(client: TestClient) -> None:
     store = client.app.state.store  # type: ignore[attr-defined]
     cfg = RunConfig().model_dump(mode="json")
-    ids = [f"{i:012x}" for i in range(12)]
+    ids = [f"{i:012x}" for i in range(MAX_COMPARE + 2)]
     for run_id in ids:
         store.insert_run(RunRecord(id=run_id, name=f"run {run_id}", kind="gan", status="completed", config=cfg,
                                    created_at=time.time()))
     page = client.get("/compare", params={"runs": ",".join(ids)}).text
-    assert page.count('<li data-run="') == 10
-    assert f"left out: {ids[10]}, {ids[11]}" in page
+    assert MAX_COMPARE == 20 and page.count('<li data-run="') == MAX_COMPARE  # chosen from bench/browser.py --compare
+    assert f"left out: {ids[MAX_COMPARE]}, {ids[MAX_COMPARE + 1]}" in page
 
 
 def _without_htmx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
