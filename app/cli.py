@@ -156,6 +156,10 @@ def _serve(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.host, settings.port))
+        # Listening now, before the URL is printed: a browser or client that connects while the app still starts
+        # waits in the backlog until uvicorn accepts it, instead of being refused (the socket used to listen only
+        # once uvicorn had run the app's startup).
+        sock.listen(2048)
     except OSError as exc:
         raise SystemExit(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
