@@ -93,43 +93,6 @@ BEFORE_FIX_CHARTS_JS: list[tuple[str, str]] = [
     ("if (this.drawn[index] + x.length <= 2 * MAX_DRAWN) {", "if (true) {  // before the fix: never thinned"),
 ]
 
-#: Feeds ``frames`` metrics frames to the page's handler; per frame [handler ms, flush ms, wall ms].
-FEED_JS = """
-async ({frames, stepsPerFrame, firstStep, keys, warmup, budgetMs}) => {
-  const g = window.gradwatch;
-  const tick = () => new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
-  const make = (first, n) => {
-    const step = [], time = [], now = Date.now() / 1000, data = {};
-    for (let i = 0; i < n; i++) { step.push(first + i); time.push(now); }
-    keys.forEach((key, j) => {
-      const v = new Array(n);
-      for (let i = 0; i < n; i++) v[i] = 2 + Math.sin((first + i) / (3000 + 500 * j)) + 0.1 * (Math.random() - 0.5);
-      data[key] = v;
-    });
-    return { type: "metrics", run: "bench", seq: 0, step, time, data };
-  };
-  let next = firstStep;
-  const out = [];
-  const started = performance.now();
-  let warm = warmup;
-  for (let f = 0; f < warm + frames; f++) {
-    const elapsed = performance.now() - started;
-    if (f < warm && elapsed > budgetMs / 2) warm = f;  // a slow case: cut its warm-up short
-    if (f >= warm + 3 && elapsed > budgetMs) break;  // ...and stop after three timed frames once over budget
-    const frame = make(next, stepsPerFrame);
-    next += stepsPerFrame;
-    let before = 0;
-    requestAnimationFrame(() => { before = performance.now(); });  // runs just before the charts' flush
-    const t0 = performance.now();
-    g.onFrame(frame);
-    const t1 = performance.now();
-    const after = await tick();  // registered after the flush: runs just after it, in the same animation frame
-    const end = await tick();
-    if (f >= warm) out.push([t1 - t0, after - before, end - t0]);
-  }
-  return { times: out, next };
-}
-"""
 LAST_STEPS_JS = """() => Object.values(window.gradwatch.charts).filter((c) => Array.isArray(c.last))
   .flatMap((c) => c.last)"""
 LENGTHS_JS = """() => Object.fromEntries(Object.entries(window.gradwatch.charts)
@@ -142,9 +105,10 @@ WEBGL_JS = """() => { const c = document.createElement('canvas');
   return d ? g.getParameter(d.UNMASKED_RENDERER_WEBGL) : 'webgl'; }"""
 
 
-#: Feeds ``ticks`` ticks, each one metrics frame to every one of ``runs`` runs on the compare page; per tick
-#: [handler ms (all runs), flush ms, wall ms].
-TICK_JS = """
+#: Feeds ``ticks`` ticks of metrics frames to a page's own frame handler; per tick [handler ms, flush ms, wall ms].
+#: ``runs`` null: the run page, one frame a tick to ``onFrame(frame)``; ``runs`` N: the compare page, one frame a tick
+#: to each of its N runs, ``onFrame(runIndex, frame)``.
+FEED_JS = """
 async ({ticks, runs, stepsPerFrame, firstStep, keys, warmup, budgetMs}) => {
   const g = window.gradwatch;
   const tick = () => new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
@@ -166,17 +130,18 @@ async ({ticks, runs, stepsPerFrame, firstStep, keys, warmup, budgetMs}) => {
   let warm = warmup;
   for (let t = 0; t < warm + ticks; t++) {
     const elapsed = performance.now() - started;
-    if (t < warm && elapsed > budgetMs / 2) warm = t;
-    if (t >= warm + 3 && elapsed > budgetMs) break;
+    if (t < warm && elapsed > budgetMs / 2) warm = t;  // a slow case: cut its warm-up short
+    if (t >= warm + 3 && elapsed > budgetMs) break;  // ...and stop after three timed ticks once over budget
     const frames = [];
-    for (let r = 0; r < runs; r++) frames.push(make(next, stepsPerFrame, r));
+    for (let r = 0; r < (runs ?? 1); r++) frames.push(make(next, stepsPerFrame, r));
     next += stepsPerFrame;
     let before = 0;
-    requestAnimationFrame(() => { before = performance.now(); });
+    requestAnimationFrame(() => { before = performance.now(); });  // runs just before the charts' flush
     const t0 = performance.now();
-    for (let r = 0; r < runs; r++) g.onFrame(r, frames[r]);
+    if (runs === null) g.onFrame(frames[0]);
+    else for (let r = 0; r < runs; r++) g.onFrame(r, frames[r]);
     const t1 = performance.now();
-    const after = await tick();
+    const after = await tick();  // registered after the flush: runs just after it, in the same animation frame
     const end = await tick();
     if (t >= warm) out.push([t1 - t0, after - before, end - t0]);
   }
@@ -286,8 +251,8 @@ def fill(page: Page, target: int, first_step: int, keys: list[str]) -> int:
     have = first_step - 1
     while have < target:
         n = min(chunk, target - have)
-        result = page.evaluate(FEED_JS, {"frames": 1, "stepsPerFrame": n, "firstStep": next_step, "keys": keys,
-                                         "warmup": 0, "budgetMs": 1e9})
+        result = page.evaluate(FEED_JS, {"ticks": 1, "runs": None, "stepsPerFrame": n, "firstStep": next_step,
+                                         "keys": keys, "warmup": 0, "budgetMs": 1e9})
         next_step = int(result["next"])
         have += n
     return next_step
@@ -349,7 +314,7 @@ def _case(args: argparse.Namespace, browser: Browser, url: str, script: str | No
         fill_s = time.perf_counter() - started
         lengths = page.evaluate(LENGTHS_JS)
         drawn = max(max(v) for v in lengths.values() if v)
-        result = page.evaluate(FEED_JS, {"frames": args.frames, "stepsPerFrame": args.steps_per_frame,
+        result = page.evaluate(FEED_JS, {"ticks": args.frames, "runs": None, "stepsPerFrame": args.steps_per_frame,
                                          "firstStep": first, "keys": keys, "warmup": args.warmup,
                                          "budgetMs": 1000 * args.case_seconds})
         last = set(page.evaluate(LAST_STEPS_JS))
@@ -419,7 +384,7 @@ def _compare_case(args: argparse.Namespace, browser: Browser, base: str, ids: li
         if shown != len(ids):
             raise RuntimeError(f"the compare page shows {shown} runs, not {len(ids)}")
         before = page.evaluate(COMPARE_STATE_JS)
-        result = page.evaluate(TICK_JS, {"ticks": args.frames, "runs": len(ids), "stepsPerFrame": args.steps_per_frame,
+        result = page.evaluate(FEED_JS, {"ticks": args.frames, "runs": len(ids), "stepsPerFrame": args.steps_per_frame,
                                          "firstStep": args.compare_steps + 1, "keys": keys, "warmup": args.warmup,
                                          "budgetMs": 1000 * args.case_seconds})
         last = set(page.evaluate(COMPARE_STATE_JS)["last"])

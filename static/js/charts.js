@@ -227,7 +227,7 @@ export class LineChart extends Chart {
       }
       index = this.el.data.length;
       this.ids.set(id, index);
-      this.lines[index] = { id, step: [], time: [], value: [], smooth: { acc: 0, n: 0 }, raw: null, spec };
+      this.lines[index] = { id, step: [], time: [], value: [], smooth: { acc: 0, n: 0 }, raw: null };
       this.last[index] = -Infinity;
       this.drawn[index] = 0;
       Plotly.addTraces(this.el, {
