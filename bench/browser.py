@@ -62,6 +62,7 @@ process only). Writes ``bench/results/browser-compare.json``; the figures chose 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -86,6 +87,10 @@ RENDERERS = {"scattergl": [], "scatter": ["--disable-webgl"]}
 #: The SPEC §2 scalars and the per-tensor norms of a width-32, depth-2 ring8 GAN: what its page charts.
 N_KEYS = 26
 FILL_CHUNK = 1000
+
+#: Where static/js/chartview.js keeps the user's chart view, and the views the variants set there before a page loads.
+VIEW_KEY = "gradwatch:chart-view"
+VIEWS: dict[str, dict[str, Any]] = {"smoothed": {"smoothing": 0.6, "x": "step", "log": {}}}
 
 #: Text replacements that turn the app's ``static/js/charts.js`` into the "before-fix" variant: every frame
 #: extends its lines, which are never thinned, as before the fix.
@@ -225,8 +230,10 @@ def before_fix_charts_js() -> str:
     return text
 
 
-def _open(browser: Browser, url: str, charts_js: str | None = None) -> Page:
+def _open(browser: Browser, url: str, charts_js: str | None = None, view: dict[str, Any] | None = None) -> Page:
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    if view is not None:  # the chart view a user left in this browser (static/js/chartview.js): smoothed
+        page.add_init_script(f"localStorage.setItem({json.dumps(VIEW_KEY)}, {json.dumps(json.dumps(view))})")
     if charts_js is not None:  # the page gets this charts.js instead of the app's: before-fix
         page.route("**/assets/js/charts.js*",
                    lambda route: route.fulfill(body=charts_js, content_type="text/javascript"))
@@ -290,7 +297,7 @@ def measure(args: argparse.Namespace, server: Server, ids: dict[str, str], keys:
                                 continue
                             case = _case(args, browser, f"{server.url}/runs/"
                                          f"{ids[f'history-{n}'] if mode == 'history' else ids['filled']}",
-                                         script, mode, n, keys)
+                                         script, mode, n, keys, VIEWS.get(variant))
                             case = {"renderer": renderer, "variant": variant, **case}
                             cases.append(case)
                             print(f"  {label}: {case['points_per_line']:>7,} points per line, "
@@ -303,10 +310,15 @@ def measure(args: argparse.Namespace, server: Server, ids: dict[str, str], keys:
 
 
 def _case(args: argparse.Namespace, browser: Browser, url: str, script: str | None, mode: str, n: int,
-          keys: list[str]) -> dict[str, Any]:
+          keys: list[str], view: dict[str, Any] | None = None) -> dict[str, Any]:
     """One page: reach N points per line (history or filled), then time the frames."""
-    page = _open(browser, url, script)
+    page = _open(browser, url, script, view)
     try:
+        if view is not None:  # the page took the view (a renamed storage key would measure the default silently)
+            taken = page.evaluate("Object.values(window.gradwatch.charts).filter((c) => c.mode)"
+                                  ".map((c) => c.mode.smoothing)")
+            if not taken or set(taken) != {view["smoothing"]}:
+                raise RuntimeError(f"the page did not take the chart view {view}: smoothing {taken}")
         types = page.evaluate(TRACE_TYPES_JS)
         webgl = page.evaluate(WEBGL_JS)
         started = time.perf_counter()
@@ -437,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip scattergl lines filled beyond this many points with the before-fix charts.js (0: "
                              "none skipped); software WebGL takes seconds per frame at 100k unthinned points")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["current"],
-                        help="current (the app's charts.js) and/or before-fix (its thinning switched off)")
+                        help="current (the app's charts.js), before-fix (its thinning switched off) and/or "
+                             "smoothed (the app's, with the user's smoothing on: each line drawn twice)")
     parser.add_argument("--compare", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="measure the compare page instead, with these numbers of runs (e.g. 10,20,50)")
     parser.add_argument("--compare-steps", type=int, default=2_000,
@@ -446,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: bench/results/browser.json (browser-compare.json with --compare)")
     args = parser.parse_args(argv)
     bad = ([r for r in args.renderers if r not in RENDERERS] + [m for m in args.modes if m not in ("history", "filled")]
-           + [v for v in args.variants if v not in ("current", "before-fix")])
+           + [v for v in args.variants if v not in ("current", "before-fix", *VIEWS)])
     if bad:
         parser.error(f"unknown renderer or mode: {bad}")
     meta = {**machine_info("cpu"), "chromium": chromium_version(), "steps_per_frame": args.steps_per_frame,

@@ -42,6 +42,17 @@ def test_the_before_fix_variant_still_applies_and_draws_every_point(tmp_path: Pa
     assert drawn["before-fix"] == 9000 and drawn["current"] <= 8000
 
 
+def test_the_smoothed_variant_opens_the_page_with_smoothing_on(tmp_path: Path) -> None:
+    """The variant sets the view the page reads from localStorage; the benchmark refuses to time a page that did not
+    take it, so this fails as soon as the storage key or the view's shape drifts from static/js/chartview.js."""
+    require_chromium()
+    out = tmp_path / "browser.json"
+    assert browser.main(["--sizes", "200", "--frames", "3", "--warmup", "0", "--renderers", "scatter",
+                         "--modes", "filled", "--variants", "smoothed", "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["variant"] == "smoothed" and case["frames"] == 3 and case["points_per_line"] == 200
+
+
 def test_a_missing_chromium_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRADWATCH_CHROMIUM", str(tmp_path / "no-such-chromium"))
     out = tmp_path / "browser.json"
