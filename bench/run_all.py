@@ -36,6 +36,7 @@ QUICK: dict[str, list[str]] = {
     "browser": ["--modes", "filled", "--frames", "20", "--case-seconds", "8"],
     "submit": [],
     "runs_table": ["--repeat", "20"],
+    "storage": ["--steps", "20000"],
 }
 #: A sweep with a long queue may take this much longer than on an empty one (it took 23× before issue 12).
 SUBMIT_RATIO_TARGET = 2.0
@@ -118,6 +119,13 @@ def summary_rows(names: list[str]) -> list[list[str]]:
         for query, r in d["http"].items():
             rows.append(["runs_table", f"{_fmt(runs)} runs, GET /ui/runs-table {query}: p95", _fmt(r["p95_ms"], " ms"),
                          f"< {d['target_ms']:.0f} ms", "yes" if r["p95_ms"] < d["target_ms"] else "NO"])
+    if "storage" in names and (d := _load("storage")) is not None:
+        scale = d["scale"]
+        for part, r in d["results"].items():
+            size = f"{scale['steps']:,} steps × {scale['keys']} keys"
+            rows.append(["storage", f"{part}: bytes per step per key (→ {size})",
+                         f"{r['bytes_per_step_per_key']:.1f} B (→ {r['scaled_bytes'] / 2**30:.2f} GiB)",
+                         "(issue 15: file ≤ ¼ of today's)", "—"])
     return rows
 
 

@@ -28,8 +28,11 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
     (tmp_path / "runs_table.json").write_text(json.dumps({
         "meta": {"runs": 10000}, "target_ms": 100.0,
         "http": {"first page": {"p95_ms": 8.7}, "search, none": {"p95_ms": 130.2}}}))
+    (tmp_path / "storage.json").write_text(json.dumps({
+        "scale": {"steps": 1_000_000, "keys": 60},
+        "results": {"file": {"bytes_per_step_per_key": 44.84, "scaled_bytes": 2_690_000_000}}}))
     rows = run_all.summary_rows(["overhead", "history", "browser", "throughput", "submit",  # no throughput.json
-                                 "runs_table"])
+                                 "runs_table", "storage"])
     assert rows == [
         ["overhead", "ring: gradwatch / bare steps/s", "0.85", "≥ 0.90 (CPU)", "NO"],
         ["overhead", "ring: TensorBoard / bare steps/s", "0.80", "below gradwatch", "yes"],
@@ -40,6 +43,8 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
         ["submit", "64-run sweep, 1,280 queued / none queued", "1.10×", "≤ 2×", "yes"],
         ["runs_table", "10,000 runs, GET /ui/runs-table first page: p95", "8.7 ms", "< 100 ms", "yes"],
         ["runs_table", "10,000 runs, GET /ui/runs-table search, none: p95", "130.2 ms", "< 100 ms", "NO"],
+        ["storage", "file: bytes per step per key (→ 1,000,000 steps × 60 keys)", "44.8 B (→ 2.51 GiB)",
+         "(issue 15: file ≤ ¼ of today's)", "—"],
     ]
 
 
