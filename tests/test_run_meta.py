@@ -122,12 +122,14 @@ def test_an_old_database_without_the_columns_gets_them(tmp_path: Path) -> None:
     store = Store(path)
     store.close()
     conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE runs DROP COLUMN tags")
-    conn.execute("ALTER TABLE runs DROP COLUMN notes")
+    for trigger in ("runs_search_on_insert", "runs_search_on_update"):
+        conn.execute(f"DROP TRIGGER {trigger}")
+    for column in ("tags", "notes", "dataset_name", "gan_loss"):
+        conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
     conn.execute("INSERT INTO runs (id, name, kind, status, config, created_at) VALUES ('old1', 'old run', 'gan', "
-                 "'completed', '{}', 1.0)")
+                 """'completed', '{"data": {"name": "ring8"}, "gan": {"g_loss": "saturating"}}', 1.0)""")
     conn.commit()
-    assert {"tags", "notes"}.isdisjoint(row[1] for row in conn.execute("PRAGMA table_info(runs)"))
+    assert {"tags", "notes", "gan_loss"}.isdisjoint(row[1] for row in conn.execute("PRAGMA table_info(runs)"))
     conn.close()
     store = Store(path)
     try:
@@ -135,6 +137,8 @@ def test_an_old_database_without_the_columns_gets_them(tmp_path: Path) -> None:
         assert old is not None and old.tags is None and old.notes is None
         assert store.update_run("old1", tags=["kept"], notes="n").tags == ["kept"]
         assert store.page_runs(tag="KEPT")[1] == 1
+        # Its dataset and loss were copied out of its config when the columns were added: the search finds them.
+        assert store.page_runs(query="ring8")[1] == 1 and store.page_runs(query="saturating")[1] == 1
     finally:
         store.close()
 
@@ -290,6 +294,12 @@ def test_page_runs_filters_in_sql(store: Store) -> None:
     assert store.page_runs(limit=2, offset=10) == ([], 4)
     assert {k: [r.id for r in v] for k, v in store.sweep_runs(["sw", "none"]).items()} == {"sw": ["a3", "a2"],
                                                                                           "none": []}
+    # The dataset and loss the search reads are copies of the config's, kept in step when the config changes (a
+    # script's run sends its config later).
+    store.update_run("a4", config={"data": {"name": "my_faces"}}, kind="gan")
+    assert ids(store.page_runs(query="faces")) == ["a4"]
+    store.update_run("a4", config={"data": {"name": "cats"}, "gan": {"g_loss": "hinge"}})
+    assert ids(store.page_runs(query="faces")) == [] and ids(store.page_runs(query="hinge")) == ["a4"]
 
 
 def test_the_store_reports_every_run_row_change(store: Store) -> None:
