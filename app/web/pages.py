@@ -44,6 +44,9 @@ MAX_COMPARE = 20
 #: Runs whose data plane or sample grids the compare page shows side by side (each plane is a heat map and a
 #: snapshot fetch per slider move); the line charts still show every run.
 MAX_PLANES = 6
+#: Past this many runs the compare page's charts drop their legends (one or two entries a run would crowd out the
+#: lines): the run list above them, in columns, names every run in its colour and dash (static/js/compare.js).
+LEGEND_RUNS = 8
 
 
 @dataclass(frozen=True)
@@ -572,7 +575,7 @@ async def compare_page(request: Request, templates: TemplatesDep, manager: Manag
     varied = diff.varied() if diff is not None else []
     return templates.TemplateResponse(request, "compare.html", {
         "runs": rows, "boot": boot, "dropped": dropped, "diff": diff, "varied": varied, "twin": _twin(records, rows),
-        "planes": any(b["plane"] for b in boot), "max_planes": MAX_PLANES,
+        "planes": any(b["plane"] for b in boot), "max_planes": MAX_PLANES, "many": len(rows) > LEGEND_RUNS,
         "planes_cut": any(b["plane"] for b in boot[MAX_PLANES:])})
 
 

@@ -24,8 +24,10 @@ const HISTORY_POINTS = 2000;
 // A run's start, for "time since start": each line counts from its own run's start.
 const startOf = new Map(boot.map((r) => [r.id, r.started_at ?? null]));
 const origin = (traceId) => startOf.get(traceId.split(":")[0]) ?? null;
+// Many runs (the server's LEGEND_RUNS): the charts have no legends, the run list above them names every run.
+const MANY = Boolean($("compare-runs")?.classList.contains("many"));
 /** A line chart whose log/linear choice is remembered under ``name`` (shared with the run page's chart of that name). */
-const line = (id, name, layout) => new LineChart($(id), layout, { name, origin });
+const line = (id, name, layout) => new LineChart($(id), MANY ? { ...layout, showlegend: false } : layout, { name, origin });
 if (boot.length) mountToolbar($("cmp-panels"));
 const charts = {
   gnorm: line("cmp-gnorm", "gnorm", { yaxis: { type: "log", exponentformat: "power", title: { text: "‖∇θ L_G‖₂" } } }),
@@ -35,16 +37,6 @@ const charts = {
   eval: line("cmp-eval", "eval", { yaxis: { title: { text: "count" }, rangemode: "tozero" } }),
   elbo: line("cmp-elbo", "elbo", { yaxis: { title: { text: "ELBO (nats)" } } }),
 };
-// Past LEGEND_RUNS runs, legends of 1–2 entries per run would crowd out the lines (bench/browser.py --compare,
-// docs/benchmarks.md): the run list above names every run in its colour and dash, and hovering a line names it.
-const LEGEND_RUNS = 8;
-if (boot.length > LEGEND_RUNS) {
-  for (const chart of Object.values(charts)) {
-    chart.layout.showlegend = false;
-    Plotly.relayout(chart.el, { showlegend: false });
-  }
-}
-
 // What each trace draws, so that a zoom can fetch its steps at full resolution: trace id -> {run, keys, derive}.
 const sources = new Map();
 function source(id, run, keys, derive = (m) => m[keys[0]]) {
