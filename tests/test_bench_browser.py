@@ -26,7 +26,8 @@ def test_browser_benchmark_times_frames_on_the_real_run_page(tmp_path: Path) -> 
     for case in cases:
         assert case["trace_types"] == ["scatter"]  # --disable-webgl: the SVG fallback
         assert case["points_per_line"] == case["n"]
-        assert case["frames"] == 3 and 0 < case["handler_median_ms"] <= case["median_ms"]
+        # performance.now() is coarsened (to 0.1 ms here): a handler that fast may read 0, a flush never does.
+        assert case["frames"] == 3 and 0 <= case["handler_median_ms"] < case["median_ms"]
     assert set(payload["ratio_largest_over_smallest"]) == {"scatter current history", "scatter current filled"}
 
 

@@ -25,7 +25,8 @@ def test_the_compare_benchmark_loads_n_runs_and_times_ticks_of_one_frame_per_run
     for case in cases:
         assert case["trace_types"] == ["scatter"] and case["load_s"] > 0
         assert case["traces"]["gloss"] == case["n"] and case["traces"]["gnorm"] == 2 * case["n"]  # applied, shadow
-        assert case["frames"] == 3 and 0 < case["handler_median_ms"] <= case["median_ms"]
+        # performance.now() is coarsened (to 0.1 ms here): a handler that fast may read 0, a flush never does.
+        assert case["frames"] == 3 and 0 <= case["handler_median_ms"] < case["median_ms"]
         assert case["per_frame_median_ms"] == pytest.approx(case["median_ms"] / case["n"], abs=1e-3)
 
 
