@@ -217,6 +217,13 @@ class IntervalConfig(_Section):
         50, ge=1, le=60_000, description="Telemetry reaches the host at most this often (one copy per flush)."
     )
     flush_steps: int = Field(256, ge=1, le=100_000, description="...or after this many buffered steps.")
+    telemetry_budget: float = Field(
+        0.03, gt=0, le=1,
+        description="Share of a step's time telemetry may take (0.03: 3 %). The expensive pieces (the shadow "
+        "gradient, per-layer norms, histograms) are measured on the run's device and sampled to fit; the losses, "
+        "the applied gradient norms and the collapse alert stay on every logged step. 1: every piece on every "
+        "logged step.",
+    )
     keep_checkpoints: int = Field(
         5, ge=1, le=50,
         description="Periodic checkpoints kept (oldest removed), besides the final one. At most 50: with the "

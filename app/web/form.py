@@ -34,7 +34,8 @@ ADVANCED: frozenset[str] = frozenset({
     "gan.beta1", "gan.beta2", "gan.g_adam_eps", "gan.d_optimizer", "gan.momentum", "gan.gp_weight",
     "gan.collapse_ratio", "gan.collapse_patience",
     "vae.mc_samples", "train.resources",
-    "intervals.flush_ms", "intervals.flush_steps", "intervals.keep_checkpoints", "intervals.keep_samples",
+    "intervals.flush_ms", "intervals.flush_steps", "intervals.telemetry_budget", "intervals.keep_checkpoints",
+    "intervals.keep_samples",
 })
 
 
