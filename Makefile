@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gradwatch train --preset ring8-saturating --out runs/ring8-saturating
 	$(VENV)/bin/gradwatch train --preset ring8-non-saturating --out runs/ring8-non-saturating
 
-# The trackers the benchmarks compare against (TensorBoard, wandb): the `bench` extra, on top of the dev install.
+# The trackers the benchmarks compare against (TensorBoard, wandb, Trackio): the `bench` extra, on top of the dev install.
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,ray,bench]'
 	touch $(BENCH_STAMP)

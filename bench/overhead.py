@@ -1,4 +1,4 @@
-"""Steps/s of a bare PyTorch loop against the same loop with metrics logged three ways, interleaved.
+"""Steps/s of a bare PyTorch loop against the same loop with its metrics logged several ways, interleaved.
 
 Same model, data, batch size and seed in every variant:
 
@@ -20,40 +20,54 @@ Same model, data, batch size and seed in every variant:
     the same server as (b). Its ratio to (a) is the client's price; SPEC's
     issue holds it within 0.03 of (b)'s, the built-in trainer computing the
     same keys with the same probes.
+(f) ``every-step``: (b) with ``intervals.telemetry_budget = 1``: every
+    telemetry piece (the shadow gradient, the per-layer norms, the histograms)
+    on every logged step, where (b)'s default budget (0.03, trainer/budget.py)
+    samples the expensive pieces to keep telemetry near 3 % of step time. The
+    pair shows what the budget buys; issue 15 wants (b) at 0.95 or better.
+(g) ``trackio``: (c)'s values through ``trackio.log(dict, step=...)``, the
+    local-first, wandb-compatible tracker (SQLite under a temporary
+    ``TRACKIO_DIR``, no dashboard launched, nothing sent anywhere).
 
-(c) and (d) leave out the shadow gradient (``grad/g_norm_saturating`` and
+(c), (d) and (g) leave out the shadow gradient (``grad/g_norm_saturating`` and
 ``grad/g_norm_non_saturating``): it needs a second backward pass that no
-TensorBoard or wandb user computes; gradwatch (b) pays for it.
+TensorBoard, wandb or Trackio user computes; gradwatch (b) pays for it, or (f) on every step.
 
 Every variant trains in a fresh process of its own, started for each round,
 with the same number of torch threads as the server gives its workers (one by
-default: ``--threads``). Rounds alternate a, b, c, d, a, b, ...; each measures a
+default: ``--threads``). Rounds alternate a, b, c, ..., a, b, ...; each measures a
 window of ``--seconds`` (or ``--steps``) after a warm-up of ``--warmup`` seconds
 from the end of the process's first step, so start-up costs stay out. The
 figure is the median over rounds of each round's ratio to (a), the round's own
 bare figure, so a change of machine load between rounds cancels.
 
-    python -m bench.overhead                   # 3 cases x 4 variants x 3 rounds, about 4 minutes on 2 quiet cores
-    python -m bench.overhead --quick           # one round, shorter windows (make bench)
+    python -m bench.overhead                   # 3 cases x 7 variants x 3 rounds, about 7 minutes on 2 quiet cores
+    python -m bench.overhead --quick           # one round, shorter windows (make bench), about 2 minutes
     python -m bench.overhead --inprocess       # all variants in this process, gradwatch without a server
     python -m bench.overhead --device cuda --rounds 5
+    python -m bench.overhead --max-seconds 240 # fewer rounds where the time runs out (bench/gpu.py)
 
 A variant whose library is not installed (``pip install -e '.[bench]'``) or
-cannot run (wandb offline) is reported as not available, with the reason.
+cannot run (wandb or Trackio offline) is reported as not available, with the reason.
 Writes ``bench/results/overhead.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import importlib.util
+import inspect
 import io
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -83,8 +97,15 @@ CASES = {
     "digits-gan": "digits conv GAN",
     "digits-vae": "digits MLP VAE",
 }
-VARIANTS = ("bare", "gradwatch", "tensorboard", "wandb", "client")
-LETTER = dict(zip(VARIANTS, "abcde", strict=True))
+VARIANTS = ("bare", "gradwatch", "tensorboard", "wandb", "client", "every-step", "trackio")
+LETTER = dict(zip(VARIANTS, "abcdefg", strict=True))
+#: The variants that are a run of the built-in trainer on the live server, and the config each adds.
+SERVER_RUNS: dict[str, dict[str, Any]] = {
+    "gradwatch": {},
+    "every-step": {"intervals.telemetry_budget": 1.0},
+}
+#: The variants that log through another tracker (their library is optional: the ``bench`` extra).
+TRACKERS = ("tensorboard", "wandb", "trackio")
 TERMINAL = {"completed", "stopped", "failed", "interrupted"}
 #: How long one round may take, process start-up included, before the benchmark gives up on it.
 ROUND_TIMEOUT_S = 180.0
@@ -99,7 +120,13 @@ def _quiet(cfg: RunConfig, device: str) -> RunConfig:
     })
 
 
-# -- how a TensorBoard or wandb user logs -----------------------------------------------------------
+def server_config(cfg: RunConfig, variant: str) -> RunConfig:
+    """What a live-server variant POSTs: the case's config with the variant's overrides (:data:`SERVER_RUNS`)."""
+    overrides = SERVER_RUNS[variant]
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+# -- how a TensorBoard, wandb or Trackio user logs --------------------------------------------------
 
 
 class Unavailable(Exception):
@@ -159,6 +186,57 @@ class WandbLogger:
         self.run.finish()
 
 
+#: This process's Trackio data folder: Trackio reads ``TRACKIO_DIR`` once, when first imported.
+_trackio_dir: Path | None = None
+
+
+def _trackio_home() -> Path:
+    """A temporary ``TRACKIO_DIR`` for this process (removed at exit), set before Trackio is first imported."""
+    global _trackio_dir
+    if _trackio_dir is None:
+        if "trackio" in sys.modules:  # imported by someone else: its data would land wherever they said
+            raise Unavailable("trackio was imported before the benchmark could point TRACKIO_DIR at a temporary "
+                              "folder")
+        _trackio_dir = Path(tempfile.mkdtemp(prefix="gradwatch-bench-trackio-"))
+        atexit.register(shutil.rmtree, _trackio_dir, True)
+        os.environ["TRACKIO_DIR"] = str(_trackio_dir)
+    return _trackio_dir
+
+
+class TrackioLogger:
+    """``trackio.log`` of one dict per step, local only: SQLite in a temporary folder, no dashboard, no network."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        if importlib.util.find_spec("trackio") is None:
+            raise Unavailable("trackio is not installed; pip install -e '.[bench]'")
+        home = _trackio_home()
+        # Local mode: no Space, no self-hosted server, the Hugging Face Hub never asked.
+        for name in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_DATASET_ID", "TRACKIO_BUCKET_ID"):
+            os.environ.pop(name, None)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its banner would mix with the benchmark's table
+                import trackio
+
+                self.trackio: Any = trackio
+                self.run = trackio.init(project=f"gradwatch-bench-{cfg.kind}", name=f"bench-{uuid.uuid4().hex[:8]}",
+                                        config=cfg.model_dump(mode="json"), embed=False)
+        except ImportError as exc:
+            raise Unavailable(f"trackio cannot be imported ({exc}); pip install -e '.[bench]'") from exc
+        except Exception as exc:  # any failure to start locally makes the variant unavailable, not the bench fail
+            raise Unavailable(f"trackio.init() in {home} failed: {type(exc).__name__}: {exc}") from exc
+
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, Tensor]) -> None:
+        row: dict[str, Any] = dict(scalars)
+        for key, tensor in histograms.items():
+            row[key] = self.trackio.Histogram(tensor.detach().cpu().numpy())
+        self.trackio.log(row, step=step)
+
+    def close(self) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.trackio.finish()
+
+
 def make_logger(variant: str, cfg: RunConfig, log_dir: Path) -> MetricLogger | None:
     if variant == "bare":
         return None
@@ -166,6 +244,8 @@ def make_logger(variant: str, cfg: RunConfig, log_dir: Path) -> MetricLogger | N
         return TensorBoardLogger(log_dir)
     if variant == "wandb":
         return WandbLogger(log_dir, cfg)
+    if variant == "trackio":
+        return TrackioLogger(cfg)
     raise ValueError(f"no logger for variant {variant!r}")
 
 
@@ -373,7 +453,7 @@ class Window:
         return {"steps_per_s": steps / seconds, "steps": steps, "seconds": seconds}
 
 
-# -- variants (a), (c), (d): a fresh process per round ----------------------------------------------
+# -- variants (a), (c), (d), (e), (g): a fresh process per round ------------------------------------
 
 
 def _child(args: argparse.Namespace) -> int:
@@ -408,15 +488,18 @@ def _client_run(cfg: RunConfig, server: str | None, folder: Path) -> Any:
     import gradwatch
 
     iv = cfg.intervals
+    extra: dict[str, Any] = {}
+    if "telemetry_budget" in inspect.signature(gradwatch.init).parameters:  # the client's budget, once it has one
+        extra["telemetry_budget"] = iv.telemetry_budget
     return gradwatch.init(name=f"bench client {cfg.kind}", config=cfg.model_dump(mode="json"), server=server,
                           mode="online" if server else "offline", out=folder / "client-run", quiet=True,
                           log_every=iv.log_every, hist_every=iv.hist_every, flush_steps=iv.flush_steps,
-                          flush_ms=iv.flush_ms)
+                          flush_ms=iv.flush_ms, **extra)
 
 
 def child_round(variant: str, preset: str, args: argparse.Namespace, threads: int, tmp: Path,
                 server: str | None = None) -> dict[str, Any]:
-    """Variant (a), (c) or (d) for one round, in its own process; ``{"ok": False, "reason"}`` if unavailable."""
+    """Variant (a), (c), (d), (e) or (g) for one round, in its own process; ``{"ok": False, "reason"}`` if not."""
     tag = uuid.uuid4().hex[:8]
     result = tmp / f"{variant}-{tag}.json"
     cmd = [sys.executable, "-m", "bench.overhead", "--child", variant, "--preset", preset,
@@ -442,11 +525,14 @@ def child_round(variant: str, preset: str, args: argparse.Namespace, threads: in
     return {"ok": False, "reason": reason}
 
 
-# -- variant (b): a real run on the real server ----------------------------------------------------
+# -- variants (b) and (f): a real run on the real server --------------------------------------------
 
 
 def gradwatch_round(server: Server, cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """POST the run, read its live stream until the window closes, stop it, wait for its worker to exit."""
+    """POST the run, read its live stream until the window closes, stop it, wait for its worker to exit.
+
+    ``cfg`` is the case's config with the variant's overrides already applied (:func:`server_config`).
+    """
     key = (VAE_KEYS if cfg.kind == "vae" else GAN_KEYS)[0]
     window = Window(args.warmup, args.seconds, args.warmup_steps, args.steps)
     run_id = str(server.request("POST", "/api/runs", cfg.model_dump(mode="json"))["id"])
@@ -570,31 +656,45 @@ def _progress(text: str) -> None:
 
 def run_separate(args: argparse.Namespace, presets: list[str], variants: list[str]) -> tuple[list[dict[str, Any]],
                                                                                                dict[str, Any]]:
-    """Every variant in fresh processes, (b) through a live server; rounds interleaved a, b, c, d, a, ..."""
+    """Every variant in fresh processes, (b) and (f) through a live server; rounds interleaved a, b, c, ..., a, ...
+
+    With ``--max-seconds``, each case gets an equal share of that time: after its first round, a case starts
+    another only if one more round of the length of its last one still ends within its share.
+    """
     limit, threads = _threads(args.threads)
-    meta: dict[str, Any] = {"mode": "separate processes, (b) live through gradwatch serve",
-                            "threads_per_process": threads, "gradwatch_cpu_run_limit": limit}
+    meta: dict[str, Any] = {"mode": "separate processes, (b) and (f) live through gradwatch serve",
+                            "threads_per_process": threads, "gradwatch_cpu_run_limit": limit,
+                            "max_seconds": args.max_seconds}
     results = []
+    started = time.monotonic()
     with TemporaryDirectory(prefix="gradwatch-bench-") as tmp_name:
         tmp = Path(tmp_name)
         server = None
-        if "gradwatch" in variants or "client" in variants:
+        if any(v in SERVER_RUNS or v == "client" for v in variants):
             server = Server(tmp / "server", env={"GRADWATCH_CPU_RUN_LIMIT": str(limit),
                                                  "OMP_NUM_THREADS": str(threads)}).start()
         try:
-            for preset in presets:
+            for i, preset in enumerate(presets):
                 cfg = _quiet(get_preset(preset), args.device)
+                deadline = (started + args.max_seconds * (i + 1) / len(presets)) if args.max_seconds else None
                 rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
                 reasons: dict[str, str] = {}
+                last_round_s = 0.0
+                done = 0
                 for r in range(args.rounds):
+                    if r > 0 and deadline is not None and time.monotonic() + last_round_s > deadline:
+                        _progress(f"{CASES[preset]}: its share of --max-seconds {args.max_seconds:g} is spent "
+                                  f"after {r} round(s)")
+                        break
+                    round_began = time.monotonic()
                     line = []
                     for v in variants:
                         if v in reasons:
                             continue
                         began = time.monotonic()
-                        if v == "gradwatch":
+                        if v in SERVER_RUNS:
                             assert server is not None
-                            outcome = gradwatch_round(server, cfg, args)
+                            outcome = gradwatch_round(server, server_config(cfg, v), args)
                         elif v == "client":
                             assert server is not None
                             outcome = child_round(v, preset, args, threads, tmp, server.url)
@@ -610,7 +710,9 @@ def run_separate(args: argparse.Namespace, presets: list[str], variants: list[st
                             line.append(f"{v} n/a")
                     _progress(f"{CASES[preset]} round {r + 1}/{args.rounds}, steps/s (round's wall time): "
                               + ", ".join(line))
-                results.append(summarize(preset, variants, rounds, reasons))
+                    last_round_s = time.monotonic() - round_began
+                    done += 1
+                results.append({**summarize(preset, variants, rounds, reasons), "rounds_done": done})
         finally:
             if server is not None:
                 server.stop()
@@ -619,11 +721,11 @@ def run_separate(args: argparse.Namespace, presets: list[str], variants: list[st
 
 def run_inprocess(args: argparse.Namespace, presets: list[str], variants: list[str]) -> tuple[list[dict[str, Any]],
                                                                                                 dict[str, Any]]:
-    """All variants in this process, fixed step counts, (b) as ``train_step`` writing JSON to memory."""
+    """All variants in this process, fixed step counts, (b) and (f) as ``train_step`` writing JSON to memory."""
     torch.set_num_threads(args.threads)
     steps = args.steps or 200
     warmup = args.warmup_steps if args.warmup_steps is not None else 20
-    meta = {"mode": "in process, (b) without a server", "threads_per_process": args.threads,
+    meta = {"mode": "in process, (b) and (f) without a server", "threads_per_process": args.threads,
             "steps_per_round": steps, "warmup_steps": warmup}
     results = []
     with TemporaryDirectory(prefix="gradwatch-bench-") as tmp_name:
@@ -634,8 +736,8 @@ def run_inprocess(args: argparse.Namespace, presets: list[str], variants: list[s
             loggers: list[MetricLogger] = []
             reasons: dict[str, str] = {}
             for v in variants:
-                if v == "gradwatch":
-                    loops[v] = instrumented_loop(cfg, tmp / preset)
+                if v in SERVER_RUNS:
+                    loops[v] = instrumented_loop(server_config(cfg, v), tmp / f"{preset}-{v}")
                     continue
                 if v == "client":
                     loops[v] = bare_loop(cfg, None, _client_run(cfg, None, tmp / f"{preset}-client"))
@@ -661,7 +763,7 @@ def run_inprocess(args: argparse.Namespace, presets: list[str], variants: list[s
                     rounds[v].append({"ok": True, "steps_per_s": steps / seconds, "steps": steps, "seconds": seconds})
             for logger in loggers:
                 logger.close()
-            results.append(summarize(preset, variants, rounds, reasons))
+            results.append({**summarize(preset, variants, rounds, reasons), "rounds_done": args.rounds})
     return results, meta
 
 
@@ -680,13 +782,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one round, 1 s warm-up, 2 s windows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    parser.add_argument("--max-seconds", type=float,
+                        help="share this much wall time between the cases: a case starts no round past its share "
+                             "(it always runs one)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated presets from {list(CASES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--inprocess", action="store_true",
                         help="every variant in this process, (b) without a server (for profiling)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "overhead.json")
     # One round of a bare-loop variant in a child process (used by the benchmark itself).
-    parser.add_argument("--child", choices=["bare", "tensorboard", "wandb", "client"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["bare", *TRACKERS, "client"], help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -706,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in presets if p not in CASES] + [v for v in variants if v not in VARIANTS]
     if unknown or "bare" not in variants:
         raise SystemExit(f"unknown case or variant {unknown}, or no 'bare' variant to compare with")
-    variants = [v for v in VARIANTS if v in variants]  # always in the order a, b, c, d
+    variants = [v for v in VARIANTS if v in variants]  # always in the order a, b, c, ...
     info = machine_info(args.device)
     runner = run_inprocess if args.inprocess else run_separate
     results, meta = runner(args, presets, variants)
