@@ -20,8 +20,10 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
         "ratio_sizes": {"scatter current filled": [1000, 100000]}}))
     (tmp_path / "overhead.json").write_text(json.dumps({"meta": {"device": "cpu"}, "results": [
         {"case": "ring", "variants": {"gradwatch": {"ratio_to_bare": {"median": 0.85}},
-                                      "tensorboard": {"ratio_to_bare": {"median": 0.80}}}},
-        {"case": "vae", "variants": {"gradwatch": {"ratio_to_bare": {"median": 0.91}},
+                                      "every-step": {"ratio_to_bare": {"median": 0.78}},
+                                      "tensorboard": {"ratio_to_bare": {"median": 0.80}},
+                                      "trackio": {"ratio_to_bare": {"median": 0.88}}}},
+        {"case": "vae", "variants": {"gradwatch": {"ratio_to_bare": {"median": 0.96}},
                                      "tensorboard": {"available": False}}}]}))
     (tmp_path / "submit.json").write_text(json.dumps({"size": 64, "ratio_last_first": 1.1,
                                                       "sweeps": [{"queued_before": 0}, {"queued_before": 1280}]}))
@@ -34,9 +36,11 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
     rows = run_all.summary_rows(["overhead", "history", "browser", "throughput", "submit",  # no throughput.json
                                  "runs_table", "storage"])
     assert rows == [
-        ["overhead", "ring: gradwatch / bare steps/s", "0.85", "≥ 0.90 (CPU)", "NO"],
+        ["overhead", "ring: gradwatch (default budget) / bare steps/s", "0.85", "≥ 0.95 (CPU)", "NO"],
+        ["overhead", "ring: gradwatch every step (budget 1) / bare steps/s", "0.78", "(comparison)", "—"],
         ["overhead", "ring: TensorBoard / bare steps/s", "0.80", "below gradwatch", "yes"],
-        ["overhead", "vae: gradwatch / bare steps/s", "0.91", "≥ 0.90 (CPU)", "yes"],
+        ["overhead", "ring: Trackio / bare steps/s", "0.88", "below gradwatch", "NO"],
+        ["overhead", "vae: gradwatch (default budget) / bare steps/s", "0.96", "≥ 0.95 (CPU)", "yes"],
         ["history", "1M × 20 keys → 2,000 points, HTTP warm median", "42.6 ms", "< 200 ms", "yes"],
         ["history", "same, first request", "250.0 ms", "< 200 ms", "NO"],
         ["browser", "scatter current filled: per-frame ms, N=100,000 / N=1,000", "7.7×", "≈ 1–2×", "NO"],
