@@ -39,13 +39,14 @@ def init(name: str | None = None, config: Any = None, *, project: str | None = N
     none (or ``mode="offline"``) the run is kept in ``./gradwatch-runs/<id>`` for ``gradwatch sync``.
 
     ``token`` (or ``$GRADWATCH_TOKEN``) is the server's access token when it has one. Other options:
-    ``log_every``, ``hist_every``, ``flush_steps``, ``flush_ms``, ``quiet``. wandb-only keywords
+    ``log_every``, ``hist_every``, ``flush_steps``, ``flush_ms``, ``telemetry_budget`` (the share of step time
+    telemetry may take, 0.03 by default; 1: every key every logged step), ``quiet``. wandb-only keywords
     (``entity``, ``tags``, ``reinit``, ...) are accepted and ignored.
     """
     global run
     from gradwatch.client import Run
 
-    known = {"log_every", "hist_every", "flush_steps", "flush_ms", "quiet"}
+    known = {"log_every", "hist_every", "flush_steps", "flush_ms", "telemetry_budget", "quiet"}
     kept = {k: v for k, v in options.items() if k in known}
     if run is not None and not run._finished:
         run.finish()  # as wandb does when a script starts a second run

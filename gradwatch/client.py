@@ -43,6 +43,7 @@ from gradwatch.source import script_source
 from trainer.alerts import Alert, GanAlerts, VaeAlerts
 from trainer.config import ControlRequest, GanConfig
 from trainer.files import atomic_write
+from trainer.probes import DEFAULT_TELEMETRY_BUDGET
 from trainer.telemetry import MetricBuffer, MetricGroup, StepRow, flush_to_frames
 
 log = logging.getLogger("gradwatch")
@@ -87,13 +88,18 @@ class Run:
     def __init__(self, name: str | None = None, config: Any = None, *, project: str | None = None,
                  server: str | None = None, token: str | None = None, mode: Mode = "auto",
                  out: str | Path | None = None, log_every: int = 1, hist_every: int = 50, flush_steps: int = 50,
-                 flush_ms: int = 250, quiet: bool = False) -> None:
+                 flush_ms: int = 250, telemetry_budget: float = DEFAULT_TELEMETRY_BUDGET, quiet: bool = False) -> None:
         if mode not in ("auto", "online", "offline"):
             raise ValueError(f"gradwatch.init: mode must be auto, online or offline, not {mode!r}")
         for label, value in (("log_every", log_every), ("hist_every", hist_every), ("flush_steps", flush_steps),
                              ("flush_ms", flush_ms)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"gradwatch.init: {label} must be a positive integer, not {value!r}")
+        if (isinstance(telemetry_budget, bool) or not isinstance(telemetry_budget, int | float)
+                or not 0 < telemetry_budget <= 1):
+            raise ValueError(f"gradwatch.init: telemetry_budget must be a number above 0 and at most 1 (the share "
+                             f"of step time telemetry may take; 1: everything every step), not {telemetry_budget!r}")
+        self.telemetry_budget = float(telemetry_budget)
         self.uid = uuid.uuid4().hex
         self.local_id = time.strftime("%Y%m%d-%H%M%S-") + self.uid[:6]
         self.name = name or ""
@@ -273,7 +279,8 @@ class Run:
                   **options: Any) -> GanWatch:
         """A probe that reports every SPEC §2 GAN key for these two modules; see :class:`~gradwatch.probes.GanWatch`."""
         self._check_open()
-        options = {"log_every": self.log_every, "hist_every": self.hist_every, **options}
+        options = {"log_every": self.log_every, "hist_every": self.hist_every,
+                   "telemetry_budget": self.telemetry_budget, **options}
         watch = GanWatch(self, generator, discriminator, g_loss=g_loss, opt_g=opt_g, opt_d=opt_d, **options)
         self._watches.append(watch)
         self.kind = "gan"
@@ -289,7 +296,8 @@ class Run:
                   opt: torch.optim.Optimizer | None = None) -> VaeWatch:
         """A probe that reports every SPEC §2 VAE key; see :class:`~gradwatch.probes.VaeWatch`."""
         self._check_open()
-        watch = VaeWatch(self, encoder, decoder, beta=beta, opt=opt, log_every=self.log_every)
+        watch = VaeWatch(self, encoder, decoder, beta=beta, opt=opt, log_every=self.log_every,
+                         telemetry_budget=self.telemetry_budget)
         self._watches.append(watch)
         self.kind = "vae"
         self._alert_checks.append(VaeAlerts().check)
@@ -410,7 +418,12 @@ class Run:
             self._flush()
 
     def _flush(self) -> None:
-        for group in flush_to_frames(self.buffer, self.folder.emit):
+        start = time.perf_counter()
+        groups = flush_to_frames(self.buffer, self.folder.emit)
+        spent = time.perf_counter() - start
+        for watch in self._watches:  # the flush is telemetry every watch's budget pays for
+            watch.budget.charge(spent / len(self._watches))
+        for group in groups:
             for check in self._alert_checks:
                 # A script's run reports a divergence and lets the script decide; a built-in run would fail.
                 for alert in check(group)[0]:

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _URL = re.compile(r"serving on (http://\S+/)")
 
 #: A run small enough for a 2-core machine: most of its time is the worker's start.
+# Both tiny configs ask for every key on every step (telemetry_budget 1): the live tests check streams key by key
+# and step by step. What the default budget samples is tested in tests/test_budget.py and test_budget_live.py.
 TINY_GAN: dict[str, Any] = {
     "kind": "gan",
     "data": {"name": "ring8"},
@@ -30,14 +32,15 @@ TINY_GAN: dict[str, Any] = {
     "gan": {"lr_g": 1e-3, "lr_d": 1e-3},
     "train": {"steps": 200, "batch_size": 64, "seed": 0, "device": "cpu"},
     "intervals": {"hist_every": 20, "sample_every": 100, "eval_every": 100_000, "checkpoint_every": 100,
-                  "flush_ms": 20, "flush_steps": 16},
+                  "flush_ms": 20, "flush_steps": 16, "telemetry_budget": 1.0},
 }
 TINY_VAE: dict[str, Any] = {
     "kind": "vae",
     "data": {"name": "digits"},
     "model": {"width": 32, "depth": 1, "latent_dim": 3},
     "train": {"steps": 60, "batch_size": 32, "seed": 0, "device": "cpu"},
-    "intervals": {"sample_every": 30, "eval_every": 30, "checkpoint_every": 30, "flush_ms": 20, "flush_steps": 16},
+    "intervals": {"sample_every": 30, "eval_every": 30, "checkpoint_every": 30, "flush_ms": 20, "flush_steps": 16,
+                  "telemetry_budget": 1.0},
 }
 
 

@@ -25,6 +25,8 @@ def frames_of(folder: Path) -> list[dict[str, Any]]:
 
 
 def offline(tmp_path: Path, **kwargs: Any) -> Run:
+    """An offline run with every key on every logged step (the budget's sampling is tests/test_budget.py's)."""
+    kwargs.setdefault("telemetry_budget", 1.0)
     return Run(mode="offline", out=tmp_path / "run", quiet=True, **kwargs)
 
 

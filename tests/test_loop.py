@@ -36,7 +36,10 @@ def tiny_gan(**overrides: Any) -> RunConfig:
         "model": {"width": 32, "depth": 2, "latent_dim": 4},
         "gan": {"lr_g": 1e-3, "lr_d": 1e-3},
         "train": {"steps": 40, "batch_size": 64, "seed": 0},
-        "intervals": {"hist_every": 10, "sample_every": 20, "eval_every": 20, "checkpoint_every": 20},
+        # Every key on every logged step: these tests check the telemetry's values (trainer/budget.py samples
+        # some keys by measured cost at the default budget; tests/test_budget.py covers that).
+        "intervals": {"hist_every": 10, "sample_every": 20, "eval_every": 20, "checkpoint_every": 20,
+                      "telemetry_budget": 1.0},
     }
     cfg = RunConfig.model_validate(raw)
     return cfg.with_overrides(overrides) if overrides else cfg
@@ -315,7 +318,7 @@ def test_vae_reports_every_spec_key(tmp_path: Path) -> None:
     cfg = RunConfig.model_validate({
         "kind": "vae", "data": {"name": "digits"}, "model": {"width": 32, "depth": 1, "latent_dim": 3},
         "vae": {"mc_samples": 2}, "train": {"steps": 20, "batch_size": 32},
-        "intervals": {"sample_every": 10, "eval_every": 10, "checkpoint_every": 10},
+        "intervals": {"sample_every": 10, "eval_every": 10, "checkpoint_every": 10, "telemetry_budget": 1.0},
     })
     status, frames = train(cfg, tmp_path)
     assert status == "completed"

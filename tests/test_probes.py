@@ -76,7 +76,7 @@ def run_generator_step(d_cls: type[nn.Module], g_loss: str, **probe_kwargs: Any)
     torch.manual_seed(0)
     g, d = generator(), d_cls()
     z = torch.randn(BATCH, LATENT)
-    probe = GanProbe(g, d, g_loss=g_loss, **probe_kwargs)  # type: ignore[arg-type]
+    probe = GanProbe(g, d, g_loss=g_loss, telemetry_budget=1.0, **probe_kwargs)  # type: ignore[arg-type]
     probe.generator_backward(g(z), log=True, hist=False)
     return g, d, z, probe, as_dict(probe.take_row())
 
@@ -187,7 +187,7 @@ def test_discriminator_backward_leaves_the_d_loss_gradient_in_d_and_none_in_g(g_
     g, d = generator(), PerSampleD()
     real, z = torch.randn(BATCH, 2), torch.randn(BATCH, LATENT)
     rng = torch.Generator().manual_seed(7)
-    probe = GanProbe(g, d, g_loss=g_loss, generator_rng=rng)  # type: ignore[arg-type]
+    probe = GanProbe(g, d, g_loss=g_loss, generator_rng=rng, telemetry_budget=1.0)  # type: ignore[arg-type]
     fake = g(z)  # still attached: the probe must not let D's loss reach G
     loss = probe.discriminator_backward(real, fake, log=True)
     assert all(p.grad is None for p in g.parameters())
@@ -222,7 +222,7 @@ def test_discriminator_backward_leaves_the_d_loss_gradient_in_d_and_none_in_g(g_
 def test_a_full_step_reports_every_spec_key_once() -> None:
     torch.manual_seed(0)
     g, d = generator(), PerSampleD()
-    probe = GanProbe(g, d)
+    probe = GanProbe(g, d, telemetry_budget=1.0)
     fake = g(torch.randn(BATCH, LATENT))
     probe.discriminator_backward(torch.randn(BATCH, 2), fake)
     probe.generator_backward(fake)
@@ -238,7 +238,7 @@ def test_apply_control_flips_the_loss_and_sets_learning_rates() -> None:
     params = list(g.parameters())
     opt_g = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=1e-3)
     opt_d = torch.optim.Adam(d.parameters(), lr=1e-3)
-    probe = GanProbe(g, d, g_loss="saturating", opt_g=opt_g, opt_d=opt_d)
+    probe = GanProbe(g, d, g_loss="saturating", opt_g=opt_g, opt_d=opt_d, telemetry_budget=1.0)
     assert probe.controls() == ["g_loss", "lr_g", "lr_d"]
     fake = g(torch.randn(BATCH, LATENT))
     probe.discriminator_backward(torch.randn(BATCH, 2), fake)
@@ -269,7 +269,7 @@ def test_a_detached_fake_batch_is_a_clear_error() -> None:
 
 
 def test_a_probe_without_optimisers_offers_only_the_loss_flip() -> None:
-    probe = GanProbe(generator(), PerSampleD(), g_loss="hinge")
+    probe = GanProbe(generator(), PerSampleD(), g_loss="hinge", telemetry_budget=1.0)
     assert probe.controls() == ["g_loss"]
     with pytest.raises(ValueError, match="lr_g"):
         probe.apply_control({"lr_g": 1e-3})
@@ -283,7 +283,7 @@ def test_an_untaken_completed_step_goes_to_on_unclaimed_row_or_is_dropped() -> N
     torch.manual_seed(0)
     g, d = generator(), PerSampleD()
     real, z = torch.randn(BATCH, 2), torch.randn(BATCH, LATENT)
-    probe = GanProbe(g, d, log_every=2, hist_every=2)
+    probe = GanProbe(g, d, log_every=2, hist_every=2, telemetry_budget=1.0)
     unclaimed: list[tuple[StepRow, Tensor | None]] = []
     probe.on_unclaimed_row = lambda row: unclaimed.append((row, probe.take_hist()))
 
@@ -313,7 +313,7 @@ def test_an_untaken_completed_step_goes_to_on_unclaimed_row_or_is_dropped() -> N
 def test_an_unclaimed_row_is_dropped_without_a_hook() -> None:
     torch.manual_seed(0)
     g, d = generator(), PerSampleD()
-    probe = GanProbe(g, d)
+    probe = GanProbe(g, d, telemetry_budget=1.0)
     losses = []
     for _ in range(2):
         fake = g(torch.randn(BATCH, LATENT))
@@ -326,7 +326,7 @@ def test_an_unclaimed_row_is_dropped_without_a_hook() -> None:
 def test_the_probes_own_counters_decide_logging_and_histograms() -> None:
     torch.manual_seed(0)
     g, d = generator(), PerSampleD()
-    probe = GanProbe(g, d, log_every=3, hist_every=2)
+    probe = GanProbe(g, d, log_every=3, hist_every=2, telemetry_budget=1.0)
     logged, hists = [], []
     for _ in range(6):
         fake = g(torch.randn(BATCH, LATENT))
@@ -361,7 +361,7 @@ def test_vae_probe_reports_every_key_against_a_manual_computation(with_eps: bool
     torch.manual_seed(0)
     vae, beta = TinyVae(), 0.5
     x, eps = torch.randn(16, 6), torch.randn(2, 16, 3)
-    probe = VaeProbe(vae.encoder, vae.decoder, beta=beta)
+    probe = VaeProbe(vae.encoder, vae.decoder, beta=beta, telemetry_budget=1.0)
     nll, mu, logvar, z, _ = vae_step(vae, x, eps, beta)
     loss = probe.backward(nll, mu, logvar, z, eps=eps if with_eps else None)
     row = as_dict(probe.take_row())
@@ -410,7 +410,7 @@ def test_vae_monte_carlo_kl_approaches_the_closed_form() -> None:
 def test_vae_probe_without_z_leaves_out_kl_mc_and_refuses_controls() -> None:
     torch.manual_seed(0)
     vae = TinyVae()
-    probe = VaeProbe(vae.encoder, vae.decoder, log_every=2)
+    probe = VaeProbe(vae.encoder, vae.decoder, log_every=2, telemetry_budget=1.0)
     for step in (1, 2):
         nll, mu, logvar, _, _ = vae_step(vae, torch.randn(8, 6), torch.randn(8, 3), 1.0)
         probe.backward(nll, mu, logvar)

@@ -55,9 +55,13 @@ class GanTrainer(Trainer):
         self.rates = BaseRates(gan.lr_g, gan.lr_d)
         self.opt_g = make_optimizer(gan, gan.g_optimizer, self.g.parameters(), gan.lr_g, gan.g_adam_eps)
         self.opt_d = make_optimizer(gan, gan.d_optimizer, self.d.parameters(), gan.lr_d)
-        # The loop decides when to log and when to send histograms, so the probe's own counters are unused.
+        # The loop decides when to log and when to send histograms, so the probe's own counters are unused;
+        # the probe's budget reads the intervals to know what a sampled piece costs per step.
+        iv = cfg.intervals
         self.probe = GanProbe(self.g, self.d, g_loss=gan.g_loss, opt_g=self.opt_g, opt_d=self.opt_d,
-                              gp_weight=gan.gp_weight, generator_rng=self.noise_gen)
+                              gp_weight=gan.gp_weight, generator_rng=self.noise_gen, log_every=iv.log_every,
+                              hist_every=iv.hist_every, telemetry_budget=iv.telemetry_budget)
+        self.budget = self.probe.budget
         self.alerts = GanAlerts(gan.collapse_ratio, gan.collapse_patience)
 
     def train_step(self, step: int, log: bool) -> None:

@@ -4,14 +4,14 @@ Every generator loss of SPEC §1 is a per-sample function of the logit h, so
 ∇θ L = (1/B) Σ_i ∂loss/∂h_i · ∇θ h_i: the losses differ only in the per-sample
 weight ∂loss/∂h_i. Two ways to take them:
 
-* :func:`per_sample_generator_gradients`, the fast path: one backward pass
-  through D for ∂h_i/∂x_i, shared by every loss, then one pass through G alone
-  per loss. Exact only when D scores each sample on its own.
-* :func:`coupled_generator_gradients`, the exact path: h = D(fake) with fake
-  attached, and a full ``autograd.grad`` of each loss's batch mean. Needed when
-  D couples the samples of a batch (batch norm in training mode, minibatch
-  discrimination, a minibatch standard-deviation feature): then h_i depends on
-  every x_j and the weighted input gradient of the fast path is wrong.
+* the fast path (:class:`LossGradients` with ``per_sample``): one backward
+  pass through D for ∂h_i/∂x_i, shared by every loss, then one pass through G
+  alone per loss. Exact only when D scores each sample on its own.
+* the exact path: h = D(fake) with fake attached, and a full ``autograd.grad``
+  of each loss's batch mean. Needed when D couples the samples of a batch
+  (batch norm in training mode, minibatch discrimination, a minibatch
+  standard-deviation feature): then h_i depends on every x_j and the weighted
+  input gradient of the fast path is wrong.
 
 :func:`couples_samples` tells them apart by measuring whether ∂h_0/∂x_j is
 non-zero for some j ≠ 0.
@@ -50,60 +50,59 @@ def as_logits(h: Tensor) -> Tensor:
     return h.reshape(h.shape[0])
 
 
-def per_sample_generator_gradients(
-    fake: Tensor, critic: Critic, params: Sequence[Tensor], losses: Sequence[GLoss]
-) -> GeneratorGradients:
-    """The fast path, for a D that scores each sample on its own.
+class LossGradients:
+    """The generator gradient under one loss after another, at the same parameters and batch, each when asked.
 
-    ∇θ L = (1/B) Σ_i ∂loss/∂h_i · J_G(z_i)ᵀ ∇ₓh(x_i): ∇ₓh(x_i) comes from one
-    backward pass through D shared by all losses; each loss then costs one
-    backward pass through G alone, its per-sample weight scaling that input
-    gradient. (One batched VJP with ``is_grads_batched=True`` gives the same
-    numbers but measured ~25 % slower on CPU for layers this small.) D's
-    parameters get no ``.grad``: only the input gradient is taken.
+    Built on ``fake`` (still attached to G's graph): the fast path (``per_sample``, for a D that scores each
+    sample on its own) takes ∇ₓh(x_i) with one backward pass through D now, shared by every loss, and each
+    :meth:`take` then costs one backward pass through G alone, its per-sample weight scaling that input
+    gradient. (One batched VJP with ``is_grads_batched=True`` gives the same numbers but measured ~25 %
+    slower on CPU for layers this small.) The exact path (any D) runs D forward on the attached batch once
+    and each :meth:`take` back-propagates that loss's batch mean through D and G. D's parameters get no
+    ``.grad`` either way; on the exact path D's running statistics update from the forward pass as they
+    would in the user's own G step.
+
+    Taking the losses one at a time is what lets the telemetry budget (trainer/budget.py) time the shadow
+    loss on its own and skip it on the steps it does not fit, while the applied gradient is computed exactly
+    as it would be with the shadow taken: the same graph, the same ops, the same numbers.
     """
-    x = fake.detach().requires_grad_(True)
-    h = as_logits(critic(x))
-    (dh_dx,) = torch.autograd.grad(h.sum(), x)
-    h = h.detach()
-    per_sample = (-1,) + (1,) * (x.dim() - 1)
-    last = len(losses) - 1
-    weights = [dloss_dh(name, h) for name in losses]
-    grads = [
-        torch.autograd.grad(fake, params, grad_outputs=(weight / h.shape[0]).view(per_sample) * dh_dx,
-                            retain_graph=i < last, allow_unused=True, materialize_grads=True)
-        for i, weight in enumerate(weights)
-    ]
-    return GeneratorGradients(h, grads, weights)
 
+    def __init__(self, fake: Tensor, critic: Critic, params: Sequence[Tensor], *, per_sample: bool = True) -> None:
+        self._fake = fake
+        self._params = tuple(params)
+        self.per_sample = per_sample
+        if per_sample:
+            x = fake.detach().requires_grad_(True)
+            h = as_logits(critic(x))
+            (self._dh_dx,) = torch.autograd.grad(h.sum(), x)
+            self._h_graph = None
+            self.h = h.detach()
+        else:
+            self._h_graph = as_logits(critic(fake))
+            self.h = self._h_graph.detach()
 
-def coupled_generator_gradients(
-    fake: Tensor, critic: Critic, params: Sequence[Tensor], losses: Sequence[GLoss]
-) -> GeneratorGradients:
-    """The exact path, for any D: a full ``autograd.grad`` of each loss's batch mean w.r.t. G's parameters.
-
-    One forward pass through D on the attached batch, then one backward pass
-    through D and G per loss (the graph retained between them). D's parameters
-    are not differentiated, so they get no ``.grad``; D's running statistics
-    update from this forward pass as they would in the user's own G step.
-    """
-    h = as_logits(critic(fake))
-    last = len(losses) - 1
-    grads = [
-        torch.autograd.grad(g_loss_per_sample(name, h).mean(), params, retain_graph=i < last,
-                            allow_unused=True, materialize_grads=True)
-        for i, name in enumerate(losses)
-    ]
-    h = h.detach()
-    return GeneratorGradients(h, grads, [dloss_dh(name, h) for name in losses])
+    def take(self, name: GLoss, *, last: bool) -> tuple[tuple[Tensor, ...], Tensor]:
+        """``name``'s gradient w.r.t. G's parameters and its per-sample ∂loss/∂h; ``last`` frees the graph."""
+        weight = dloss_dh(name, self.h)
+        if self._h_graph is None:
+            per_sample = (-1,) + (1,) * (self._dh_dx.dim() - 1)
+            grad_outputs = (weight / self.h.shape[0]).view(per_sample) * self._dh_dx
+            grads = torch.autograd.grad(self._fake, self._params, grad_outputs=grad_outputs, retain_graph=not last,
+                                        allow_unused=True, materialize_grads=True)
+        else:
+            grads = torch.autograd.grad(g_loss_per_sample(name, self._h_graph).mean(), self._params,
+                                        retain_graph=not last, allow_unused=True, materialize_grads=True)
+        return grads, weight
 
 
 def generator_gradients(
     fake: Tensor, critic: Critic, params: Sequence[Tensor], losses: Sequence[GLoss], *, per_sample: bool = True
 ) -> GeneratorGradients:
-    """:func:`per_sample_generator_gradients` when ``per_sample``, else :func:`coupled_generator_gradients`."""
-    path = per_sample_generator_gradients if per_sample else coupled_generator_gradients
-    return path(fake, critic, params, losses)
+    """Every loss's gradient in one go (see :class:`LossGradients`): the fast path when ``per_sample``, else exact."""
+    taker = LossGradients(fake, critic, params, per_sample=per_sample)
+    last = len(losses) - 1
+    taken = [taker.take(name, last=i == last) for i, name in enumerate(losses)]
+    return GeneratorGradients(taker.h, [g for g, _ in taken], [w for _, w in taken])
 
 
 def couples_samples(critic: nn.Module, x: Tensor) -> bool | None:

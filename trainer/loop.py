@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainer.budget import TelemetryBudget
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ControlRequest, RunConfig
 from trainer.data import Dataset, load_dataset
@@ -137,6 +138,9 @@ class RunOptions:
 
 class Trainer(ABC):
     """The parts of a run that do not depend on the model family."""
+
+    #: The probe's telemetry budget (trainer/budget.py); a family's ``build_models`` sets its probe's.
+    budget: TelemetryBudget
 
     def __init__(self, cfg: RunConfig, options: RunOptions) -> None:
         self.cfg = cfg
@@ -329,13 +333,20 @@ class Trainer(ABC):
 
     def record(self, step: int, row: StepRow, hist: Tensor | None) -> None:
         """Buffer what a step's probe recorded: its row (nothing on a step that was not logged) and histogram."""
-        self.buffer.append(step, row)
-        if hist is not None:
-            self.buffer.append_hist(step, hist)
+        with self.budget.timed("core"):
+            self.buffer.append(step, row)
+            if hist is not None:
+                self.buffer.append_hist(step, hist)
 
     def flush(self) -> None:
-        """Everything buffered to the host in one copy: a ``metrics`` frame per key group, then the histograms."""
-        for group in flush_to_frames(self.buffer, self.emitter.emit):
+        """Everything buffered to the host in one copy: a ``metrics`` frame per key group, then the histograms.
+
+        Its time counts against the telemetry budget, as part of the always-on telemetry.
+        """
+        start = time.perf_counter()
+        groups = flush_to_frames(self.buffer, self.emitter.emit)
+        self.budget.charge(time.perf_counter() - start)
+        for group in groups:
             self.on_flush(group)
 
     def alert(self, step: int, kind: str, message: str) -> None:

@@ -24,8 +24,9 @@ from typing import Any, get_args
 import torch
 from torch import Tensor, nn
 
+from trainer.budget import MAX_INTERVAL_STEPS, TelemetryBudget
 from trainer.config import GLoss
-from trainer.gradients import as_logits, couples_samples, generator_gradients
+from trainer.gradients import LossGradients, as_logits, couples_samples
 from trainer.losses import (
     SHADOW_PAIR,
     d_loss_terms,
@@ -37,19 +38,16 @@ from trainer.losses import (
 )
 from trainer.telemetry import StepRow, grad_norms, logit_packet, total_norm
 
-#: What a discriminator_backward records, in row order, before the per-tensor norms ``grad/d_layer/<param>``.
+#: The share of step time telemetry may take unless a run says otherwise (``intervals.telemetry_budget``).
+DEFAULT_TELEMETRY_BUDGET = 0.03
+#: What a discriminator_backward records on every logged step, in row order.
 D_STEP_KEYS = ("loss/d", "loss/d_real", "loss/d_fake", "grad/d_norm", "d/real_prob", "d/real_logit")
-#: What a generator_backward records, in row order, before the per-tensor norms ``grad/g_layer/<param>``.
-G_STEP_KEYS = (
-    "loss/g",
-    "d/fake_prob",
-    "d/fake_logit",
-    "dldh/saturating",
-    "dldh/non_saturating",
-    "grad/g_norm",
-    "grad/g_norm_saturating",
-    "grad/g_norm_non_saturating",
-)
+#: What a generator_backward records on every logged step, in row order, before ``grad/g_norm_<applied loss>``
+#: and ``dldh/<applied loss>`` (when the applied loss is one of the pair).
+G_STEP_KEYS = ("loss/g", "d/fake_prob", "d/fake_logit", "grad/g_norm")
+#: Every key of a logged GAN step that the telemetry budget may sample: the shadow gradient's norm and
+#: ∂loss/∂h of the loss not training, and the per-tensor norms ``grad/{g,d}_layer/<param>``.
+SAMPLED_PIECES = ("shadow", "layers", "hist")
 #: Every fixed SPEC §2 GAN key (a run adds one ``grad/g_layer/*`` and ``grad/d_layer/*`` per parameter tensor).
 GAN_KEYS = [
     "loss/d",
@@ -69,6 +67,8 @@ GAN_KEYS = [
 ]
 #: Every fixed SPEC §2 VAE key (a run adds one ``kl/dim/<i>`` per latent dimension).
 VAE_KEYS = ["loss/elbo", "loss/recon", "loss/kl", "kl/mc", "vae/active_units", "grad/enc_norm", "grad/dec_norm"]
+#: What a VAE step records on every logged step, in row order (``kl/mc`` and ``kl/dim/*`` are sampled).
+VAE_STEP_KEYS = ("loss/elbo", "loss/recon", "loss/kl", "vae/active_units", "grad/enc_norm", "grad/dec_norm")
 #: Burda et al. 2016: a latent unit is active when Cov_x(E_q[z_i]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -110,6 +110,19 @@ def _every(name: str, value: int) -> int:
     return value
 
 
+def schedule_values(budget: TelemetryBudget) -> dict[str, float]:
+    """The ``telemetry/*`` keys of a budget: each piece's interval in steps, and the measured share when known.
+
+    Rounded (the share to 0.1 %), so that measurement noise alone does not make them change every step.
+    """
+    values = {f"telemetry/{name}_every": float(budget.every(name)) for name in budget.pieces}
+    values["telemetry/budget"] = budget.share
+    spent = budget.spent()
+    if spent is not None:
+        values["telemetry/share"] = round(spent, 3)
+    return values
+
+
 class _Steps:
     """A probe's step bookkeeping: the row being recorded, the histogram packet, and unclaimed completed steps.
 
@@ -127,6 +140,10 @@ class _Steps:
         self._complete = False
         #: Completed steps (calls of the step's last backward), counting from 1.
         self.calls = 0
+        #: What decides which expensive pieces a step runs; each probe makes its own with its pieces.
+        self.budget: TelemetryBudget
+        self._last_schedule: dict[str, float] = {}
+        self._schedule_at = 0
 
     def take_row(self) -> StepRow:
         """Everything recorded since the last take; the probe starts a fresh row."""
@@ -138,6 +155,20 @@ class _Steps:
         """The last histogram step's packet (:func:`~trainer.telemetry.logit_packet`) if not yet taken."""
         packet, self._hist = self._hist, None
         return packet
+
+    def _record_schedule(self) -> None:
+        """``telemetry/*``: how often each sampled piece runs and the share of step time telemetry takes.
+
+        Host floats on a shadow step, when they changed or every :data:`~trainer.budget.MAX_INTERVAL_STEPS`
+        steps: what the dashboard reads to say which keys are sampled and how often.
+        """
+        if self.budget.every_step:
+            return  # nothing is sampled: no keys to explain it
+        schedule = schedule_values(self.budget)
+        if schedule != self._last_schedule or self.calls - self._schedule_at >= MAX_INTERVAL_STEPS:
+            self._last_schedule, self._schedule_at = schedule, self.calls
+            for key, value in schedule.items():
+                self._row.add_scalar(key, value)
 
     def _begin(self) -> None:
         """Settle a completed step nobody took before recording into a new one."""
@@ -189,6 +220,7 @@ class GanProbe(_Steps):
         log_every: int = 1,
         hist_every: int = 50,
         generator_rng: torch.Generator | None = None,
+        telemetry_budget: float = DEFAULT_TELEMETRY_BUDGET,
     ) -> None:
         super().__init__()
         self.generator = generator
@@ -203,9 +235,16 @@ class GanProbe(_Steps):
         self._couples = couples_samples
         g_names, self._g_params = _trainable(generator)
         d_names, self._d_params = _trainable(discriminator)
-        self._g_keys = G_STEP_KEYS + tuple(f"grad/g_layer/{n}" for n in g_names)
-        self._d_keys = D_STEP_KEYS + tuple(f"grad/d_layer/{n}" for n in d_names)
+        self._g_layer_keys = tuple(f"grad/g_layer/{n}" for n in g_names)
+        self._d_layer_keys = tuple(f"grad/d_layer/{n}" for n in d_names)
         self._h_real: Tensor | None = None
+        device = self._g_params[0].device if self._g_params else None
+        #: Which of the expensive pieces (:data:`SAMPLED_PIECES`) run on a step; see trainer/budget.py.
+        self.budget = TelemetryBudget(telemetry_budget, {"shadow": self.log_every, "layers": self.log_every,
+                                                         "hist": self.hist_every}, device)
+        self._in_step = False  # a step has begun (its first backward call) and not yet completed
+        self._paired_keys: dict[str, tuple[str, ...]] = {}
+        self._layers_now: bool | None = None  # whether this step records the layer norms; None: not asked yet
 
     @property
     def g_loss(self) -> GLoss:
@@ -223,8 +262,24 @@ class GanProbe(_Steps):
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """Every key a logged step records (D part, then G part)."""
-        return self._d_keys + self._g_keys
+        """Every key a logged step may record (D part, then G part); the budget samples some of them."""
+        applied = (f"grad/g_norm_{self._g_loss}", f"dldh/{self._g_loss}") if self._g_loss in SHADOW_PAIR else ()
+        shadow = tuple(k for name in SHADOW_PAIR if name != self._g_loss
+                       for k in (f"grad/g_norm_{name}", f"dldh/{name}"))
+        return (D_STEP_KEYS + self._d_layer_keys + G_STEP_KEYS + applied + shadow + self._g_layer_keys)
+
+    def _open_step(self) -> None:
+        """The first backward call of a step: the budget starts timing it, the layer decision is still open."""
+        if not self._in_step:
+            self._in_step = True
+            self._layers_now = None
+            self.budget.begin_step()
+
+    def _layers(self) -> bool:
+        """Whether this logged step records the per-tensor norms (asked once per step, for D and G alike)."""
+        if self._layers_now is None:
+            self._layers_now = self.budget.wants("layers")
+        return self._layers_now
 
     # -- the two backward passes of a GAN step ----------------------------------------------------
     def discriminator_backward(self, real: Tensor, fake: Tensor, *, log: bool | None = None) -> Tensor:
@@ -236,6 +291,7 @@ class GanProbe(_Steps):
         step, the last call's values are the step's; its real logits feed the step's histogram.
         """
         self._begin()
+        self._open_step()
         if log is None:
             log = (self.calls + 1) % self.log_every == 0
         d = self.discriminator
@@ -248,12 +304,15 @@ class GanProbe(_Steps):
         loss_d.backward()
         self._h_real = h_real = h_real.detach()
         if log:
-            with torch.no_grad():
+            with torch.no_grad(), self.budget.timed("core"):
                 # One fused norm call over D's gradient as it now stands (what opt_d.step() applies).
                 layers = grad_norms(_current_grads(self._d_params))
                 terms = torch.stack([loss_d, loss_real, loss_fake, total_norm(layers)])
                 real_stats = torch.stack([torch.sigmoid(h_real), h_real]).mean(1)
-                self._row.add(self._d_keys, torch.cat([terms, real_stats, layers]))
+                self._row.add(D_STEP_KEYS, torch.cat([terms, real_stats]))
+            if self._layers():
+                with self.budget.timed("layers"):
+                    self._row.add(self._d_layer_keys, layers)
         return loss_d.detach()
 
     def generator_backward(self, fake: Tensor, *, log: bool | None = None, hist: bool | None = None) -> Tensor:
@@ -266,6 +325,7 @@ class GanProbe(_Steps):
         if not fake.requires_grad:
             raise ValueError("generator_backward: fake must still be attached to G's graph (G(z), not G(z).detach())")
         self._begin()
+        self._open_step()
         self.calls += 1
         if log is None:
             log = self.calls % self.log_every == 0
@@ -273,55 +333,76 @@ class GanProbe(_Steps):
             hist = self.calls % self.hist_every == 0
         if self._couples is None:
             self._couples = couples_samples(self.discriminator, fake)
-        losses: list[GLoss] = [self._g_loss]
-        if log:
-            losses += [name for name in SHADOW_PAIR if name != self._g_loss]
-        h, grads, weights = generator_gradients(fake, self.discriminator, self._g_params, losses,
-                                                per_sample=not self._couples)
-        for param, grad in zip(self._g_params, grads[0], strict=True):
+        budget = self.budget
+        shadows = [name for name in SHADOW_PAIR if name != self._g_loss] if log and budget.wants("shadow") else []
+        # The applied gradient, taken the same way whether or not a shadow follows: the budget never changes
+        # what training does.
+        taker = LossGradients(fake, self.discriminator, self._g_params, per_sample=not self._couples)
+        grads, weight = taker.take(self._g_loss, last=not shadows)
+        for param, grad in zip(self._g_params, grads, strict=True):
             if param.grad is None:
                 param.grad = grad
             else:
                 param.grad.add_(grad)
-        with torch.no_grad():
-            if log:
-                loss = self._record_generator(losses, h, grads, weights)
-            else:
+        h = taker.h
+        if log:
+            with torch.no_grad(), budget.timed("core"):
+                loss, layers = self._record_generator(h, grads, weight)
+            if self._layers():
+                with budget.timed("layers"):
+                    self._row.add(self._g_layer_keys, layers)
+            if shadows:
+                with budget.timed("shadow"):
+                    self._record_shadows(taker, shadows)
+        else:
+            with torch.no_grad():
                 loss = g_loss_per_sample(self._g_loss, h).mean()
-            if hist:
+        if hist and budget.wants("hist"):
+            with torch.no_grad(), budget.timed("hist"):
                 # Histograms and the saturation panel's per-sample points share one buffered tensor.
                 real = self._h_real if self._h_real is not None else h.new_zeros(0)
                 self._hist = logit_packet(real, h)
         self._h_real = None  # the next step's histogram takes the next step's real logits, or none
         self._complete = True
+        self._in_step = False
         return loss
 
-    def _record_generator(
-        self, losses: list[GLoss], h: Tensor, grads: list[tuple[Tensor, ...]], weights: list[Tensor]
-    ) -> Tensor:
-        """The generator part of a logged row, in as few kernels as possible; returns the applied loss.
+    def _record_generator(self, h: Tensor, grads: tuple[Tensor, ...], weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The always-on generator part of a logged row, in as few kernels as possible; returns the loss and norms.
 
-        This runs on every logged step (every step by default), so each op counts: on a CPU a small
-        op costs a few microseconds of dispatch whatever its size. Every loss's per-tensor norms come
-        from one fused call, whose slices give the global norms; ``dldh/*`` reuse the weights the
-        gradients were scaled by instead of taking them again.
+        This runs on every logged step (every step by default), so each op counts: on a CPU a small op
+        costs a few microseconds of dispatch whatever its size. The per-tensor norms come from one fused
+        call, whose norm is the global one; ``dldh/<applied loss>`` reuses the weight the gradient was
+        scaled by. Mean |∂loss/∂h| per fake sample is the autograd derivative of the loss itself (SPEC: σ(h)
+        and 1 − σ(h)).
         """
-        n = len(self._g_params)
-        layers = grad_norms([t for g in grads for t in g])
-        norm_of = {name: total_norm(layers[i * n : (i + 1) * n]) for i, name in enumerate(losses)}
-        weight_of = dict(zip(losses, weights, strict=True))
-        # Five per-sample quantities, one mean over the batch. Mean |∂loss/∂h| per fake sample is the
-        # autograd derivative of the loss itself (SPEC: σ(h) and 1 − σ(h)).
-        means = torch.stack([
-            g_loss_per_sample(losses[0], h),
-            torch.sigmoid(h),
-            h,
-            weight_of["saturating"].abs(),
-            weight_of["non_saturating"].abs(),
-        ]).mean(1)
-        norms = torch.stack([norm_of[losses[0]], norm_of["saturating"], norm_of["non_saturating"]])
-        self._row.add(self._g_keys, torch.cat([means, norms, layers[:n]]))
-        return means[0]
+        layers = grad_norms(grads)
+        norm = total_norm(layers)
+        paired = self._g_loss in SHADOW_PAIR
+        per_sample = [g_loss_per_sample(self._g_loss, h), torch.sigmoid(h), h]
+        if paired:
+            per_sample.append(weight.abs())
+        means = torch.stack(per_sample).mean(1)
+        if paired:
+            keys = self._paired_keys.get(self._g_loss)
+            if keys is None:
+                keys = self._paired_keys[self._g_loss] = (
+                    *G_STEP_KEYS[:3], f"dldh/{self._g_loss}", "grad/g_norm", f"grad/g_norm_{self._g_loss}")
+            self._row.add(keys, torch.cat([means, norm.view(1), norm.view(1)]))
+        else:
+            self._row.add(G_STEP_KEYS, torch.cat([means, norm.view(1)]))
+        return means[0], layers
+
+    def _record_shadows(self, taker: LossGradients, shadows: list[GLoss]) -> None:
+        """The shadow piece: each other loss's gradient norm and mean |∂loss/∂h| at the same parameters and batch."""
+        values = []
+        for i, name in enumerate(shadows):
+            grads, weight = taker.take(name, last=i == len(shadows) - 1)
+            with torch.no_grad():
+                values += [total_norm(grad_norms(grads)), weight.abs().mean()]
+        keys = tuple(k for name in shadows for k in (f"grad/g_norm_{name}", f"dldh/{name}"))
+        self._row.add(keys, torch.stack(values))
+        self._record_schedule()
 
     # -- live controls ------------------------------------------------------------------------------
     def controls(self) -> list[str]:
@@ -378,6 +459,7 @@ class VaeProbe(_Steps):
         beta: float = 1.0,
         opt: torch.optim.Optimizer | None = None,
         log_every: int = 1,
+        telemetry_budget: float = DEFAULT_TELEMETRY_BUDGET,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -389,7 +471,10 @@ class VaeProbe(_Steps):
         _, dec_params = _trainable(decoder)
         self._params = enc_params + dec_params
         self._n_enc = len(enc_params)
-        self._keys: dict[tuple[int, bool], tuple[str, ...]] = {}
+        self._kl_dim_keys: dict[int, tuple[str, ...]] = {}
+        device = self._params[0].device if self._params else None
+        #: The VAE's sampled piece, ``latent``: ``kl/mc`` and the per-dimension ``kl/dim/<i>``.
+        self.budget = TelemetryBudget(telemetry_budget, {"latent": self.log_every}, device)
 
     def backward(
         self,
@@ -409,6 +494,7 @@ class VaeProbe(_Steps):
         with (z = μ + σ·ε), computes it in a form with fewer operations and no cancellation.
         """
         self._begin()
+        self.budget.begin_step()
         self.calls += 1
         if log is None:
             log = self.calls % self.log_every == 0
@@ -425,20 +511,25 @@ class VaeProbe(_Steps):
 
     def _record(self, loss: Tensor, recon: Tensor, kl: Tensor, kl_dims: Tensor, mu: Tensor, logvar: Tensor,
                 z: Tensor | None, eps: Tensor | None) -> None:
-        # Encoder then decoder tensors, one norm call; slices give the two totals.
-        layers = grad_norms(_current_grads(self._params))
-        enc, dec = total_norm(layers[: self._n_enc]), total_norm(layers[self._n_enc :])
-        values = [-loss, recon, kl]
-        if z is not None:
-            kl_mc = gaussian_kl_mc_from_noise(z, eps, logvar) if eps is not None else gaussian_kl_mc(mu, logvar, z)
-            values.append(kl_mc.mean())
-        values += [active_units(mu), enc, dec]
-        keys = self._keys.get((kl_dims.shape[0], z is not None))
-        if keys is None:
-            fixed = VAE_KEYS if z is not None else [k for k in VAE_KEYS if k != "kl/mc"]
-            keys = self._keys[(kl_dims.shape[0], z is not None)] = (
-                *fixed, *(f"kl/dim/{i}" for i in range(kl_dims.shape[0])))
-        self._row.add(keys, torch.cat([torch.stack(values), kl_dims]))
+        """Every logged step: the ELBO's terms, the active units (the posterior-collapse alert reads them) and
+        the applied gradient's norms; the ``latent`` piece, when the budget has room: ``kl/mc`` and ``kl/dim/*``."""
+        with self.budget.timed("core"):
+            # Encoder then decoder tensors, one norm call; slices give the two totals.
+            layers = grad_norms(_current_grads(self._params))
+            enc, dec = total_norm(layers[: self._n_enc]), total_norm(layers[self._n_enc :])
+            self._row.add(VAE_STEP_KEYS, torch.stack([-loss, recon, kl, active_units(mu), enc, dec]))
+        if self.budget.wants("latent"):
+            with self.budget.timed("latent"):
+                keys = self._kl_dim_keys.get(kl_dims.shape[0])
+                if keys is None:
+                    keys = self._kl_dim_keys[kl_dims.shape[0]] = tuple(f"kl/dim/{i}" for i in range(kl_dims.shape[0]))
+                if z is not None:
+                    kl_mc = (gaussian_kl_mc_from_noise(z, eps, logvar) if eps is not None
+                             else gaussian_kl_mc(mu, logvar, z))
+                    self._row.add(("kl/mc", *keys), torch.cat([kl_mc.mean().view(1), kl_dims]))
+                else:
+                    self._row.add(keys, kl_dims)
+                self._record_schedule()
 
     def controls(self) -> list[str]:
         """None: SPEC §4's live controls (``g_loss``, ``lr_g``, ``lr_d``) are GAN settings."""

@@ -28,7 +28,9 @@ class VaeTrainer(Trainer):
         cfg = self.cfg
         self.vae = build_vae(cfg.model, self.data.shape).to(self.device)
         self.opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae.lr)
-        self.probe = VaeProbe(self.vae.encoder, self.vae.decoder, beta=cfg.vae.beta, opt=self.opt)
+        self.probe = VaeProbe(self.vae.encoder, self.vae.decoder, beta=cfg.vae.beta, opt=self.opt,
+                              log_every=cfg.intervals.log_every, telemetry_budget=cfg.intervals.telemetry_budget)
+        self.budget = self.probe.budget
         self.alerts = VaeAlerts()
 
     def _nll(self, out: Tensor, x: Tensor) -> Tensor:

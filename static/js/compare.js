@@ -72,7 +72,17 @@ function shadowHistory(m) {
   if (!g) return null;
   const sat = alignedHistory(m, "grad/g_norm_saturating", g.step);
   const ns = alignedHistory(m, "grad/g_norm_non_saturating", g.step);
-  return { step: g.step, time: g.time, value: shadow(g.step, g.value, sat, ns) };
+  return taken(g.step, shadow(g.step, g.value, sat, ns), g.time);
+}
+
+/**
+ * The points where the shadow was taken. The telemetry budget samples it (every few steps), so the steps between
+ * have none: dropped rather than drawn as gaps, the dotted line joins the sampled points.
+ */
+function taken(steps, values, times) {
+  const keep = [];
+  for (let i = 0; i < steps.length; i++) if (values[i] !== null && values[i] !== undefined) keep.push(i);
+  return { step: keep.map((i) => steps[i]), value: keep.map((i) => values[i]), time: times ? keep.map((i) => times[i]) : times };
 }
 
 // Every key outside SPEC §2 that any compared run logs (a script's own "val/acc"…): one chart per key, a line per run.
@@ -133,8 +143,9 @@ function plot(run, index, steps, data, times = null) {
     const sat = data["grad/g_norm_saturating"] || [];
     const ns = data["grad/g_norm_non_saturating"] || [];
     source(`${run.id}:shadow`, run.id, ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"], shadowHistory);
-    charts.gnorm.append(`${run.id}:shadow`, steps, shadow(steps, g, sat, ns),
-      { ...style({ dash: "dot", width: 1.5 }), name: `${name} · shadow`, showlegend: true }, times);
+    const kept = taken(steps, shadow(steps, g, sat, ns), times);
+    charts.gnorm.append(`${run.id}:shadow`, kept.step, kept.value,
+      { ...style({ dash: "dot", width: 1.5 }), name: `${name} · shadow`, showlegend: true }, kept.time);
   }
   if (data["loss/g"]) add(charts.gloss, run.id, "loss/g", data["loss/g"], style());
   if (data["d/fake_prob"]) add(charts.dfake, run.id, "d/fake_prob", data["d/fake_prob"], style());

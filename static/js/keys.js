@@ -13,8 +13,12 @@ const VAE_PREFIXES = ["kl/dim/"];
 const EVAL = new Set(["eval/modes", "eval/hq_frac", "eval/rev_kl", "eval/classes", "eval/fd", "eval/precision",
   "eval/recall", "eval/density", "eval/coverage", "eval/active_units"]);
 
-/** "gan", "vae" or "eval" for a SPEC §2 key; null for a key SPEC §2 does not name. */
+/**
+ * "gan", "vae" or "eval" for a SPEC §2 key, "telemetry" for a probe's own note on how often it samples
+ * (``telemetry/shadow_every``…: explained in words, never charted); null for a key SPEC §2 does not name.
+ */
 export function specFamily(key) {
+  if (key.startsWith("telemetry/")) return "telemetry";
   if (GAN.has(key) || GAN_PREFIXES.some((p) => key.startsWith(p))) return "gan";
   if (VAE.has(key) || VAE_PREFIXES.some((p) => key.startsWith(p))) return "vae";
   if (EVAL.has(key)) return "eval";

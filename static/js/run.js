@@ -5,7 +5,8 @@ import { cssVar, LineChart, plain, SnapshotChart } from "./charts.js";
 import { connectionIndicator, RunStream } from "./stream.js";
 import { FieldView } from "./field.js";
 import { SaturationView } from "./saturation.js";
-import { groupOf, planned } from "./keys.js";
+import { groupOf, planned, specFamily } from "./keys.js";
+import { samplingNote } from "./sampling.js";
 import { ExtraCharts } from "./extra.js";
 import { SampleView } from "./samples.js";
 import { lossFromNorms, showControls, showGLoss } from "./controls.js";
@@ -99,6 +100,10 @@ const FRACTION_EVALS = new Set(["eval/hq_frac", "eval/precision", "eval/recall",
 
 /** Route one key's points to its chart: its built-in panel if this run's kind has one, else a generic chart. */
 function series(key, steps, values, times = null) {
+  if (specFamily(key) === "telemetry") {
+    noteSampling(key, values);
+    return;
+  }
   if (!planned(key, boot.kind)) {
     if (key.startsWith("eval/")) noteEval(key, steps, values);
     const group = groupOf(key);
@@ -148,6 +153,18 @@ function noteEval(key, steps, values) {
   const table = document.createElement("table");
   table.append(...rows);
   $("eval-table").replaceChildren(table);
+}
+
+/** The newest of each ``telemetry/*`` key, told in words above the charts: which keys are sampled, how often. */
+const sampling = {};
+function noteSampling(key, values) {
+  const last = values[values.length - 1];
+  if (last === null || last === undefined) return;
+  sampling[key] = last;
+  const text = samplingNote(sampling, boot.kind);
+  const note = $("telemetry-note");
+  note.textContent = text;
+  note.hidden = !text;
 }
 
 const NORMS = ["grad/g_norm", "grad/g_norm_saturating", "grad/g_norm_non_saturating"];

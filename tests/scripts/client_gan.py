@@ -34,6 +34,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--name", default="client-gan")
     p.add_argument("--every", type=int, default=20, help="images and checkpoints every N steps")
     p.add_argument("--flush-ms", type=int, default=50, help="huge: frames cut by step count alone (reproducible)")
+    p.add_argument("--telemetry-budget", type=float, default=1.0,
+                   help="share of step time for telemetry; 1 (here the default): every key every step, as the tests "
+                        "compare every step against plain autograd")
     p.add_argument("--no-opt-d", action="store_true", help="do not hand D's optimiser to the probe (no lr_d control)")
     return p.parse_args()
 
@@ -61,7 +64,7 @@ def main() -> int:
     data = torch.Generator().manual_seed(args.seed + 1)
     refs: dict[int, dict[str, float]] = {}
     run = gradwatch.init(name=args.name, config=vars(args), mode=args.mode, out=args.out, flush_ms=args.flush_ms,
-                         flush_steps=8, hist_every=10)
+                         flush_steps=8, hist_every=10, telemetry_budget=args.telemetry_budget)
     gan = run.watch_gan(G, D, g_loss=args.g_loss, opt_g=opt_g, opt_d=None if args.no_opt_d else opt_d)
     try:
         for step in range(1, args.steps + 1):
