@@ -1,6 +1,6 @@
-"""Persistence for the server: runs, every websocket frame, and columnar metric history.
+"""Persistence for the server: runs, every websocket frame, and (through app.metricstore) the metric history.
 
-One SQLite file in WAL mode holds four things:
+One SQLite file in WAL mode holds three things:
 
 * ``runs``: one row per run (:class:`RunRecord`), written synchronously. These
   writes are rare and small, so they go through their own lock-guarded
@@ -10,22 +10,11 @@ One SQLite file in WAL mode holds four things:
   ``type`` and (for ``hist`` frames) by histogram key, let a reloading page fetch its alerts and its
   newest histograms (:meth:`Store.events`) without reading every frame of a long run; a file written
   before they existed gets them built once, when it is opened.
-* ``metric_chunks``: the same ``metrics`` frames again, but columnar: per key, the
-  steps (int64), times (float64) and values (float64, NaN for ``null``) of a
-  stretch of steps as raw little-endian blobs. Charts and CSV export read these
-  blobs straight into numpy instead of re-parsing millions of JSON numbers.
-  Frames committed together are merged into one chunk per key, and a key's
-  newest small chunks are merged again once enough accumulate, so that a
-  million-step history is a hundred-odd rows however small the frames were.
-  ``metric_keys`` lists each run's keys so that listing them needs no scan.
-* ``metric_summaries``: per chunk, the few points a downsampled chart of a long history cannot do
-  without (each block of SUMMARY_BLOCK points' finite minimum and maximum, the chunk's ends, where
-  each run of nulls starts and stops; see :func:`_summary_index`). A chart query over a long history
-  reads these instead of the full chunks, a few percent of the bytes. They live in a table of their own
-  because SQLite reaches a column stored after a row's 200 kB of chunk blobs only by walking those
-  blobs' overflow pages; a trigger drops a chunk's summary with the chunk, whoever deletes it, so a
-  file stays consistent under older gradwatch versions too. A chunk without a summary (written before
-  summaries existed) is summarized from its full blobs when read.
+* the metric store (app/metricstore.py): the values of the ``metrics`` frames again, columnar, which the
+  charts and the CSV export read. Once a run has ended, the ``metrics`` frames that the metric store can
+  give back exactly are dropped from ``frames`` (a background job of the writer thread, one short
+  transaction per slice), and :meth:`Store.frames_after` rebuilds them from it: a client sees the same
+  bytes, and an ended run's metrics are on disk once instead of twice (bench/storage.py).
 
 Frames arrive from training workers at thousands of steps per second, and the
 event loop that receives them must never wait on disk. :meth:`Store.append` only
@@ -39,11 +28,8 @@ thread from ever deadlocking.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import queue
 import sqlite3
 import threading
@@ -55,37 +41,39 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
-from tsdownsample import MinMaxLTTBDownsampler
+
+from app import metricstore as ms
+from app.metricstore import (  # noqa: F401  (names tests and benchmarks read from here)
+    CHUNK_MAX_POINTS,
+    COMPACT_AFTER,
+    EXPORT_WINDOW_CHUNKS,
+    SUMMARY_BLOCK,
+    Float64Array,
+    IndexArray,
+    Int64Array,
+    Series,
+)
+from app.metricstore import select_points as _select_points
+from app.metricstore import summary_suffices as _summary_suffices
 
 logger = logging.getLogger(__name__)
 
 RUN_STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
 TERMINAL_STATUSES = frozenset({"completed", "stopped", "failed", "interrupted"})
 
-#: Chunk blobs are written with an explicit byte order so a database file can move between machines.
-_STEP_DTYPE: Final = np.dtype("<i8")
-_FLOAT_DTYPE: Final = np.dtype("<f8")
-
 #: The writer commits at most this many frames in one transaction, so that one flood of frames cannot
 #: hold the write lock (and delay the first on_commit) for long.
 MAX_BATCH_FRAMES: Final = 4096
 #: ...and stops collecting queued work after this long, for the same reason.
 MAX_BATCH_SECONDS: Final = 0.05
-#: Metrics of consecutive frames committed together are merged into one chunk per key, up to this many
-#: points: fewer, larger rows make a full-history read one short query.
-CHUNK_MAX_POINTS: Final = 8192
-#: Once this many partly filled chunks have been added to one key, the writer merges the key's newest
-#: partly filled chunks: a slow run that logs a few steps per frame would otherwise spread a long
-#: history over hundreds of thousands of rows, and every chart query would pay for it.
-COMPACT_AFTER: Final = 32
-#: How many chunk rows the CSV export reads per query; bounds its memory whatever the run's length.
-EXPORT_WINDOW_CHUNKS: Final = 256
-#: CSV rows formatted per yielded text piece.
-_CSV_ROWS_PER_PIECE: Final = 2048
+#: While appends keep coming, the writer still drops one slice of an ended run's frames at least this often.
+DROP_EVERY_S: Final = 0.25
 _BUSY_TIMEOUT_MS: Final = 30_000
 _LOCKED_RETRIES: Final = 10
-_SCHEMA_VERSION: Final = 2
+#: 3: steps and times once per group of keys (metric_axes), and ended runs' metrics frames kept only in the
+#: metric store (app/metricstore.py). A file of schema 1 or 2 is upgraded in place when opened.
+_SCHEMA_VERSION: Final = 3
+
 #: Columns added after schema 1, added in place to an older database (``ALTER TABLE ... ADD COLUMN``).
 _ADDED_RUN_COLUMNS: Final = {
     "source": "TEXT",
@@ -113,31 +101,6 @@ CREATE TRIGGER IF NOT EXISTS runs_search_on_update AFTER UPDATE OF config, kind 
     WHERE id = NEW.id;
 END;
 """
-
-_DOWNSAMPLER: Final = MinMaxLTTBDownsampler()
-#: SQLite's largest integer: an open end of a step range.
-_MAX_SQL_INT: Final = 2**63 - 1
-#: MinMaxLTTB keeps the extremes of ``minmax_ratio * n_out`` buckets before LTTB picks (tsdownsample's default).
-_MINMAX_RATIO: Final = 4
-#: Points per block of a chunk summary: each block keeps its finite minimum and maximum.
-SUMMARY_BLOCK: Final = 64
-_SUMMARY_POINT_BYTES: Final = _STEP_DTYPE.itemsize + 2 * _FLOAT_DTYPE.itemsize
-
-_INSERT_CHUNK: Final = (
-    "INSERT INTO metric_chunks (run_id, key, first_step, last_step, n, steps, times, vals)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_SUMMARY: Final = "INSERT OR REPLACE INTO metric_summaries (chunk_id, summary) VALUES (?, ?)"
-#: Each chunk's summary, or (only where it has none) its full blobs: CASE leaves the blobs unread otherwise.
-_SELECT_SUMMARIES: Final = (
-    "SELECT s.summary,"
-    " CASE WHEN s.summary IS NULL THEN c.steps END AS steps,"
-    " CASE WHEN s.summary IS NULL THEN c.times END AS times,"
-    " CASE WHEN s.summary IS NULL THEN c.vals END AS vals"
-    " FROM metric_chunks AS c LEFT JOIN metric_summaries AS s ON s.chunk_id = c.id"
-    " WHERE c.run_id = ? AND c.key = ? ORDER BY c.first_step, c.id"
-)
-
 #: A hist frame's histogram key, for the partial index that finds each key's newest frame without reading
 #: every body. ``json_valid`` first: json_extract raises on malformed JSON, and an index expression that
 #: raises would make the insert (and with it the writer's whole batch) fail.
@@ -203,39 +166,6 @@ CREATE TABLE IF NOT EXISTS frames (
     PRIMARY KEY (run_id, seq)
 );
 CREATE INDEX IF NOT EXISTS frames_by_type ON frames (run_id, type, seq);
-
-CREATE TABLE IF NOT EXISTS metric_chunks (
-    id INTEGER PRIMARY KEY,
-    run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    first_step INTEGER NOT NULL,
-    last_step INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    steps BLOB NOT NULL,
-    times BLOB NOT NULL,
-    vals BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_by_key ON metric_chunks (run_id, key, first_step);
-CREATE INDEX IF NOT EXISTS chunks_by_step ON metric_chunks (run_id, first_step);
-
-CREATE TABLE IF NOT EXISTS metric_summaries (
-    chunk_id INTEGER PRIMARY KEY,
-    summary BLOB NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS metric_summaries_on_delete AFTER DELETE ON metric_chunks
-BEGIN
-    DELETE FROM metric_summaries WHERE chunk_id = OLD.id;
-END;
-CREATE TRIGGER IF NOT EXISTS metric_summaries_on_update AFTER UPDATE OF steps, times, vals ON metric_chunks
-BEGIN
-    DELETE FROM metric_summaries WHERE chunk_id = OLD.id;
-END;
-
-CREATE TABLE IF NOT EXISTS metric_keys (
-    run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    PRIMARY KEY (run_id, key)
-) WITHOUT ROWID;
 """ + f"CREATE INDEX IF NOT EXISTS frames_hist_key ON frames (run_id, {_HIST_KEY}, seq) WHERE type = 'hist';\n"
 
 
@@ -286,10 +216,6 @@ _UPDATABLE: Final = frozenset(_RUN_COLUMNS) - {"id"}
 _JSON_COLUMNS: Final = frozenset({"config", "last_alert", "resume_from", "source", "controls", "placement", "tags"})
 #: Status filter "active" of :meth:`Store.page_runs`: the runs that are not over yet.
 ACTIVE_STATUSES: Final = ("queued", "running")
-
-Float64Array = npt.NDArray[np.float64]
-Int64Array = npt.NDArray[np.int64]
-IndexArray = npt.NDArray[np.intp]
 
 
 def _to_db(column: str, value: Any) -> Any:
@@ -346,8 +272,6 @@ def _run_filters(query: str, status: str, kind: str, tag: str, sweep: str) -> tu
     return where, params
 
 
-def _nan_to_none(values: Iterable[float]) -> list[float | None]:
-    return [None if math.isnan(v) else v for v in values]
 
 
 @dataclass
@@ -379,203 +303,37 @@ class _Stop:
     """Queue sentinel: the writer commits what it collected before it, then exits."""
 
 
-_QueueItem = _Append | _Flush | _Stop | _Resume
+@dataclass
+class _Drop:
+    """Queue marker: drop the ended run's metrics frames that the metric store holds (see :meth:`Store.update_run`)."""
+
+    run_id: str
+
+
+class _ScanEnded:
+    """Queue marker: find the ended runs whose metrics frames are still kept twice (at start, after a crash)."""
 
 
 @dataclass
-class _Series:
-    """Pieces of one key's history (steps, times, values), concatenated when they are written or emitted."""
+class _Idle:
+    """Queue marker: set once the queue before it is committed and no dropping is left to do."""
 
-    steps: list[Int64Array] = field(default_factory=list)
-    times: list[Float64Array] = field(default_factory=list)
-    values: list[Float64Array] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_QueueItem = _Append | _Flush | _Stop | _Resume | _Drop | _ScanEnded | _Idle
 
 
 @dataclass
 class _RunBatch:
     """What one write transaction learned about one run."""
 
+    ended: bool = False  # its status is terminal: metrics frames stored now are to be dropped too
+    has_dropped: bool = False  # some of its frames are kept only in the metric store
     last_seq: int = 0
     step: int | None = None
-    series: dict[str, _Series] = field(default_factory=dict)
-
-    def add_metrics(self, frame: dict[str, Any]) -> None:
-        """Split a columnar ``metrics`` frame into per-key arrays; malformed keys are skipped, not fatal."""
-        try:
-            steps = np.asarray(frame.get("step"), dtype=np.int64)
-        except (TypeError, ValueError):
-            logger.warning("metrics frame seq=%s has a malformed step list; metrics not indexed", frame.get("seq"))
-            return
-        if steps.ndim != 1 or steps.size == 0:
-            return
-        try:
-            times = np.asarray(frame.get("time"), dtype=np.float64)
-        except (TypeError, ValueError):
-            times = np.empty(0)
-        if times.shape != steps.shape:
-            # Keep the values: a chart is still useful without wall-clock times.
-            times = np.full(steps.shape, np.nan)
-        data = frame.get("data")
-        if not isinstance(data, dict):
-            return
-        for key, raw in data.items():
-            try:
-                # dtype=float64 turns JSON nulls (None) into NaN.
-                values = np.asarray(raw, dtype=np.float64)
-            except (TypeError, ValueError):
-                logger.warning("metrics frame seq=%s: key %r is not numeric; skipped", frame.get("seq"), key)
-                continue
-            if values.shape != steps.shape:
-                logger.warning("metrics frame seq=%s: key %r is not aligned with step; skipped", frame.get("seq"), key)
-                continue
-            values = np.where(np.isfinite(values), values, np.nan)
-            series = self.series.setdefault(str(key), _Series())
-            series.steps.append(steps)
-            series.times.append(times)
-            series.values.append(values)
-
-
-def _chunk_rows(
-    run_id: str, key: str, steps: Int64Array, times: Float64Array, values: Float64Array
-) -> Iterator[tuple[tuple[Any, ...], bytes]]:
-    """``metric_chunks`` rows for one key's points, at most CHUNK_MAX_POINTS each, with their summary blobs."""
-    for lo in range(0, steps.size, CHUNK_MAX_POINTS):
-        s = steps[lo : lo + CHUNK_MAX_POINTS]
-        t = times[lo : lo + CHUNK_MAX_POINTS]
-        v = values[lo : lo + CHUNK_MAX_POINTS]
-        row = (
-            run_id,
-            key,
-            # min/max rather than first/last: the readers rely on no step of a chunk lying before first_step.
-            int(s.min()),
-            int(s.max()),
-            int(s.size),
-            s.astype(_STEP_DTYPE).tobytes(),
-            t.astype(_FLOAT_DTYPE).tobytes(),
-            v.astype(_FLOAT_DTYPE).tobytes(),
-        )
-        yield row, _summary_blob(*_summarize(s, t, v))
-
-
-def _insert_chunks(
-    conn: sqlite3.Connection, run_id: str, key: str, steps: Int64Array, times: Float64Array, values: Float64Array
-) -> list[int]:
-    """Insert one key's points as chunks with their summaries; returns the chunk sizes."""
-    sizes: list[int] = []
-    for row, summary in _chunk_rows(run_id, key, steps, times, values):
-        chunk_id = conn.execute(_INSERT_CHUNK, row).lastrowid
-        conn.execute(_INSERT_SUMMARY, (chunk_id, summary))
-        sizes.append(int(row[4]))
-    return sizes
-
-
-def _summary_index(values: Float64Array) -> IndexArray:
-    """Indices (ascending) of the points of a step-ordered stretch that a downsampled chart needs.
-
-    Kept: both ends; in each block of SUMMARY_BLOCK points, the first index of its finite minimum and
-    of its finite maximum; the first point of every run of nulls and the first point after it. Across
-    stretches summarized apart and concatenated in step order, the nulls whose predecessor in the
-    concatenation is not null are then exactly the starts of the null runs of the whole series, so
-    :func:`_select_points` treats nulls on a summary as it does on the full series, and every
-    block's extremes are there for MinMaxLTTB.
-    """
-    n = values.size
-    keep = np.zeros(n, dtype=bool)
-    if n == 0:
-        return np.flatnonzero(keep)
-    keep[0] = keep[-1] = True
-    n_blocks = -(-n // SUMMARY_BLOCK)
-    pad = n_blocks * SUMMARY_BLOCK - n
-    starts = np.arange(0, n, SUMMARY_BLOCK)
-    finite = np.isfinite(values)
-    if bool(finite.all()):
-        # Padding with the last value never wins over it: argmin/argmax return the first of equal values.
-        padded = values if pad == 0 else np.concatenate([values, np.full(pad, values[-1])])
-        blocks = padded.reshape(n_blocks, SUMMARY_BLOCK)
-        keep[starts + blocks.argmin(axis=1)] = True
-        keep[starts + blocks.argmax(axis=1)] = True
-        return np.flatnonzero(keep)
-    low = np.concatenate([np.where(finite, values, np.inf), np.full(pad, np.inf)]).reshape(n_blocks, SUMMARY_BLOCK)
-    high = np.concatenate([np.where(finite, values, -np.inf), np.full(pad, -np.inf)]).reshape(n_blocks, SUMMARY_BLOCK)
-    has_finite = np.concatenate([finite, np.zeros(pad, dtype=bool)]).reshape(n_blocks, SUMMARY_BLOCK).any(axis=1)
-    keep[(starts + low.argmin(axis=1))[has_finite]] = True
-    keep[(starts + high.argmax(axis=1))[has_finite]] = True
-    null = ~finite
-    keep[1:] |= null[1:] != null[:-1]  # where a null run starts, and the first point after it
-    keep[0] = True
-    return np.flatnonzero(keep)
-
-
-def _summarize(
-    steps: Int64Array, times: Float64Array, values: Float64Array
-) -> tuple[Int64Array, Float64Array, Float64Array]:
-    """The summary points (see :func:`_summary_index`) of one chunk, ordered by step."""
-    if steps.size > 1 and bool(np.any(np.diff(steps) < 0)):
-        order = np.argsort(steps, kind="stable")  # the same order the full read gives this chunk's points
-        steps, times, values = steps[order], times[order], values[order]
-    keep = _summary_index(values)
-    return steps[keep], times[keep], values[keep]
-
-
-def _summary_blob(steps: Int64Array, times: Float64Array, values: Float64Array) -> bytes:
-    """Steps, then times, then values of the summary points, little-endian, one after the other."""
-    return (
-        steps.astype(_STEP_DTYPE).tobytes()
-        + times.astype(_FLOAT_DTYPE).tobytes()
-        + values.astype(_FLOAT_DTYPE).tobytes()
-    )
-
-
-def _summary_from_blob(blob: bytes) -> tuple[Int64Array, Float64Array, Float64Array]:
-    m = len(blob) // _SUMMARY_POINT_BYTES
-    steps = np.frombuffer(blob, dtype=_STEP_DTYPE, count=m).astype(np.int64, copy=False)
-    times = np.frombuffer(blob, dtype=_FLOAT_DTYPE, count=m, offset=8 * m).astype(float, copy=False)
-    values = np.frombuffer(blob, dtype=_FLOAT_DTYPE, count=m, offset=16 * m).astype(float, copy=False)
-    return steps, times, values
-
-
-def _summary_suffices(chunks: Sequence[sqlite3.Row], max_points: int) -> bool:
-    """Whether chunk summaries can stand in for the full points of a key in a ``max_points`` chart.
-
-    Chunks ordered by (first_step, id) must not overlap in steps, so that their summaries concatenate
-    in step order; and there must be at least as many summary blocks as MinMaxLTTB has buckets, so
-    every bucket sees the extremes of whole blocks (the full series' envelope) rather than a coarser one.
-    """
-    blocks = 0
-    reached: int | None = None
-    for row in chunks:
-        if reached is not None and int(row["first_step"]) < reached:
-            return False
-        reached = int(row["last_step"]) if reached is None else max(reached, int(row["last_step"]))
-        blocks += -(-int(row["n"]) // SUMMARY_BLOCK)
-    return blocks >= _MINMAX_RATIO * max_points
-
-
-def _drop_null_continuations(
-    steps: Int64Array, times: Float64Array, values: Float64Array
-) -> tuple[Int64Array, Float64Array, Float64Array]:
-    """Drop summary nulls that follow another null (a run continued across chunks), but never the last point."""
-    null = np.isnan(values)
-    if not bool(null.any()):
-        return steps, times, values
-    keep = np.ones(values.size, dtype=bool)
-    keep[1:] = ~(null[1:] & null[:-1])
-    keep[-1] = True
-    return steps[keep], times[keep], values[keep]
-
-
-def _concat_chunks(rows: Sequence[sqlite3.Row]) -> tuple[Int64Array, Float64Array, Float64Array]:
-    """Decode chunk rows (``steps``, ``times``, ``vals`` columns) into one series ordered by step."""
-    if not rows:
-        return np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.float64)
-    steps = np.concatenate([np.frombuffer(r["steps"], dtype=_STEP_DTYPE) for r in rows]).astype(np.int64, copy=False)
-    times = np.concatenate([np.frombuffer(r["times"], dtype=_FLOAT_DTYPE) for r in rows]).astype(float, copy=False)
-    values = np.concatenate([np.frombuffer(r["vals"], dtype=_FLOAT_DTYPE) for r in rows]).astype(float, copy=False)
-    if steps.size > 1 and bool(np.any(np.diff(steps) < 0)):
-        # Rows come ordered by their smallest step; only out-of-order steps within a run need this.
-        order = np.argsort(steps, kind="stable")
-        steps, times, values = steps[order], times[order], values[order]
-    return steps, times, values
+    new_metrics: bool = False
+    series: dict[str, ms.Pieces] = field(default_factory=dict)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -603,46 +361,6 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _select_points(steps: Int64Array, values: Float64Array, max_points: int) -> IndexArray:
-    """Indices of at most ``max_points`` points to draw, first and last always among them.
-
-    Finite points go through MinMaxLTTB, which keeps every bucket's extremes (a single spike in a
-    million points survives). The downsampler cannot rank NaNs, so gaps are handled apart: each run of
-    nulls keeps its first index (evenly thinned to a quarter of the budget when there are very many),
-    so a chart still shows that a stretch was null instead of drawing a line across it.
-    """
-    n = values.size
-    if n <= max_points:
-        return np.arange(n, dtype=np.intp)
-    finite = np.isfinite(values)
-    # The common case, without copying a million points into a finite-only view; the Rust LTTB panics below 3.
-    if max_points >= 3 and bool(finite.all()):
-        return np.asarray(_DOWNSAMPLER.downsample(steps, values, n_out=max_points), dtype=np.intp)
-    finite_idx = np.flatnonzero(finite)
-    null_idx = np.flatnonzero(~finite)
-    ends = np.array([i for i in (0, n - 1) if not finite[i]], dtype=np.intp)
-    if null_idx.size:
-        starts = null_idx[np.concatenate(([True], np.diff(null_idx) > 1))]
-        cap = max_points // 4
-        if starts.size > cap:
-            starts = starts[np.unique(np.linspace(0, starts.size - 1, cap).round().astype(np.intp))]
-        chosen_null = np.union1d(starts, ends).astype(np.intp)
-    else:
-        chosen_null = ends
-    budget = max_points - chosen_null.size
-    if finite_idx.size <= budget:
-        chosen_finite = finite_idx
-    elif budget >= 3:  # the Rust LTTB asserts n_out >= 3 (and panics, not raises, otherwise)
-        picked = _DOWNSAMPLER.downsample(
-            np.ascontiguousarray(steps[finite_idx]), np.ascontiguousarray(values[finite_idx]), n_out=budget
-        )
-        chosen_finite = finite_idx[np.asarray(picked, dtype=np.intp)]
-    else:
-        # Tiny budgets: the series' own end points first, then the outermost finite points.
-        candidates = [i for i in (0, n - 1) if finite[i]] + [int(finite_idx[0]), int(finite_idx[-1])]
-        chosen_finite = np.array(list(dict.fromkeys(candidates))[:budget], dtype=np.intp)
-    return np.union1d(chosen_null, chosen_finite).astype(np.intp)
-
 
 class Store:
     """The server's SQLite store. See the module docstring for the layout and the threading model."""
@@ -663,6 +381,7 @@ class Store:
                 self._runs_conn.close()
                 raise RuntimeError(f"{self.path} was written by a newer gradwatch (schema {version})")
             self._runs_conn.executescript(_SCHEMA)
+            ms.create_schema(self._runs_conn)
             present = {row[1] for row in self._runs_conn.execute("PRAGMA table_info(runs)")}
             for column, decl in _ADDED_RUN_COLUMNS.items():
                 if column not in present:
@@ -692,6 +411,10 @@ class Store:
         self._broken: dict[str, int] = {}
         # Partly filled chunks added per (run, key) since its last compaction; touched by the writer only.
         self._small_chunks: dict[tuple[str, str], int] = {}
+        # Ended runs whose metrics frames are still to be dropped (ms.drop_slice), in order; writer thread only.
+        self._to_drop: dict[str, None] = {}
+        self._idle_waiters: list[_Idle] = []  # wait_dropped() callers, told once _to_drop is empty
+        self._last_drop = 0.0
         #: Told the id of every run whose row changed (created, updated, deleted, or its step advanced), after the
         #: change is committed, from whichever thread made it (app.changes.Changes.notify is thread-safe).
         self.on_change: Callable[[str], None] | None = None
@@ -713,6 +436,9 @@ class Store:
                 raise RuntimeError("store is closed")
             if self._thread is not None:
                 return
+            # First thing: the ended runs a previous server left with their metrics frames kept twice (it stopped,
+            # or crashed, before it had dropped them all).
+            self._queue.put(_ScanEnded())
             self._thread = threading.Thread(target=self._writer_loop, name="gradwatch-store-writer", daemon=True)
             self._thread.start()
 
@@ -734,6 +460,10 @@ class Store:
             except queue.Empty:
                 break
         self._process([item for item in leftovers if not isinstance(item, _Stop)])
+        # What is left to drop is found again by the next start (_ScanEnded): nothing is lost by stopping here.
+        for waiter in self._idle_waiters + [item for item in leftovers if isinstance(item, _Idle)]:
+            waiter.done.set()
+        self._idle_waiters.clear()
         self._drained.set()
         self._write_conn.close()
         with self._runs_lock:
@@ -791,6 +521,8 @@ class Store:
             raise KeyError(run_id)
         if fields:
             self._changed(run_id)
+        if fields.get("status") in TERMINAL_STATUSES:
+            self._request_drop(run_id)
         return _record_from_row(row)
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -846,7 +578,7 @@ class Store:
     def delete_run(self, run_id: str) -> None:
         """Remove the run row, its frames and its metric history in one transaction (no-op if unknown)."""
         with self._runs_transaction() as conn:
-            for table in ("frames", "metric_chunks", "metric_keys"):
+            for table in ("frames", *ms.RUN_TABLES):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         self._changed(run_id)
@@ -919,6 +651,25 @@ class Store:
                 done = marker.done
         return done.wait(timeout)
 
+    def wait_dropped(self, timeout: float = 60.0) -> bool:
+        """Block until everything appended before this call is committed and no ended run has metrics frames
+        left to drop (the writer's background work, see :meth:`update_run`); ``False`` on timeout. For tests and
+        benchmarks: nothing else needs the drop to have happened."""
+        with self._state_lock:
+            if self._closed:
+                return self._drained.wait(timeout)
+            if self._thread is None:
+                return self._queue.empty()
+            marker = _Idle()
+            self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def _request_drop(self, run_id: str) -> None:
+        """The run has ended: have the writer drop, in the background, its metrics frames the metric store holds."""
+        with self._state_lock:
+            if not self._closed:
+                self._queue.put(_Drop(run_id))
+
     def frames_after(self, run_id: str, since: int, limit: int = 1000,
                      max_bytes: int | None = None) -> list[tuple[int, str]]:
         """Committed frames with ``seq > since`` as ``(seq, json text)``, ascending, at most ``limit``.
@@ -926,17 +677,60 @@ class Store:
         ``max_bytes`` stops once the texts add up to that much (always at least one frame): a
         client catching up holds the batch in memory, and 500 large frames for each of 20
         lagging clients was most of the server's memory (bench/throughput.py).
+
+        An ended run's ``metrics`` frames come rebuilt from the metric store (their text was dropped; see
+        app/metricstore.py), the same bytes as the text it had. One read transaction: the writer dropping
+        frames meanwhile cannot make a frame appear twice or not at all.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        rows = self._reader().execute(
-            "SELECT seq, body FROM frames WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?", (run_id, since, limit)
-        )
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            dropped = ms.dropped_after(conn, run_id, since, limit)
+            cursor = conn.execute(
+                "SELECT seq, body FROM frames WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, since, limit))
+            try:
+                return self._merge_rebuilt(conn, run_id, cursor, dropped, limit, max_bytes)
+            finally:
+                cursor.close()
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    @staticmethod
+    def _merge_rebuilt(conn: sqlite3.Connection, run_id: str, stored: Iterable[tuple[int, str]],
+                       dropped: list[ms.DroppedFrame], limit: int, max_bytes: int | None) -> list[tuple[int, str]]:
+        """Stored texts (ascending) and dropped frames rebuilt from the metric store, merged by seq.
+
+        Dropped frames are rebuilt a group at a time (each chunk read once per group), and no further ahead
+        than the byte cap needs; stored texts are read one by one for the same reason.
+        """
+        layouts = ms.load_layouts(conn, run_id) if dropped else {}
+        rebuilt: dict[int, str] = {}
+        rows = iter(stored)
+        row = next(rows, None)
+        at = 0
         out: list[tuple[int, str]] = []
         size = 0
-        for seq, body in rows:
-            out.append((int(seq), str(body)))
-            size += len(body)
+        while len(out) < limit:
+            if row is not None and (at >= len(dropped) or int(row[0]) < dropped[at].seq):
+                seq, text = int(row[0]), str(row[1])
+                row = next(rows, None)
+            elif at < len(dropped):
+                seq = dropped[at].seq
+                if seq not in rebuilt:
+                    budget = ms.SYNTH_GROUP_VALUES if max_bytes is None else max(1, (max_bytes - size) // 16)
+                    group = next(ms.frame_groups(dropped[at:], layouts, min(budget, ms.SYNTH_GROUP_VALUES)))
+                    rebuilt.update(zip([f.seq for f in group], ms.synthesize(conn, run_id, group, layouts),
+                                       strict=True))
+                text = rebuilt.pop(seq)
+                at += 1
+            else:
+                break
+            out.append((seq, text))
+            size += len(text)
             if max_bytes is not None and size >= max_bytes:
                 break
         return out
@@ -978,22 +772,35 @@ class Store:
 
     def _writer_loop(self) -> None:
         while True:
-            batch, stop = self._collect()
+            batch, stop = self._collect(block=not self._to_drop)
             self._process(batch)
             if stop:
                 return
+            # Dropping an ended run's frames is background work: a slice whenever nothing is queued, and while
+            # appends keep coming, still one every DROP_EVERY_S so that it ends some day.
+            if self._to_drop and (not batch or time.monotonic() - self._last_drop >= DROP_EVERY_S):
+                self._drop_one_slice()
+            if not self._to_drop and self._idle_waiters:
+                for waiter in self._idle_waiters:
+                    waiter.done.set()
+                self._idle_waiters.clear()
 
-    def _collect(self) -> tuple[list[_QueueItem], bool]:
-        """Block for one item, then take whatever else is already queued, within the batch limits.
+    def _collect(self, block: bool = True) -> tuple[list[_QueueItem], bool]:
+        """Block for one item (or, with ``block`` false, take none if none is queued), then take whatever else is
+        already queued, within the batch limits.
 
         There is no deliberate linger: with WAL and synchronous=NORMAL a commit does not fsync, so a lone
         frame is committed at once (low latency for live clients), while under load the queue fills during
         each commit and batches grow by themselves.
         """
-        batch: list[_QueueItem] = [self._queue.get()]
-        if isinstance(batch[0], _Stop):
+        try:
+            first = self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return [], False
+        batch: list[_QueueItem] = [first]
+        if isinstance(first, _Stop):
             return [], True
-        n_frames = len(batch[0].frames) if isinstance(batch[0], _Append) else 0
+        n_frames = len(first.frames) if isinstance(first, _Append) else 0
         deadline = time.monotonic() + MAX_BATCH_SECONDS
         while n_frames < MAX_BATCH_FRAMES and time.monotonic() < deadline:
             try:
@@ -1016,10 +823,53 @@ class Store:
                 self._store_appends(appends)
                 appends = []
                 self._broken.pop(item.run_id, None)
+            elif isinstance(item, _Drop):
+                self._to_drop[item.run_id] = None
+            elif isinstance(item, _ScanEnded):
+                self._scan_ended()
+            elif isinstance(item, _Idle):
+                self._idle_waiters.append(item)
         self._store_appends(appends)
         for marker in batch:
             if isinstance(marker, _Flush):
                 marker.done.set()
+
+    def _scan_ended(self) -> None:
+        """Queue every ended run that still has metrics frames not yet examined for dropping."""
+        terminal = sorted(TERMINAL_STATUSES)
+        try:
+            rows = self._write_conn.execute(
+                f"SELECT r.id FROM runs AS r WHERE r.status IN ({', '.join('?' for _ in terminal)}) AND EXISTS ("
+                " SELECT 1 FROM frames AS f WHERE f.run_id = r.id AND f.type = 'metrics' AND f.seq > COALESCE("
+                "  (SELECT c.through_seq FROM frames_compacted AS c WHERE c.run_id = r.id), 0))"
+                " ORDER BY r.created_at", terminal).fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("store: could not look for ended runs' frames to drop: %s", exc)
+            return
+        for (run_id,) in rows:
+            self._to_drop[str(run_id)] = None
+
+    def _drop_one_slice(self) -> None:
+        """One slice of the first queued run's drop (ms.drop_slice), in one write transaction."""
+        run_id = next(iter(self._to_drop))
+        self._last_drop = time.monotonic()
+        conn = self._write_conn
+        more = False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is not None and str(row[0]) in TERMINAL_STATUSES:  # a run that came back keeps its frames
+                    _, more = ms.drop_slice(conn, run_id)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except Exception as exc:  # the disk, most likely: the frames stay as they are, the next start tries again
+            logger.warning("store: could not drop run %s's metrics frames: %s", run_id, exc)
+            more = False
+        if not more:
+            self._to_drop.pop(run_id, None)
 
     def _store_appends(self, appends: list[_Append]) -> None:
         live = [item for item in appends if not self._refused(item)]
@@ -1093,49 +943,54 @@ class Store:
         conn = self._write_conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            exists: dict[str, bool] = {}
-            runs: dict[str, _RunBatch] = {}
+            runs: dict[str, _RunBatch | None] = {}
             stored: list[_Append] = []
             for item in appends:
-                if item.run_id not in exists:
-                    exists[item.run_id] = (
-                        conn.execute("SELECT 1 FROM runs WHERE id = ?", (item.run_id,)).fetchone() is not None
-                    )
-                if not exists[item.run_id]:
+                if item.run_id not in runs:
+                    row = conn.execute("SELECT status FROM runs WHERE id = ?", (item.run_id,)).fetchone()
+                    runs[item.run_id] = None if row is None else _RunBatch(
+                        ended=str(row[0]) in TERMINAL_STATUSES, has_dropped=ms.has_dropped(conn, item.run_id))
+                run = runs[item.run_id]
+                if run is None:
                     logger.warning("store: %d frames for unknown run %s dropped", len(item.frames), item.run_id)
                     continue
-                run = runs.setdefault(item.run_id, _RunBatch())
                 for frame, text in item.frames:
                     seq = int(frame["seq"])
                     kind = str(frame.get("type", ""))
+                    run.last_seq = max(run.last_seq, seq)
+                    if run.has_dropped and ms.is_dropped(conn, item.run_id, seq):
+                        continue  # stored already, as points of the metric store: a resend
                     cursor = conn.execute(
                         "INSERT OR IGNORE INTO frames (run_id, seq, type, body) VALUES (?, ?, ?, ?)",
                         (item.run_id, seq, kind, text),
                     )
-                    run.last_seq = max(run.last_seq, seq)
                     if kind != "metrics":
                         continue
                     top = _max_step(frame.get("step"))
                     if top is not None:
                         run.step = top if run.step is None else max(run.step, top)
                     if cursor.rowcount == 1:  # only newly stored frames feed the history: no doubled points
-                        run.add_metrics(frame)
+                        run.new_metrics = True
+                        ms.add_frame_points(run.series, frame)
                 stored.append(item)
             for run_id, run in runs.items():
-                for key, series in run.series.items():
-                    sizes = _insert_chunks(
-                        conn,
-                        run_id,
-                        key,
-                        np.concatenate(series.steps),
-                        np.concatenate(series.times),
-                        np.concatenate(series.values),
-                    )
+                if run is None:
+                    continue
+                if run.has_dropped and run.series:
+                    # Dropped frames whose steps the new points fall in get their text back first (they would be
+                    # rebuilt with the new points in them otherwise).
+                    lo = min(int(piece.min()) for pieces in run.series.values() for piece in pieces.steps)
+                    hi = max(int(piece.max()) for pieces in run.series.values() for piece in pieces.steps)
+                    ms.restore_frames(conn, run_id, lo, hi)
+                due: list[str] = []
+                for key, sizes in ms.insert_points(conn, run_id, run.series).items():
                     small = self._small_chunks.get((run_id, key), 0) + sum(n < CHUNK_MAX_POINTS for n in sizes)
                     if small >= COMPACT_AFTER:
-                        self._compact(conn, run_id, key)
+                        due.append(key)
                         small = 0
                     self._small_chunks[(run_id, key)] = small
+                if due:
+                    ms.compact_tails(conn, run_id, due)
                 conn.executemany(
                     "INSERT OR IGNORE INTO metric_keys (run_id, key) VALUES (?, ?)", ((run_id, k) for k in run.series)
                 )
@@ -1147,34 +1002,10 @@ class Store:
         except BaseException:
             _rollback(conn)
             raise
+        for run_id, run in runs.items():
+            if run is not None and run.ended and run.new_metrics:
+                self._to_drop[run_id] = None  # frames that came after the run's end (its last flush, say)
         return stored
-
-    def _compact(self, conn: sqlite3.Connection, run_id: str, key: str) -> None:
-        """Merge the key's newest run of partly filled chunks into full ones (inside the caller's transaction).
-
-        Only the trailing run is touched, so merged chunks never overlap older full ones in step order.
-        """
-        # Sizes first, blobs only for the chunks that will be merged: the full chunk that ends the tail
-        # would otherwise be read for nothing.
-        meta = conn.execute(
-            "SELECT id, n FROM metric_chunks WHERE run_id = ? AND key = ? ORDER BY first_step DESC, id DESC LIMIT ?",
-            (run_id, key, 4 * COMPACT_AFTER),
-        )
-        ids: list[int] = []
-        for chunk_id, n in meta:
-            if n >= CHUNK_MAX_POINTS:
-                break
-            ids.append(int(chunk_id))
-        meta.close()
-        if len(ids) < 2:
-            return
-        marks = ", ".join("?" for _ in ids)
-        tail = conn.execute(
-            f"SELECT id, steps, times, vals FROM metric_chunks WHERE id IN ({marks}) ORDER BY first_step, id", ids
-        ).fetchall()
-        steps, times, values = _concat_chunks(tail)
-        conn.execute(f"DELETE FROM metric_chunks WHERE id IN ({marks})", ids)  # the trigger drops their summaries
-        _insert_chunks(conn, run_id, key, steps, times, values)
 
     # ------------------------------------------------------------------ metric history
 
@@ -1182,39 +1013,16 @@ class Store:
         rows = self._reader().execute("SELECT key FROM metric_keys WHERE run_id = ? ORDER BY key", (run_id,))
         return [str(row[0]) for row in rows]
 
-    def _series(self, conn: sqlite3.Connection, run_id: str, key: str) -> tuple[Int64Array, Float64Array, Float64Array]:
-        rows = conn.execute(
-            "SELECT steps, times, vals FROM metric_chunks WHERE run_id = ? AND key = ? ORDER BY first_step, id",
-            (run_id, key),
-        ).fetchall()
-        return _concat_chunks(rows)
+    def _series(self, conn: sqlite3.Connection, run_id: str, key: str) -> Series:
+        """Every point of the key (the full read a chart falls back on)."""
+        return ms.key_series(conn, run_id, key)
 
-    def _summary_series(
-        self, conn: sqlite3.Connection, run_id: str, key: str, within: tuple[int, int] | None = None
-    ) -> tuple[Int64Array, Float64Array, Float64Array]:
-        """The key's chunk summaries concatenated in step order (chunks must not overlap in steps); ``within``:
-        only the chunks that lie wholly inside those steps."""
-        parts: list[tuple[Int64Array, Float64Array, Float64Array]] = []
-        query: str = _SELECT_SUMMARIES
-        params: tuple[str | int, ...] = (run_id, key)
-        if within is not None:
-            query = _SELECT_SUMMARIES.replace(" ORDER BY", " AND c.first_step >= ? AND c.last_step <= ? ORDER BY")
-            params = (run_id, key, *within)
-        for row in conn.execute(query, params):
-            if row["summary"] is not None:
-                parts.append(_summary_from_blob(row["summary"]))
-            else:  # written before summaries existed: summarize it now
-                parts.append(_summarize(*_concat_chunks([row])))
-        if not parts:
-            return np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.float64)
-        steps = np.concatenate([p[0] for p in parts])
-        times = np.concatenate([p[1] for p in parts])
-        values = np.concatenate([p[2] for p in parts])
-        return _drop_null_continuations(steps, times, values)
+    def _summary_series(self, conn: sqlite3.Connection, run_id: str, key: str,
+                        within: tuple[int, int] | None = None) -> Series:
+        return ms.summary_series(conn, run_id, key, within)
 
-    def _range_series(
-        self, conn: sqlite3.Connection, run_id: str, key: str, start: int, end: int, max_points: int
-    ) -> tuple[Int64Array, Float64Array, Float64Array]:
+    def _range_series(self, conn: sqlite3.Connection, run_id: str, key: str, start: int, end: int,
+                      max_points: int) -> Series:
         """The points a zoomed chart (steps ``start`` to ``end``, inclusive) is chosen from.
 
         Narrow ranges come back in full. For a wide one the chunks that lie wholly inside it stand in by their
@@ -1231,35 +1039,29 @@ class Store:
             cut = [int(c["id"]) for c in chunks if not (int(c["first_step"]) >= start and int(c["last_step"]) <= end)]
             parts = [self._summary_series(conn, run_id, key, (start, end))]
             if cut:
-                marks = ",".join("?" for _ in cut)
-                query = f"SELECT steps, times, vals FROM metric_chunks WHERE id IN ({marks})"
-                parts.append(_concat_chunks(conn.execute(query, cut).fetchall()))
+                parts.append(ms.chunks_by_id(conn, cut))
             steps, times, values = (np.concatenate([p[i] for p in parts]) for i in range(3))
             order = np.argsort(steps, kind="stable")
             steps, times, values = steps[order], times[order], values[order]
             inside = (steps >= start) & (steps <= end)
-            if int(inside.sum()) >= _MINMAX_RATIO * max_points:
-                return _drop_null_continuations(steps[inside], times[inside], values[inside])
-        full = conn.execute(
-            "SELECT steps, times, vals FROM metric_chunks WHERE run_id = ? AND key = ? AND first_step <= ?"
-            " AND last_step >= ? ORDER BY first_step, id",
-            (run_id, key, end, start),
-        ).fetchall()
-        steps, times, values = _concat_chunks(full)
+            if int(inside.sum()) >= ms.MINMAX_RATIO * max_points:
+                return ms.drop_null_continuations(steps[inside], times[inside], values[inside])
+        ids = [int(c["id"]) for c in chunks]
+        steps, times, values = ms.chunks_by_id(conn, ids)
         inside = (steps >= start) & (steps <= end)
         return steps[inside], times[inside], values[inside]
 
     def _history_points(
         self, conn: sqlite3.Connection, run_id: str, key: str, max_points: int,
         span: tuple[int, int] | None = None,
-    ) -> tuple[Int64Array, Float64Array, Float64Array]:
+    ) -> Series:
         """The points a ``max_points`` chart of the key is chosen from: its summaries where they suffice.
 
         Downsampling the summaries keeps what downsampling the full series keeps: both ends, every null
-        run's start (:func:`_summary_index`), and the extremes of every block, so of every MinMaxLTTB
-        bucket and of the whole series (:func:`_summary_suffices`). Histories too short for that, keys
-        whose chunks overlap in steps, and summaries too sparse to fill the chart (mostly null keys) are
-        read in full. One read transaction, so that the writer merging chunks meanwhile changes nothing.
+        run's start (:func:`app.metricstore.summary_index`), and the extremes of every block, so of every
+        MinMaxLTTB bucket and of the whole series (:func:`app.metricstore.summary_suffices`). Histories too
+        short for that, keys whose chunks overlap in steps, and summaries too sparse to fill the chart (mostly
+        null keys) are read in full. One read transaction, so that the writer merging chunks meanwhile changes nothing.
 
         A ``span`` (first step, last step) is a zoomed chart: every point inside it, from the chunks that overlap
         it (a chunk's summary thins it for the whole run's view; a zoom wants the detail).
@@ -1275,7 +1077,7 @@ class Store:
             ).fetchall()
             if _summary_suffices(chunks, max_points):
                 summary = self._summary_series(conn, run_id, key)
-                if summary[0].size >= _MINMAX_RATIO * max_points:
+                if summary[0].size >= ms.MINMAX_RATIO * max_points:
                     return summary
             return self._series(conn, run_id, key)
         finally:
@@ -1289,7 +1091,8 @@ class Store:
         """``{key: {"step", "time", "value"}}`` ordered by step, at most ``max_points`` points per key.
 
         Keys that do not exist are left out (all keys when ``keys`` is None). Longer histories are
-        downsampled keeping extremes and both ends (see :func:`_select_points`); NaN comes back as None.
+        downsampled keeping extremes and both ends (see :func:`app.metricstore.select_points`); NaN comes back as
+        None.
         ``start`` and ``end`` (inclusive; either may be left open) narrow it to the steps a zoomed chart shows:
         at full resolution when they hold at most ``max_points`` points, else downsampled the same way.
         """
@@ -1297,7 +1100,7 @@ class Store:
             raise ValueError("max_points must be at least 2")
         if start is not None and end is not None and start > end:
             raise ValueError("start must not be after end")
-        span = None if start is None and end is None else (start or 0, _MAX_SQL_INT if end is None else end)
+        span = None if start is None and end is None else (start or 0, ms.MAX_SQL_INT if end is None else end)
         existing = self.metric_keys(run_id)
         known = set(existing)
         wanted = existing if keys is None else [k for k in dict.fromkeys(keys) if k in known]
@@ -1308,8 +1111,8 @@ class Store:
             picked = _select_points(steps, values, max_points)
             out[key] = {
                 "step": steps[picked].tolist(),
-                "time": _nan_to_none(times[picked].tolist()),
-                "value": _nan_to_none(values[picked].tolist()),
+                "time": ms.nan_to_none(times[picked].tolist()),
+                "value": ms.nan_to_none(values[picked].tolist()),
             }
         return out
 
@@ -1326,10 +1129,8 @@ class Store:
         return self._export(run_id, window_chunks)
 
     def _export(self, run_id: str, window_chunks: int) -> Iterator[str]:
-        """Walk the chunks in order of their first step, ``window_chunks`` rows per query.
+        """:func:`app.metricstore.export_csv` in a read transaction of its own.
 
-        Once every chunk that starts before step S has been read, the rows before S are complete and are
-        emitted; later points wait for the next window, so memory is bounded by a window, not by the run.
         The export runs in one read transaction on a connection of its own: the writer may merge chunks
         of a live run meanwhile, and without a fixed snapshot the paging could skip or repeat points.
         The generator may be resumed on different threads (Starlette iterates a sync body in its
@@ -1341,80 +1142,9 @@ class Store:
         try:
             conn.execute("PRAGMA query_only = ON")
             conn.execute("BEGIN")
-            keys = [
-                str(r[0]) for r in conn.execute("SELECT key FROM metric_keys WHERE run_id = ? ORDER BY key", (run_id,))
-            ]
-            column = {key: i for i, key in enumerate(keys)}
-            header = io.StringIO()
-            csv.writer(header, lineterminator="\n").writerow(["step", "time", *keys])
-            yield header.getvalue()
-
-            pending: dict[int, _Series] = {}
-            after: tuple[int, int] = (-(2**63), 0)
-            while True:
-                rows = conn.execute(
-                    "SELECT id, key, first_step, steps, times, vals FROM metric_chunks"
-                    " WHERE run_id = ? AND (first_step, id) > (?, ?) ORDER BY first_step, id LIMIT ?",
-                    (run_id, after[0], after[1], window_chunks),
-                ).fetchall()
-                for row in rows:
-                    col = column.get(str(row["key"]))
-                    if col is None:  # cannot happen within one snapshot: keys and chunks commit together
-                        continue
-                    series = pending.setdefault(col, _Series())
-                    series.steps.append(np.frombuffer(row["steps"], dtype=_STEP_DTYPE).astype(np.int64))
-                    series.times.append(np.frombuffer(row["times"], dtype=_FLOAT_DTYPE).astype(np.float64))
-                    series.values.append(np.frombuffer(row["vals"], dtype=_FLOAT_DTYPE).astype(np.float64))
-                done = len(rows) < window_chunks
-                if rows:
-                    after = (int(rows[-1]["first_step"]), int(rows[-1]["id"]))
-                # Unread chunks all start at or after after[0], so every step before it is complete.
-                yield from _csv_rows(pending, len(keys), None if done else after[0])
-                if done:
-                    return
+            yield from ms.export_csv(conn, run_id, window_chunks)
         finally:
             with self._readers_lock:
                 if conn in self._readers:
                     self._readers.remove(conn)
             conn.close()
-
-
-def _csv_rows(pending: dict[int, _Series], n_keys: int, boundary: int | None) -> Iterator[str]:
-    """Emit the rows of ``pending`` with step < ``boundary`` (all if None); keep the rest in ``pending``."""
-    ready: dict[int, tuple[Int64Array, Float64Array, Float64Array]] = {}
-    for col, series in list(pending.items()):
-        if not series.steps:
-            continue
-        steps = np.concatenate(series.steps)
-        times = np.concatenate(series.times)
-        values = np.concatenate(series.values)
-        now = np.ones(steps.shape, dtype=bool) if boundary is None else steps < boundary
-        ready[col] = (steps[now], times[now], values[now])
-        later = ~now
-        pending[col] = _Series([steps[later]], [times[later]], [values[later]]) if later.any() else _Series()
-    if not ready:
-        return
-    all_steps = np.unique(np.concatenate([steps for steps, _, _ in ready.values()]))
-    if all_steps.size == 0:
-        return
-    table = np.full((all_steps.size, n_keys), np.nan)
-    row_times = np.full(all_steps.size, np.nan)
-    for col, (steps, times, values) in ready.items():
-        at = np.searchsorted(all_steps, steps)
-        table[at, col] = values
-        # Any key's time for a step will do (they come from the same frame), as long as it is known.
-        known = ~np.isnan(times)
-        row_times[at[known]] = times[known]
-    for lo in range(0, all_steps.size, _CSV_ROWS_PER_PIECE):
-        hi = lo + _CSV_ROWS_PER_PIECE
-        columns = [
-            [str(s) for s in all_steps[lo:hi].tolist()],
-            _csv_cells(row_times[lo:hi]),
-            *(_csv_cells(table[lo:hi, col]) for col in range(n_keys)),
-        ]
-        yield "".join(",".join(cells) + "\n" for cells in zip(*columns, strict=True))
-
-
-def _csv_cells(values: Float64Array) -> list[str]:
-    # repr() is the shortest text that float() reads back to the same double.
-    return ["" if math.isnan(v) else repr(v) for v in values.tolist()]

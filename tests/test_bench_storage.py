@@ -1,4 +1,5 @@
-"""Smoke test of ``bench/storage.py``: a small run through the real store, its bytes read back from SQLite's dbstat."""
+"""Smoke test of ``bench/storage.py``: a small run through the real store, live and ended, its bytes read back from
+SQLite's dbstat, beside the same run written by the store of schema 2 (from git)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,28 @@ from pathlib import Path
 from bench import storage
 
 
-def test_storage_benchmark_reports_bytes_per_step_per_key_for_each_store(tmp_path: Path) -> None:
+def test_storage_benchmark_reports_bytes_per_step_per_key_before_and_after(tmp_path: Path) -> None:
     out = tmp_path / "storage.json"
     assert storage.main(["--steps", "2000", "--keys", "6", "--frame-steps", "50", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     results = payload["results"]
-    assert set(results) == {"frames", "metric store", "file"}
-    # Each store holds at least its raw values (8 bytes each in the chunks; a float's text in the frames), and
-    # the two together fit in the file.
-    assert results["metric store"]["bytes_per_step_per_key"] >= 8
-    assert results["frames"]["bytes_per_step_per_key"] >= 8
-    assert results["frames"]["bytes"] + results["metric store"]["bytes"] <= results["file"]["bytes"]
-    per_value = results["file"]["bytes"] / (2000 * 6)
-    assert results["file"]["scaled_bytes"] == round(per_value * 1_000_000 * 60)
+    after = results["after"]
+    for phase in ("live", "ended"):
+        assert set(after[phase]) == {"frames", "metric store", "total", "free", "file"}
+        # The metric store holds at least its raw values (8 bytes each), and the parts fit in the file.
+        assert after[phase]["metric store"]["bytes_per_step_per_key"] >= 8
+        assert after[phase]["frames"]["bytes"] + after[phase]["metric store"]["bytes"] <= after[phase]["file"]["bytes"]
+    # While the run is live each frame's text is kept (a float's text: more than 8 bytes a value); once it has
+    # ended, only the metric store is.
+    assert after["live"]["frames"]["bytes_per_step_per_key"] >= 8
+    assert after["ended"]["frames"]["bytes"] <= 4 * 4096  # the table and its three indexes, a page each, empty
+    per_value = after["ended"]["file"]["bytes"] / (2000 * 6)
+    assert after["ended"]["file"]["scaled_bytes"] == round(per_value * 1_000_000 * 60)
+    assert after["backfill"]["frames"] == 40
+    # The store of schema 2 is the "before", where git can show it (a checkout without history skips it).
+    before = [name for name in results if name.startswith("before")]
+    if before:
+        old = results[before[0]]
+        assert old["ended"]["frames"]["bytes"] == old["live"]["frames"]["bytes"]  # it kept every frame
+        assert old["ended"]["total"]["bytes"] > after["ended"]["total"]["bytes"]
+        assert payload["backfill_identical"] and old["backfill"]["sha256"] == after["backfill"]["sha256"]
