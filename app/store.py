@@ -354,6 +354,17 @@ def _max_step(steps: Any) -> int | None:
         return None
 
 
+def _merged(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive step ranges, overlapping ones merged, ascending."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     # SQLite rolls back by itself after some errors (SQLITE_FULL, for one); a second ROLLBACK would then
     # raise and hide the original error.
@@ -979,9 +990,9 @@ class Store:
                 if run.has_dropped and run.series:
                     # Dropped frames whose steps the new points fall in get their text back first (they would be
                     # rebuilt with the new points in them otherwise).
-                    lo = min(int(piece.min()) for pieces in run.series.values() for piece in pieces.steps)
-                    hi = max(int(piece.max()) for pieces in run.series.values() for piece in pieces.steps)
-                    ms.restore_frames(conn, run_id, lo, hi)
+                    spans = {id(p): (int(p.min()), int(p.max())) for ps in run.series.values() for p in ps.steps}
+                    for lo, hi in _merged(spans.values()):
+                        ms.restore_frames(conn, run_id, lo, hi)
                 due: list[str] = []
                 for key, sizes in ms.insert_points(conn, run_id, run.series).items():
                     small = self._small_chunks.get((run_id, key), 0) + sum(n < CHUNK_MAX_POINTS for n in sizes)
