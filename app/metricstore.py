@@ -80,7 +80,7 @@ MINMAX_RATIO: Final = 4
 MAX_SQL_INT: Final = 2**63 - 1
 #: A drop slice reads ``metrics`` frames until their text adds up to this much: one slice is one write
 #: transaction, and the writer thread serves other runs' frames between slices.
-DROP_SLICE_BYTES: Final = 2 << 20
+DROP_SLICE_BYTES: Final = 1 << 20
 #: ...and at most this many frames (a run of one-step frames).
 DROP_SLICE_FRAMES: Final = 2048
 #: Rebuilt frames are made in groups of about this many values: enough to read each chunk once for many frames,

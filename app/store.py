@@ -14,7 +14,9 @@ One SQLite file in WAL mode holds three things:
   charts and the CSV export read. Once a run has ended, the ``metrics`` frames that the metric store can
   give back exactly are dropped from ``frames`` (a background job of the writer thread, one short
   transaction per slice), and :meth:`Store.frames_after` rebuilds them from it: a client sees the same
-  bytes, and an ended run's metrics are on disk once instead of twice (bench/storage.py).
+  bytes, and an ended run's metrics are on disk once instead of twice (bench/storage.py). A file made by
+  schema 3 is in ``auto_vacuum = INCREMENTAL`` mode, so the pages those frames freed go back to the file
+  system (beyond KEEP_FREE_BYTES kept for the next writes); an older file keeps them for its next writes.
 
 Frames arrive from training workers at thousands of steps per second, and the
 event loop that receives them must never wait on disk. :meth:`Store.append` only
@@ -66,8 +68,14 @@ TERMINAL_STATUSES = frozenset({"completed", "stopped", "failed", "interrupted"})
 MAX_BATCH_FRAMES: Final = 4096
 #: ...and stops collecting queued work after this long, for the same reason.
 MAX_BATCH_SECONDS: Final = 0.05
-#: While appends keep coming, the writer still drops one slice of an ended run's frames at least this often.
+#: While appends keep coming, the writer still drops one slice of an ended run's frames (or hands back one slice of
+#: free pages) at least this often.
 DROP_EVERY_S: Final = 0.25
+#: Free pages (those dropped frames left) beyond this much go back to the file system, RECLAIM_PAGES a transaction
+#: (``PRAGMA incremental_vacuum``; files made before schema 3 lack the auto_vacuum mode it needs and keep their free
+#: pages for later writes instead). What is kept is where the next runs' frames go without growing the file.
+KEEP_FREE_BYTES: Final = 16 << 20
+RECLAIM_PAGES: Final = 256
 _BUSY_TIMEOUT_MS: Final = 30_000
 _LOCKED_RETRIES: Final = 10
 #: 3: steps and times once per group of keys (metric_axes), and ended runs' metrics frames kept only in the
@@ -381,6 +389,9 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._runs_lock = threading.Lock()
         self._runs_conn = _connect(self.path)
+        if self._runs_conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+            # A new file: let it hand free pages back (see KEEP_FREE_BYTES). Only possible before its first table.
+            self._runs_conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         # journal_mode is a property of the file and persists; set it before any other connection exists.
         mode = self._runs_conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -424,7 +435,8 @@ class Store:
         self._small_chunks: dict[tuple[str, str], int] = {}
         # Ended runs whose metrics frames are still to be dropped (ms.drop_slice), in order; writer thread only.
         self._to_drop: dict[str, None] = {}
-        self._idle_waiters: list[_Idle] = []  # wait_dropped() callers, told once _to_drop is empty
+        self._idle_waiters: list[_Idle] = []  # wait_dropped() callers, told once no background work is left
+        self._reclaim = False  # free pages may be over KEEP_FREE_BYTES: hand them back
         self._last_drop = 0.0
         #: Told the id of every run whose row changed (created, updated, deleted, or its step advanced), after the
         #: change is committed, from whichever thread made it (app.changes.Changes.notify is thread-safe).
@@ -663,9 +675,10 @@ class Store:
         return done.wait(timeout)
 
     def wait_dropped(self, timeout: float = 60.0) -> bool:
-        """Block until everything appended before this call is committed and no ended run has metrics frames
-        left to drop (the writer's background work, see :meth:`update_run`); ``False`` on timeout. For tests and
-        benchmarks: nothing else needs the drop to have happened."""
+        """Block until everything appended before this call is committed, no ended run has metrics frames left
+        to drop and no free pages beyond KEEP_FREE_BYTES are left to hand back (the writer's background work, see
+        :meth:`update_run`); ``False`` on timeout. For tests and benchmarks: nothing else needs it to have
+        happened."""
         with self._state_lock:
             if self._closed:
                 return self._drained.wait(timeout)
@@ -783,18 +796,25 @@ class Store:
 
     def _writer_loop(self) -> None:
         while True:
-            batch, stop = self._collect(block=not self._to_drop)
+            batch, stop = self._collect(block=not self._background)
             self._process(batch)
             if stop:
                 return
-            # Dropping an ended run's frames is background work: a slice whenever nothing is queued, and while
-            # appends keep coming, still one every DROP_EVERY_S so that it ends some day.
-            if self._to_drop and (not batch or time.monotonic() - self._last_drop >= DROP_EVERY_S):
-                self._drop_one_slice()
-            if not self._to_drop and self._idle_waiters:
+            # Dropping an ended run's frames, then handing back the pages they freed, is background work: a slice
+            # whenever nothing is queued, and while appends keep coming, still one every DROP_EVERY_S.
+            if self._background and (not batch or time.monotonic() - self._last_drop >= DROP_EVERY_S):
+                if self._to_drop:
+                    self._drop_one_slice()
+                else:
+                    self._reclaim_slice()
+            if not self._background and self._idle_waiters:
                 for waiter in self._idle_waiters:
                     waiter.done.set()
                 self._idle_waiters.clear()
+
+    @property
+    def _background(self) -> bool:
+        return bool(self._to_drop) or self._reclaim
 
     def _collect(self, block: bool = True) -> tuple[list[_QueueItem], bool]:
         """Block for one item (or, with ``block`` false, take none if none is queued), then take whatever else is
@@ -859,6 +879,7 @@ class Store:
             return
         for (run_id,) in rows:
             self._to_drop[str(run_id)] = None
+        self._reclaim = True  # pages a previous server freed and did not hand back
 
     def _drop_one_slice(self) -> None:
         """One slice of the first queued run's drop (ms.drop_slice), in one write transaction."""
@@ -881,6 +902,26 @@ class Store:
             more = False
         if not more:
             self._to_drop.pop(run_id, None)
+            self._reclaim = True
+
+    def _reclaim_slice(self) -> None:
+        """Hand back to the file system up to RECLAIM_PAGES free pages beyond KEEP_FREE_BYTES, in one transaction."""
+        self._last_drop = time.monotonic()
+        conn = self._write_conn
+        try:
+            if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:  # not incremental: a file before schema 3
+                self._reclaim = False
+                return
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            spare = int(conn.execute("PRAGMA freelist_count").fetchone()[0]) - KEEP_FREE_BYTES // page
+            if spare <= 0:
+                self._reclaim = False
+                return
+            # executescript steps the pragma to the end (a plain execute frees one page); its own transaction.
+            conn.executescript(f"PRAGMA incremental_vacuum({min(spare, RECLAIM_PAGES)});")
+        except sqlite3.Error as exc:
+            logger.warning("store: could not hand free pages back: %s", exc)
+            self._reclaim = False
 
     def _store_appends(self, appends: list[_Append]) -> None:
         live = [item for item in appends if not self._refused(item)]

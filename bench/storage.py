@@ -215,10 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         print("backfill of the ended run, byte for byte: " + ("the same in both layouts" if len(digests) == 1
                                                               else "DIFFERENT"))
+    # "results": the headline, the new layout once the run has ended, per part (what bench.run_all reads);
+    # "layouts": every figure of both layouts, live and ended.
+    ended = results["after"]["ended"]
     payload: dict[str, Any] = {"meta": {**machine_info("cpu"), "steps": args.steps, "keys": args.keys,
                                         "frame_steps": args.frame_steps, "baseline_rev": args.baseline_rev},
-                               "scale": {"steps": SCALE_STEPS, "keys": SCALE_KEYS}, "results": results,
-                               "backfill_identical": len(digests) == 1}
+                               "scale": {"steps": SCALE_STEPS, "keys": SCALE_KEYS},
+                               "results": {part: ended[part] for part in (*PARTS, "total", "file")},
+                               "layouts": results, "backfill_identical": len(digests) == 1}
     write_json(args.json, payload)
     return 0 if len(digests) == 1 else 1
 

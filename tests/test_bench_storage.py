@@ -13,7 +13,9 @@ def test_storage_benchmark_reports_bytes_per_step_per_key_before_and_after(tmp_p
     out = tmp_path / "storage.json"
     assert storage.main(["--steps", "2000", "--keys", "6", "--frame-steps", "50", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
-    results = payload["results"]
+    assert payload["results"] == {part: payload["layouts"]["after"]["ended"][part]
+                                  for part in ("frames", "metric store", "total", "file")}  # what run_all reads
+    results = payload["layouts"]
     after = results["after"]
     for phase in ("live", "ended"):
         assert set(after[phase]) == {"frames", "metric store", "total", "free", "file"}

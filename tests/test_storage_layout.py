@@ -26,10 +26,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import metricstore as ms
+from app import store as store_module
 from app.main import create_app
 from app.settings import Settings
 from app.store import COMPACT_AFTER, RunRecord, Store
-from tests.live_server import TINY_GAN, LiveServer, config, wait_for, wait_status
+from tests.live_server import TINY_GAN, LiveServer, config, wait_for
 from trainer.telemetry import frame_to_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_frames_the_metric_store_cannot_give_back_keep_their_text(store: Store, 
         wire("r", 5, "metrics", step=[9, 9], time=[T0, T0], data={"a": [0.1, 0.2]}),  # a step twice
         ({"type": "metrics", "run": "r", "seq": 6, "step": [10], "time": [T0], "data": {"a": [0.3]}},
          json.dumps({"type": "metrics", "run": "r", "seq": 6, "step": [10], "time": [T0], "data": {"a": [0.3]}})),
-        metrics("r", 7, [11, 12], {"a": [0.7, 0.8], "b": [1.0, "x"]}),  # b is not numeric: not in the store
+        wire("r", 7, "metrics", step=[11, 12], time=[T0, T0], data={"a": [0.7, 0.8], "b": [1.0, "x"]}),  # b: text
         metrics("r", 8, [13, 14], {"a": [0.9, 1.0]}),  # and two frames with steps in common:
         metrics("r", 9, [14], {"a": [2.0]}),  # each would be rebuilt with the other's point
         wire("r", 10, "metrics", step=[15], data={"a": [3.0]}),  # no times: fine, dropped
@@ -252,6 +253,33 @@ def test_keys_logged_together_share_one_copy_of_steps_and_times(store: Store, db
     assert count(db, "SELECT COUNT(*) FROM metric_axes") * len(keys) == chunks  # one axis per chunk of all keys
     assert count(db, "SELECT SUM(length(steps) + length(times)) FROM metric_chunks") == 0
     assert chunks < COMPACT_AFTER * len(keys)
+
+
+def test_the_pages_an_ended_runs_frames_freed_go_back_to_the_file_system(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "KEEP_FREE_BYTES", 0)  # hand back every free page (a server keeps 16 MiB)
+    rng = np.random.default_rng(3)
+    store = Store(db)
+    store.start()
+    try:
+        store.insert_run(RunRecord(id="r", name="r", kind="gan", status="running", config={}, created_at=T0))
+        keys = [f"k{i}" for i in range(20)]
+        for seq in range(1, 201):
+            steps = list(range(32 * seq - 31, 32 * seq + 1))
+            store.append("r", [metrics("r", seq, steps, {k: rng.normal(size=32).tolist() for k in keys})])
+        assert store.wait_flushed()
+        conn = sqlite3.connect(db)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        text = int(conn.execute("SELECT SUM(pgsize) FROM dbstat WHERE name = 'frames'").fetchone()[0])
+        live = db.stat().st_size
+        store.update_run("r", status="completed")
+        assert store.wait_dropped()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert int(conn.execute("PRAGMA freelist_count").fetchone()[0]) == 0
+        conn.close()
+        assert live - db.stat().st_size >= 0.9 * text > 2 << 20
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------------- a crash while dropping
@@ -457,6 +485,11 @@ def _acked(ws: Any, seq: int) -> None:
         pass
 
 
+def _interrupted(client: TestClient, run_id: str) -> None:
+    wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["status"] == "interrupted", 30, 0.05,
+             what="the run to be interrupted")
+
+
 def _stream(client: TestClient, run_id: str, since: int, n: int) -> list[str]:
     """The raw texts of ``n`` frames of the run's websocket from ``since``."""
     with client.websocket_connect(f"ws://127.0.0.1:8000/ws/runs/{run_id}?since={since}") as ws:
@@ -479,7 +512,7 @@ def test_a_scripts_run_interrupted_resumed_and_ended_backfills_the_same_bytes(tm
     """Through the app (real store, manager, websockets): a script's run is interrupted (its frames dropped), comes
     back and logs steps it had logged before, ends. A client reading the run from seq 0 or from the middle gets the
     bytes it got while the run was live, at every stage."""
-    settings = Settings(data_dir=tmp_path, client_grace_s=0.3, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(data_dir=tmp_path, client_grace_s=0.3, _env_file=None)
     db = tmp_path / "gradwatch.db"
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         created = client.post("/api/client/runs", json={"name": "mine", "config": {}, "source": SOURCE}).json()
@@ -490,7 +523,7 @@ def test_a_scripts_run_interrupted_resumed_and_ended_backfills_the_same_bytes(tm
             ws.send_text(json.dumps({"type": "frames", "frames": first}))
             _acked(ws, len(first))
             live = _stream(client, run_id, 0, len(first))
-        wait_status(client, run_id, {"interrupted"}, 30)
+        _interrupted(client, run_id)
         wait_for(lambda: metrics_frames(db, run_id) == 0, 30, 0.05, what="the drop")
         total = len(first) + 1  # the server's "interrupted" frame
         after_drop = _stream(client, run_id, 0, total)
@@ -507,7 +540,7 @@ def test_a_scripts_run_interrupted_resumed_and_ended_backfills_the_same_bytes(tm
             _acked(ws, len(first) + len(again))
             resumed = _stream(client, run_id, 0, total + 1 + len(again))
         assert resumed[:total] == after_drop
-        wait_status(client, run_id, {"interrupted"}, 30)
+        _interrupted(client, run_id)
         # Its last metrics frame is the one before last (a hist frame ends what the script sent).
         wait_for(lambda: count(db, "SELECT COUNT(*) FROM frames_compacted WHERE run_id = ? AND through_seq >= ?",
                                run_id, total + len(again)), 30, 0.05, what="the second drop")
