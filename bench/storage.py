@@ -9,9 +9,10 @@ This writes one run of ``--steps`` × ``--keys`` through :meth:`app.store.Store.
 frames: ``--frame-steps`` steps a frame, the frame text as the worker encodes it
 (:func:`trainer.telemetry.frame_to_json`, full-precision floats), values from a drifting noisy curve per key. SQLite's
 own ``dbstat`` table then says how many bytes each table and index holds (pages in use; pages a dropped frame freed are
-reused by the next writes, so they are counted apart, as ``free``), twice: while the run is live, and after it has
-ended (its status set, the writer's drop finished). The same run is written with the store as it was before this
-layout (``git show REV:app/store.py``, schema 2), for the side-by-side figure; ``--baseline-rev ''`` skips that.
+reused by the next writes or handed back to the file system, so they are counted apart, as ``free``, and not scaled
+with the run), twice: while the run is live, and after it has ended (its status set, the writer's drop finished).
+The same run is written with the store as it was before this layout (``git show REV:app/store.py``, schema 2), for
+the side-by-side figure; ``--baseline-rev ''`` skips that.
 
 Also measured, both layouts: a full websocket backfill of the ended run read from the store as app.hub reads it
 (batches of 500 frames or 1 MiB), its MB/s, and whether the new layout gives back the very bytes the old one stored.
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                     per_value = sizes[part] / values
                     entry[part] = {"bytes": sizes[part], "bytes_per_step_per_key": round(per_value, 2),
                                    "scaled_bytes": round(per_value * SCALE_STEPS * SCALE_KEYS)}
+                # The free pages the store keeps (at most its KEEP_FREE_BYTES) do not grow with the run: the file
+                # scales as its pages in use, plus those as they are.
+                used = (sizes["file"] - sizes["free"]) / values
+                entry["file"]["scaled_bytes"] = round(used * SCALE_STEPS * SCALE_KEYS) + sizes["free"]
+                entry["free"]["scaled_bytes"] = sizes["free"]
                 total = (sizes["frames"] + sizes["metric store"]) / values
                 entry["total"] = {"bytes": sizes["frames"] + sizes["metric store"],
                                   "bytes_per_step_per_key": round(total, 2),
