@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.config import RunConfig
     from trainer.loop import RunOptions, make_trainer
+    from trainer.telemetry import flush_when_due
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     channel.on_control = trainer.control
     channel.on_stop = trainer.request_stop
+    # Telemetry leaves as soon as the channel has nothing in flight, batched while it has, and no later than
+    # flush_ms after its oldest step: checked by the training thread after each step, and by the channel thread
+    # (normal priority, while training runs at nice 10) whenever an acknowledgement comes or the deadline does.
+    trainer.buffer.idle = channel.idle
+    channel.on_wake = lambda: flush_when_due(trainer.buffer, trainer.emitter.emit)
     channel.on_backlog_full = lambda held: trainer.request_stop(error=(
         f"backlog: {held / 2**20:.0f} MiB of frames were never acknowledged (the server is unreachable or cannot "
         f"store them); the run stopped rather than fill this machine's memory, its final checkpoint in "

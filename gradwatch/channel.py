@@ -50,6 +50,9 @@ MAX_FRAME_BYTES = MAX_MESSAGE_BYTES - 4096
 MAX_BATCH_FRAMES = 512
 #: How long a finished run waits for the server to acknowledge its last frames.
 DRAIN_S = 30.0
+#: A folder here makes every channel record, per frame, when it was queued, sent and acknowledged (a file per run
+#: and process, JSON lines): how ``bench/freshness.py`` splits a step's latency into the worker's and the server's part.
+TRACE_ENV = "GRADWATCH_TRACE_FRAMES"
 
 
 class Outbox(Protocol):
@@ -221,6 +224,57 @@ def _too_large(frame: Frame, size: int) -> str:
                           "message": f"a {frame.get('type')} frame of {size:,} bytes was too large to send"})
 
 
+class FrameTrace:
+    """When each frame was queued, sent and acknowledged, on the wall clock its steps' ``time`` uses.
+
+    One JSON line per frame once the server acknowledges it: ``seq``, ``type``, ``steps`` (how many a
+    metrics frame carries), ``oldest`` and ``newest`` (their ``time``), ``queued`` (handed to the
+    channel), ``sent`` (written to the websocket, the first time) and ``acked`` (the acknowledgement,
+    which the server sends after its database commit, read). Off unless :data:`TRACE_ENV` names a folder;
+    the costs are then a dict entry per frame and a line written per acknowledged frame.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._open: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
+        self._fh: Any = None
+
+    @classmethod
+    def from_env(cls) -> FrameTrace | None:
+        folder = os.environ.get(TRACE_ENV)
+        return cls(Path(folder)) if folder else None
+
+    def queued(self, frame: Frame, now: float) -> None:
+        times = frame.get("time") if frame.get("type") == "metrics" else None
+        record: dict[str, Any] = {"run": frame.get("run"), "seq": frame["seq"], "type": frame.get("type"),
+                                  "steps": len(times) if times else 0, "oldest": min(times) if times else None,
+                                  "newest": max(times) if times else None, "queued": now, "sent": None}
+        self._open[int(frame["seq"])] = record
+
+    def sent(self, upto: int, now: float) -> None:
+        for seq, record in self._open.items():
+            if seq > upto:
+                break
+            if record["sent"] is None:
+                record["sent"] = now
+
+    def acked(self, upto: int, now: float) -> None:
+        while self._open:
+            seq, record = next(iter(self._open.items()))
+            if seq > upto:
+                break
+            del self._open[seq]
+            if self._fh is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.folder / f"{record['run']}-{os.getpid()}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._fh.write(json.dumps({**record, "acked": now}) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 Endpoint = Callable[[], tuple[str, str]]
 
 
@@ -246,6 +300,10 @@ class Channel:
         self.delete_acked_artifacts = delete_acked_artifacts
         self.on_control: Callable[[dict[str, Any]], object] = lambda changes: None
         self.on_stop: Callable[[], None] = lambda: None
+        # Called on the channel thread whenever it wakes while connected (a frame queued, an acknowledgement read,
+        # or the time it last asked for come): the producer may queue frames from here (a worker's telemetry flush,
+        # trainer.telemetry.flush_when_due) and returns the seconds after which to be called again (None: no wish).
+        self.on_wake: Callable[[], float | None] | None = None
         self.on_refused: Callable[[int], None] | None = None  # default: on_stop
         # A memory outbox holding more than max_backlog_bytes unacknowledged (the server is away, or cannot store
         # them) calls this once, with the bytes held: the run stops rather than grow without end.
@@ -260,6 +318,7 @@ class Channel:
         self._closing = False
         self._gave_up = False
         self._refused = False
+        self._trace = FrameTrace.from_env()
         self._thread = threading.Thread(target=self._run, name="gradwatch-channel", daemon=True)
 
     # -- producer side -----------------------------------------------------------
@@ -267,6 +326,8 @@ class Channel:
         """Queue a frame (memory outbox)."""
         text = frame_to_json(frame)
         with self._cond:
+            if self._trace is not None:
+                self._trace.queued(frame, time.time())
             self.outbox.append(frame, text)  # type: ignore[attr-defined]
             self._cond.notify_all()
             held = getattr(self.outbox, "bytes", 0)
@@ -295,6 +356,15 @@ class Channel:
         with self._cond:
             return self.outbox.last_seq() - self.acked
 
+    def idle(self) -> bool:
+        """Nothing in flight: connected, and every frame queued so far acknowledged by the server.
+
+        What a producer asks before sending a frame early (:class:`~trainer.telemetry.MetricBuffer`): at most one
+        batch is then on its way at a time, and frames grow while the server is slow to commit them. Asked once
+        per training step, so it reads two integers without the lock: a stale answer only moves a flush by a step.
+        """
+        return self.connected and self.outbox.last_seq() <= self.acked
+
     def close(self, drain_timeout_s: float = DRAIN_S) -> bool:
         """Wait until every frame is acknowledged (or time runs out); True if all were."""
         deadline = time.monotonic() + drain_timeout_s
@@ -309,6 +379,9 @@ class Channel:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        if self._trace is not None:
+            with self._cond:
+                self._trace.close()
         return drained
 
     # -- channel thread ---------------------------------------------------------
@@ -372,16 +445,29 @@ class Channel:
         receiver = threading.Thread(target=self._receive, args=(ws,), daemon=True)
         receiver.start()
         while receiver.is_alive():
+            wake_in = self._wake()  # outside the lock: the producer's frames come in through send_frame
             with self._cond:
-                while (self.outbox.last_seq() < self._send_from and not self._closing
-                       and receiver.is_alive()):
-                    self._cond.wait(0.1)
+                if self.outbox.last_seq() < self._send_from and not self._closing and receiver.is_alive():
+                    self._cond.wait(0.1 if wake_in is None else min(0.1, max(wake_in, 0.0005)))
                 if self._closing:
                     return
-                pending = self.outbox.read(self._send_from, MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
+                pending = (self.outbox.read(self._send_from, MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
+                           if self.outbox.last_seq() >= self._send_from else [])
             if pending:
                 self._send_pending(ws, pending)
         receiver.join()
+
+    def _wake(self) -> float | None:
+        hook = self.on_wake
+        if hook is None:
+            return None
+        try:
+            return hook()
+        except Exception:
+            # The producer's own thread still flushes on its deadline: log, and leave it to that.
+            log.exception("the channel's wake hook failed; it is not called again")
+            self.on_wake = None
+            return None
 
     def _send_pending(self, ws: ClientConnection, pending: list[tuple[Frame, str]]) -> None:
         batch: list[str] = []
@@ -395,6 +481,8 @@ class Channel:
                 with self._cond:
                     # By seq, not by count: acks may remove frames from the outbox meanwhile.
                     self._send_from = max(self._send_from, last + 1)
+                    if self._trace is not None:
+                        self._trace.sent(last, time.time())
                 batch, size = [], 0
 
         for frame, text in pending:
@@ -470,6 +558,8 @@ class Channel:
         """Forget frames up to ``seq``; their artifacts are on the server now."""
         with self._cond:
             done = self.outbox.release(seq, collect=self.delete_acked_artifacts) if seq > self.acked else []
+            if self._trace is not None and seq > self.acked:
+                self._trace.acked(seq, time.time())
             self.acked = max(self.acked, seq)
             self._cond.notify_all()
         if self.delete_acked_artifacts:

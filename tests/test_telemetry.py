@@ -57,10 +57,12 @@ def test_buffer_flushes_everything_in_order_with_one_table() -> None:
     assert buf.flush() == ([], [])
 
 
-def test_buffer_is_due_after_flush_ms() -> None:
-    buf = MetricBuffer(flush_steps=1000, flush_ms=1)
+def test_buffer_is_due_once_its_oldest_step_reaches_flush_ms() -> None:
+    buf = MetricBuffer(flush_steps=1000, flush_ms=1000)
     buf.append(1, _row(a=1.0))
-    buf._last_flush -= 1.0
+    assert not buf.due()
+    assert buf._oldest is not None
+    buf._oldest -= 1.0  # the oldest step has waited a second
     assert buf.due()
 
 

@@ -4,12 +4,13 @@ A ``.item()`` per metric per step would force a GPU→CPU sync every step and
 stall the training pipeline. Instead each logged step contributes a
 :class:`StepRow` (named segments of small device tensors, plus any Python
 floats kept on the host) to a :class:`MetricBuffer`, which reaches the host
-with a single ``torch.cat(...).cpu()`` when it is due: every ``flush_steps``
-buffered steps or every ``flush_ms`` milliseconds, whichever comes first. Rows
-may name different keys from step to step; the flush returns one group per
-key tuple, each one ``metrics`` frame. Checks that need host values
-(non-finite losses, gradient collapse) run at flush time on the copied
-numbers.
+with a single ``torch.cat(...).cpu()`` when it is due (:meth:`MetricBuffer.due`):
+at once when whoever takes the frames is idle (a worker's channel with nothing
+unacknowledged), else when its oldest step would otherwise wait more than
+``flush_ms``, or after ``flush_steps`` buffered steps. Rows may name different
+keys from step to step; the flush returns one group per key tuple, each one
+``metrics`` frame. Checks that need host values (non-finite losses, gradient
+collapse) run at flush time on the copied numbers.
 
 Frames follow SPEC §4: JSON objects with ``type``, ``run`` and a per-run
 ``seq`` that increases by one with every frame emitted.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,10 @@ MAX_FRAME_VALUES = 50_000
 HIST_KEYS = ("hist/real_logit", "hist/fake_logit")
 #: Fake samples per ``dldh`` frame: enough points to trace both curves, few enough to send every hist step.
 DLDH_SAMPLES = 64
+#: A flush made early, because the channel was idle, must follow the previous one by at least what a flush costs
+#: per buffered entry (the price of one more frame, measured) divided by this: the frames early flushes add take
+#: about this share of the training thread at most. A flush on the deadline is never held back.
+IDLE_FLUSH_SHARE = 0.01
 
 
 def frame_to_json(frame: Frame) -> str:
@@ -117,16 +123,22 @@ def logit_packet(real: Tensor, fake: Tensor) -> Tensor:
 
 @dataclass
 class FrameEmitter:
-    """Stamps frames with the run id and a gapless per-run sequence number."""
+    """Stamps frames with the run id and a gapless per-run sequence number.
+
+    Thread-safe: a worker's channel thread may flush metrics (:func:`flush_when_due`) while the training
+    thread emits a status or a sample; each frame reaches the sink in the order of its seq.
+    """
 
     run: str
     sink: FrameSink
     seq: int = 0
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def emit(self, frame_type: str, **fields: Any) -> Frame:
-        self.seq += 1
-        frame: Frame = {"type": frame_type, "run": self.run, "seq": self.seq, **fields}
-        self.sink(frame)
+        with self._lock:
+            self.seq += 1
+            frame: Frame = {"type": frame_type, "run": self.run, "seq": self.seq, **fields}
+            self.sink(frame)
         return frame
 
 
@@ -323,53 +335,142 @@ class MetricBuffer:
     steps. :meth:`flush` moves every buffered device value, histogram packets included, to the host
     with a single ``torch.cat(...).cpu()`` and returns one :class:`MetricGroup` per key tuple, in
     the order of each group's first row.
+
+    When to flush is :meth:`due`'s answer, asked by the training thread once per step. ``idle``
+    (optional) says whether the frames' consumer has nothing in flight: a worker's channel with every
+    frame acknowledged. Then a buffered step goes at once; while a frame is in flight, steps are batched
+    (Nagle's rule), until the oldest would wait more than ``flush_ms``: a deadline counted from the oldest
+    buffered step, not a period. The producer pays for a flush (a device→host copy, a GPU sync on CUDA,
+    and the frames' encoding), so an early flush must also follow the previous one by at least what a
+    flush costs per entry over :data:`IDLE_FLUSH_SHARE`.
+
+    A training thread starved of CPU (eight runs on two cores, at nice 10) checks after each of its
+    steps only, and a step can then take tens of milliseconds: another thread may keep the deadline and
+    take the acknowledgement's cue for it, through :func:`flush_when_due` (a worker's channel thread does).
+    Appends and flushes are therefore thread-safe, and the groups such a flush sends are handed back to
+    the training thread's next :func:`flush_to_frames` for their host-side checks (:meth:`due` says so).
     """
 
-    def __init__(self, flush_steps: int, flush_ms: int) -> None:
+    def __init__(self, flush_steps: int, flush_ms: int, *, idle: Callable[[], bool] | None = None) -> None:
         self.flush_steps = flush_steps
         self.flush_ms = flush_ms
+        #: Whether the frames' consumer has nothing in flight (None: never; flush on the deadline alone).
+        self.idle = idle
+        self._lock = threading.Lock()  # the buffered entries, between append and the swap in flush()
+        self._flush_lock = threading.RLock()  # one flush at a time: frames leave in the order of their steps
         self._groups: dict[RowPlan, _Pending] = {}
         self._hists: list[tuple[int, Tensor]] = []
         self._rows = 0
-        self._last_flush = time.monotonic()
+        #: ``time.monotonic()`` when the oldest buffered entry came (None: nothing buffered).
+        self._oldest: float | None = None
+        #: Groups another thread flushed and sent, whose host-side checks are still to run.
+        self._unchecked: list[MetricGroup] = []
+        self._last_flush = time.monotonic()  # when the last flush that took something ended
+        self._last_check = self._last_flush  # when due() was last asked: the gap is one step
+        self._step_s = 0.0  # the last gap between two due() calls, the length of the step to come
+        self._flushed = 0  # entries (rows and histograms) the last flush took
+        self._on_cuda = False  # whether they were on a CUDA device (the copy then waits for it)
+        self._cost_s = 0.0  # what the last flush cost its thread per entry, the frames' encoding included
 
     def append(self, step: int, row: StepRow) -> None:
         """Buffer one step's row (an empty row is nothing to report and is ignored)."""
         if row.empty:
             return
         plan = row.plan()
-        pending = self._groups.get(plan)
-        if pending is None:
-            pending = self._groups[plan] = _Pending(plan)
-        pending.steps.append(step)
-        pending.times.append(time.time())
-        pending.order.append(self._rows)
-        if plan.n_device:
-            device = row.device_values()
-            assert device is not None
-            pending.device.append(device)
-        if plan.n_host:
-            pending.host.append(row.host_values())
-        self._rows += 1
+        device = row.device_values() if plan.n_device else None
+        host = row.host_values() if plan.n_host else None
+        now = time.time()
+        with self._lock:
+            pending = self._groups.get(plan)
+            if pending is None:
+                pending = self._groups[plan] = _Pending(plan)
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            pending.steps.append(step)
+            pending.times.append(now)
+            pending.order.append(self._rows)
+            if device is not None:
+                pending.device.append(device)
+            if host is not None:
+                pending.host.append(host)
+            self._rows += 1
 
     def append_hist(self, step: int, packed: Tensor) -> None:
-        self._hists.append((step, packed.detach()))
+        packed = packed.detach()
+        with self._lock:
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            self._hists.append((step, packed))
 
     def due(self) -> bool:
-        if not self._rows and not self._hists:
+        """Whether the training thread should flush now; asked once per step, after the step's row is appended.
+
+        - when another thread's flush left groups to check;
+        - after ``flush_steps`` buffered steps;
+        - when the oldest buffered entry would pass ``flush_ms`` before the next call (one more step as long
+          as the last one): the deadline counts from that entry, not from the last flush;
+        - when ``idle()`` says nothing is in flight, unless the last flush ended too recently for what it cost.
+        """
+        now = time.monotonic()
+        step_s, self._step_s, self._last_check = self._step_s, now - self._last_check, now
+        if self._unchecked:
+            return True
+        oldest = self._oldest
+        if oldest is None:
             return False
         if self._rows >= self.flush_steps:
             return True
-        return (time.monotonic() - self._last_flush) * 1000.0 >= self.flush_ms
+        if (now - oldest + max(step_s, self._step_s)) * 1000.0 >= self.flush_ms:
+            return True
+        return self._early(now) == 0.0
+
+    def due_in(self) -> float:
+        """For a thread other than the training thread: seconds until a flush is due (0: now; inf: nothing buffered).
+
+        Due when the deadline has come, after ``flush_steps`` steps, or early as :meth:`due` says; else when the
+        deadline will come (an acknowledgement in the meantime is the caller's cue to ask again).
+        """
+        oldest = self._oldest
+        if oldest is None:
+            return math.inf
+        now = time.monotonic()
+        left = oldest + self.flush_ms / 1000.0 - now
+        if left <= 0 or self._rows >= self.flush_steps:
+            return 0.0
+        return min(left, self._early(now))
+
+    def _early(self, now: float) -> float:
+        """Seconds until an early flush may go: 0 when the consumer is idle and the last flush's cost allows one."""
+        idle = self.idle
+        if idle is None or not idle():
+            return math.inf
+        return max(0.0, self._last_flush + self._cost_s / IDLE_FLUSH_SHARE - now)
+
+    def cost(self, seconds: float) -> None:
+        """What the flush that just ended cost its thread, the frames' encoding included (:func:`flush_to_frames`).
+
+        Kept per entry: most of a large flush's cost is its values' encoding, which batching does not save, while
+        an early flush (a few entries) costs about one frame's worth, what flushing early adds.
+        """
+        self._cost_s = seconds / max(1, self._flushed)
+        self._last_flush = time.monotonic()
+
+    def take_unchecked(self) -> list[MetricGroup]:
+        """The groups another thread flushed since the last call, for the host-side checks."""
+        with self._lock:
+            groups, self._unchecked = self._unchecked, []
+        return groups
 
     def flush(self) -> tuple[list[MetricGroup], list[tuple[int, np.ndarray]]]:
         """Everything buffered, on the host, with one device→host copy: the groups, then the histogram packets."""
-        self._last_flush = time.monotonic()
-        pending, hists = list(self._groups.values()), self._hists
-        self._groups, self._hists, self._rows = {}, [], 0
+        with self._lock:
+            pending, hists = list(self._groups.values()), self._hists
+            self._flushed = self._rows + len(hists)
+            self._groups, self._hists, self._rows, self._oldest = {}, [], 0, None
         if not pending and not hists:
             return [], []
         tensors = [t for p in pending for t in p.device] + [h for _, h in hists]
+        self._on_cuda = any(t.is_cuda for t in tensors)
         flat = _to_host(tensors)
         offset = 0
         tables: list[tuple[_Pending, np.ndarray]] = []
@@ -426,25 +527,52 @@ def _merge(tables: list[tuple[_Pending, np.ndarray]]) -> list[MetricGroup]:
     return [group for _, group in sorted(groups, key=lambda g: g[0])]
 
 
-def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object]) -> list[MetricGroup]:
+def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object], *,
+                    defer_checks: bool = False) -> list[MetricGroup]:
     """Flush ``buffer`` (one device→host copy) into SPEC §4 frames through ``emit(type, **fields)``.
 
     One ``metrics`` frame per key group, then each histogram step's ``hist`` and ``dldh`` frames; returns
-    the groups for the host-side checks (alerts) that follow. Built-in runs and scripts flush alike.
+    the groups for the host-side checks (alerts) that follow, those of earlier flushes made by another
+    thread first. With ``defer_checks`` (that other thread) the groups are kept for the next call instead.
+    Built-in runs and scripts flush alike. What it took, the sink's encoding of the frames included, is the
+    buffer's measure of a flush's cost (see :meth:`MetricBuffer.due`).
     """
-    groups, hists = buffer.flush()
-    for group in groups:
-        # A long buffer (flush_steps up to 10,000) of many keys is cut into frames of bounded size: one frame
-        # must fit a websocket message of the channel (MAX_FRAME_VALUES values ≈ 1 MB of JSON at most).
-        rows = max(1, MAX_FRAME_VALUES // max(1, len(group.keys)))
-        for start in range(0, len(group.steps), rows):
-            end = start + rows
-            emit("metrics", **metrics_frame_fields(group.keys, group.steps[start:end], group.times[start:end],
-                                                   group.table[start:end]))
-    for step, packed in hists:
-        for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
-            emit(kind, **fields)
-    return groups
+    with buffer._flush_lock:
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        groups, hists = buffer.flush()
+        for group in groups:
+            # A long buffer (flush_steps up to 10,000) of many keys is cut into frames of bounded size: one frame
+            # must fit a websocket message of the channel (MAX_FRAME_VALUES values ≈ 1 MB of JSON at most).
+            rows = max(1, MAX_FRAME_VALUES // max(1, len(group.keys)))
+            for start in range(0, len(group.steps), rows):
+                end = start + rows
+                emit("metrics", **metrics_frame_fields(group.keys, group.steps[start:end], group.times[start:end],
+                                                       group.table[start:end]))
+        for step, packed in hists:
+            for kind, fields in logit_frames_fields(step, packed, HIST_KEYS):
+                emit(kind, **fields)
+        if groups or hists:
+            # On a CPU, the thread's CPU time: a thread preempted mid-flush (a loaded machine) paid nothing for that.
+            # On CUDA, the wall time: the copy waits for the device, a stall whether or not the thread spins.
+            buffer.cost(time.perf_counter() - began if buffer._on_cuda else time.thread_time() - began_cpu)
+        if defer_checks:
+            with buffer._lock:
+                buffer._unchecked.extend(groups)
+            return []
+    return buffer.take_unchecked() + groups
+
+
+def flush_when_due(buffer: MetricBuffer, emit: Callable[..., object]) -> float | None:
+    """Flush ``buffer`` from a thread other than the training thread if a flush is due (:meth:`MetricBuffer.due_in`).
+
+    Returns the seconds after which to ask again if nothing else happens (None: nothing is buffered). The
+    groups' host-side checks wait for the training thread's next flush, which :meth:`MetricBuffer.due` asks for.
+    """
+    wait = buffer.due_in()
+    if wait > 0:
+        return None if math.isinf(wait) else wait
+    flush_to_frames(buffer, emit, defer_checks=True)
+    return None
 
 
 def metrics_frame_fields(

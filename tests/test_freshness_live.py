@@ -1,0 +1,110 @@
+"""Freshness with the real thing (issue 15): telemetry leaves when the channel is idle, not on a period.
+
+A real ``gradwatch serve``, real worker processes and real websocket clients. Speed is the benchmark's
+business (bench/freshness.py); these check the behaviour: a worker sends its steps while it trains even
+when ``flush_ms`` is far away, every step arrives once and in order, and the channel's notion of "nothing
+in flight" is what the server acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradwatch.channel import Channel, MemoryOutbox
+from tests.live_server import TINY_GAN, LiveServer, config, read_frames, wait_for
+from trainer.loop import GAN_KEYS
+
+pytestmark = pytest.mark.xdist_group("live-server")
+
+
+def _ended(frames: list[dict[str, Any]]) -> bool:
+    return bool(frames) and frames[-1]["type"] == "status" and frames[-1]["status"] not in ("queued", "running")
+
+
+def test_a_worker_streams_its_steps_while_it_trains_with_the_deadline_far_away(server: LiveServer) -> None:
+    """flush_ms a minute and flush_steps beyond the run, no samples, checkpoints or evaluations before the end:
+    a flush on a period, or on a count, would send the run's metrics in one piece at its end. The worker's
+    channel is idle most of the time, so steps leave as they come (batched while a frame is in flight): many
+    metrics frames before the run ends, every step once, in order."""
+    steps = 1500
+    cfg = config(TINY_GAN, train__steps=steps, intervals__flush_ms=60_000, intervals__flush_steps=100_000,
+                 intervals__sample_every=1_000_000, intervals__checkpoint_every=1_000_000,
+                 intervals__eval_every=1_000_000, intervals__hist_every=1_000_000)
+    with server.client() as http:
+        run = http.post("/api/runs", json=cfg).json()
+    with server.stream(run["id"]) as ws:
+        frames = read_frames(ws, _ended)
+    assert _ended(frames) and frames[-1]["status"] == "completed", frames[-3:]
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    per_step = [f for f in frames if f["type"] == "metrics" and GAN_KEYS[0] in f["data"]]
+    assert [s for f in per_step for s in f["step"]] == list(range(1, steps + 1))
+    final_artifacts = next(i for i, f in enumerate(frames) if f["type"] in ("checkpoint", "sample"))
+    while_training = [f for f in per_step if frames.index(f) < final_artifacts]
+    # Sent while it trained, in many frames, not in one at the end (the run's final flush).
+    assert len(while_training) >= 10 and while_training[-1]["step"][-1] > steps // 2
+
+
+def test_the_channel_is_idle_only_when_the_server_has_acknowledged_everything(server: LiveServer) -> None:
+    """A script's channel to the real server: idle() never says so while a frame waits for its acknowledgement,
+    and says so once the server has committed everything; the wake hook runs on the channel thread when the
+    acknowledgement comes and when the time it asked for has come."""
+    with server.client() as http:
+        created = http.post("/api/client/runs", json={"name": "idle"}).json()
+    run_id, token = created["run"]["id"], created["token"]
+    url = server.url.replace("http://", "ws://", 1).rstrip("/") + created["channel"]
+    wakes: list[tuple[float, int]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        channel = Channel(lambda: (url, token), MemoryOutbox(), Path(tmp), orphan_timeout_s=None)
+
+        def on_wake() -> float:
+            wakes.append((time.monotonic(), channel.acked))
+            return 0.05  # call me again in 50 ms, traffic or not
+
+        channel.on_wake = on_wake
+        assert not channel.idle()  # not connected: frames could not go
+        channel.start()
+        try:
+            wait_for(channel.idle, what="the channel connected with nothing in flight")
+            before = len(wakes)
+            wait_for(lambda: len(wakes) >= before + 3, what="wake-ups on the timer alone")
+            for seq in range(1, 201):
+                channel.send_frame({"type": "metrics", "run": run_id, "seq": seq, "step": [seq],
+                                    "time": [time.time()], "data": {"x": [float(seq)]}})
+                if channel.idle():
+                    assert channel.acked >= seq  # idle means everything queued so far is acknowledged
+            wait_for(channel.idle, what="every frame acknowledged")
+            assert channel.acked == 200
+            assert any(acked > 0 for _, acked in wakes)  # woken after acknowledgements came
+        finally:
+            assert channel.close(drain_timeout_s=30)
+    with server.client() as http:
+        stored = http.get(f"/api/runs/{run_id}/metrics", params={"keys": "x", "max_points": 1000}).json()
+    assert stored["metrics"]["x"]["step"] == list(range(1, 201))
+
+
+def test_a_worker_leaves_a_trace_of_each_frames_way_when_asked(tmp_path: Path) -> None:
+    """GRADWATCH_TRACE_FRAMES (what bench/freshness.py reads): one line per acknowledged frame, with the times
+    at which it was queued, sent and acknowledged, in that order, and the span of its steps."""
+    trace = tmp_path / "trace"
+    srv = LiveServer(tmp_path / "data", env={"GRADWATCH_TRACE_FRAMES": str(trace)}).start()
+    try:
+        with srv.client() as http:
+            run = http.post("/api/runs", json=config(TINY_GAN, train__steps=300)).json()
+        with srv.stream(run["id"]) as ws:
+            frames = read_frames(ws, _ended)
+        assert _ended(frames)
+        srv.wait_workers_gone(60)
+    finally:
+        srv.stop()
+    records = [json.loads(line) for path in trace.glob(f"{run['id']}-*.jsonl") for line in path.open()]
+    assert sorted(r["seq"] for r in records) == [f["seq"] for f in frames]
+    for record in records:
+        assert record["queued"] <= record["sent"] <= record["acked"]
+        if record["type"] == "metrics":
+            assert record["steps"] >= 1 and record["oldest"] <= record["newest"] <= record["queued"]
