@@ -167,3 +167,46 @@ def test_collapse_detector_ignores_non_finite_values() -> None:
     det = CollapseDetector(ratio=0.5, patience=1, ref_steps=1)
     assert not det.update(math.nan)
     assert det.reference is None
+
+
+def _mean_and_max(x: torch.Tensor) -> torch.Tensor:
+    """A batched segment's reduction: (N, B) → (N, 2)."""
+    return torch.stack([x.mean(1), x.amax(1)], 1)
+
+
+def test_batched_segments_are_reduced_over_every_buffered_step_at_the_flush() -> None:
+    """A batched segment keeps its inputs and is reduced at the flush: the same values, in their key order,
+    as reducing each step on its own; a step whose inputs differ in shape (a last, smaller batch) included."""
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(8, generator=gen) for _ in range(5)] + [torch.randn(3, generator=gen)]
+    buf = MetricBuffer(flush_steps=100, flush_ms=60_000)
+    rows = []
+    for step, x in enumerate(batches, start=1):
+        row = StepRow()
+        row.add(("a",), x[:1] * 2)
+        row.add_batched(("mean", "max"), _mean_and_max, x)
+        row.add_scalar("lr", 0.5)
+        rows.append(row)
+        buf.append(step, row)
+    (group,), _ = buf.flush()
+    assert group.keys == ("a", "mean", "max", "lr")
+    assert group.steps == [1, 2, 3, 4, 5, 6]
+    for i, x in enumerate(batches):
+        assert group.table[i] == pytest.approx([2 * float(x[0]), float(x.mean()), float(x.max()), 0.5], rel=1e-6)
+        assert rows[i].values().tolist() == pytest.approx(group.table[i].tolist(), rel=1e-6)  # one step alone
+
+
+def test_rows_with_another_reduction_are_another_layout() -> None:
+    """The reduction names the layout: rows alike but for it are reduced apart, never with the other's function."""
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x.mean(1, keepdim=True)
+
+    buf = MetricBuffer(flush_steps=100, flush_ms=60_000)
+    for step, reduce in ((1, double), (2, _mean_and_max), (3, double)):
+        row = StepRow()
+        names = ("v",) if reduce is double else ("v", "w")
+        row.add_batched(names, reduce, torch.full((4,), float(step)))
+        buf.append(step, row)
+    groups, _ = buf.flush()
+    by_steps = {tuple(g.steps): g.table[:, 0].tolist() for g in groups}
+    assert by_steps == {(1, 3): [2.0, 6.0], (2,): [2.0]}

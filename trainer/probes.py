@@ -17,6 +17,7 @@ Nothing here waits for the device: every recorded value is a device tensor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, get_args
@@ -36,7 +37,7 @@ from trainer.losses import (
     gaussian_kl_mc_from_noise,
     gradient_penalty,
 )
-from trainer.telemetry import StepRow, grad_norms, logit_packet, total_norm
+from trainer.telemetry import Reducer, StepRow, grad_norms, logit_packet, total_norm
 
 #: The share of step time telemetry may take unless a run says otherwise (``intervals.telemetry_budget``).
 DEFAULT_TELEMETRY_BUDGET = 0.03
@@ -108,6 +109,46 @@ def _every(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
     return value
+
+
+# -- the always-on statistics, reduced at the flush over every buffered step (StepRow.add_batched) -------------
+def d_step_stats(h_real: Tensor, layers: Tensor) -> Tensor:
+    """(N, B) real logits and (N, L) per-tensor norms → ``grad/d_norm``, ``d/real_prob``, ``d/real_logit``."""
+    return torch.stack([torch.linalg.vector_norm(layers, dim=1), torch.sigmoid(h_real).mean(1), h_real.mean(1)], 1)
+
+
+@functools.cache
+def g_step_stats(width: int) -> Reducer:
+    """The reduction of a generator step's (N, B) fake logits, (N, B) applied weights ∂loss/∂h and (N, L) norms.
+
+    → ``d/fake_prob``, ``d/fake_logit``, ``grad/g_norm``, then, when the applied loss is one of the pair
+    (``width`` 5), its own ``dldh/<loss>`` and ``grad/g_norm_<loss>`` (the same norm). One function per width,
+    the same object every step, so that rows of one layout share one plan.
+    """
+    def reduce(h: Tensor, weight: Tensor, layers: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(layers, dim=1)
+        columns = [torch.sigmoid(h).mean(1), h.mean(1), norm]
+        if width == 5:
+            columns += [weight.abs().mean(1), norm]
+        return torch.stack(columns, 1)
+
+    return reduce
+
+
+def vae_step_stats(n_enc: int) -> Reducer:
+    """(N, 3) ``[−ELBO, recon, KL]``, (N, B, latent) μ and (N, P) per-tensor norms → :data:`VAE_STEP_KEYS`."""
+    return _vae_step_stats(n_enc)
+
+
+@functools.cache
+def _vae_step_stats(n_enc: int) -> Reducer:
+    def reduce(terms: Tensor, mu: Tensor, layers: Tensor) -> Tensor:
+        active = (mu.var(1) > ACTIVE_UNIT_THRESHOLD).sum(1).float()
+        enc = torch.linalg.vector_norm(layers[:, :n_enc], dim=1)
+        dec = torch.linalg.vector_norm(layers[:, n_enc:], dim=1)
+        return torch.stack([-terms[:, 0], terms[:, 1], terms[:, 2], active, enc, dec], 1)
+
+    return reduce
 
 
 def schedule_values(budget: TelemetryBudget) -> dict[str, float]:
@@ -243,7 +284,7 @@ class GanProbe(_Steps):
         self.budget = TelemetryBudget(telemetry_budget, {"shadow": self.log_every, "layers": self.log_every,
                                                          "hist": self.hist_every}, device)
         self._in_step = False  # a step has begun (its first backward call) and not yet completed
-        self._paired_keys: dict[str, tuple[str, ...]] = {}
+        self._g_stat_keys: dict[str, tuple[str, ...]] = {}
         self._layers_now: bool | None = None  # whether this step records the layer norms; None: not asked yet
 
     @property
@@ -305,11 +346,11 @@ class GanProbe(_Steps):
         self._h_real = h_real = h_real.detach()
         if log:
             with torch.no_grad(), self.budget.timed("core"):
-                # One fused norm call over D's gradient as it now stands (what opt_d.step() applies).
+                # One fused norm call over D's gradient as it now stands (what opt_d.step() applies); the global
+                # norm and the real batch's statistics are taken at the flush, for all buffered steps at once.
                 layers = grad_norms(_current_grads(self._d_params))
-                terms = torch.stack([loss_d, loss_real, loss_fake, total_norm(layers)])
-                real_stats = torch.stack([torch.sigmoid(h_real), h_real]).mean(1)
-                self._row.add(D_STEP_KEYS, torch.cat([terms, real_stats]))
+                self._row.add(D_STEP_KEYS[:3], torch.stack([loss_d, loss_real, loss_fake]))
+                self._row.add_batched(D_STEP_KEYS[3:], d_step_stats, h_real, layers)
             if self._layers():
                 with self.budget.timed("layers"):
                     self._row.add(self._d_layer_keys, layers)
@@ -371,27 +412,20 @@ class GanProbe(_Steps):
         """The always-on generator part of a logged row, in as few kernels as possible; returns the loss and norms.
 
         This runs on every logged step (every step by default), so each op counts: on a CPU a small op
-        costs a few microseconds of dispatch whatever its size. The per-tensor norms come from one fused
-        call, whose norm is the global one; ``dldh/<applied loss>`` reuses the weight the gradient was
-        scaled by. Mean |∂loss/∂h| per fake sample is the autograd derivative of the loss itself (SPEC: σ(h)
-        and 1 − σ(h)).
+        costs a few microseconds of dispatch whatever its size. Here: one fused norm call and the loss (the
+        caller's return value); the fake batch's statistics, the global norm and ``dldh/<applied loss>``
+        (the weight the gradient was scaled by: the autograd derivative of the loss itself, SPEC's σ(h) or
+        1 − σ(h)) are reduced at the flush for every buffered step at once (:func:`g_step_stats`).
         """
         layers = grad_norms(grads)
-        norm = total_norm(layers)
-        paired = self._g_loss in SHADOW_PAIR
-        per_sample = [g_loss_per_sample(self._g_loss, h), torch.sigmoid(h), h]
-        if paired:
-            per_sample.append(weight.abs())
-        means = torch.stack(per_sample).mean(1)
-        if paired:
-            keys = self._paired_keys.get(self._g_loss)
-            if keys is None:
-                keys = self._paired_keys[self._g_loss] = (
-                    *G_STEP_KEYS[:3], f"dldh/{self._g_loss}", "grad/g_norm", f"grad/g_norm_{self._g_loss}")
-            self._row.add(keys, torch.cat([means, norm.view(1), norm.view(1)]))
-        else:
-            self._row.add(G_STEP_KEYS, torch.cat([means, norm.view(1)]))
-        return means[0], layers
+        loss = g_loss_per_sample(self._g_loss, h).mean()
+        self._row.add(G_STEP_KEYS[:1], loss.view(1))
+        keys = self._g_stat_keys.get(self._g_loss)
+        if keys is None:
+            own = (f"dldh/{self._g_loss}", f"grad/g_norm_{self._g_loss}") if self._g_loss in SHADOW_PAIR else ()
+            keys = self._g_stat_keys[self._g_loss] = (*G_STEP_KEYS[1:], *own)
+        self._row.add_batched(keys, g_step_stats(len(keys)), h, weight, layers)
+        return loss, layers
 
     def _record_shadows(self, taker: LossGradients, shadows: list[GLoss]) -> None:
         """The shadow piece: each other loss's gradient norm and mean |∂loss/∂h| at the same parameters and batch."""
@@ -514,10 +548,11 @@ class VaeProbe(_Steps):
         """Every logged step: the ELBO's terms, the active units (the posterior-collapse alert reads them) and
         the applied gradient's norms; the ``latent`` piece, when the budget has room: ``kl/mc`` and ``kl/dim/*``."""
         with self.budget.timed("core"):
-            # Encoder then decoder tensors, one norm call; slices give the two totals.
+            # Encoder then decoder tensors, one norm call; the two totals, the active units and the ELBO's sign
+            # are taken at the flush, for every buffered step at once.
             layers = grad_norms(_current_grads(self._params))
-            enc, dec = total_norm(layers[: self._n_enc]), total_norm(layers[self._n_enc :])
-            self._row.add(VAE_STEP_KEYS, torch.stack([-loss, recon, kl, active_units(mu), enc, dec]))
+            self._row.add_batched(VAE_STEP_KEYS, vae_step_stats(self._n_enc), torch.stack([loss, recon, kl]),
+                                  mu, layers)
         if self.budget.wants("latent"):
             with self.budget.timed("latent"):
                 keys = self._kl_dim_keys.get(kl_dims.shape[0])

@@ -142,21 +142,43 @@ class FrameEmitter:
         return frame
 
 
+#: A batched segment's reduction: the segment's inputs of N steps, each stacked on a new first dimension, to an
+#: (N, names) tensor. Called once per flush for all buffered steps, or on one step's inputs (N = 1).
+Reducer = Callable[..., Tensor]
+
+#: Segment kinds of a :class:`RowPlan`: device values, a host float, device inputs reduced at the flush.
+DEVICE, HOST, BATCHED = 0, 1, 2
+
+
+class Batched(NamedTuple):
+    """A segment whose values are computed at the flush: ``reduce`` of ``inputs`` stacked over the buffered steps."""
+
+    reduce: Reducer
+    inputs: tuple[Tensor, ...]
+
+
 class RowPlan:
     """How the raw values of a row with one segment layout become its named columns.
 
-    Built once per layout (the names of its segments and which of them are host floats) and cached:
-    every logged step of a run has the same layout, so the per-step cost of naming is a dict lookup.
-    ``keys`` keeps each name once, at the place of the last segment that holds it ("the later one
-    wins"); ``device_src``/``device_dst`` and ``host_src``/``host_dst`` map raw columns (device
-    segments concatenated, host floats in order) onto ``keys``. ``identity`` marks the common layout
-    with neither host floats nor repeated names, whose raw device values already are the row.
+    Built once per layout (the names of its segments, their kinds — device, host float, batched — and the
+    batched segments' reductions) and cached: every logged step of a run has the same layout, so the
+    per-step cost of naming is a dict lookup. ``keys`` keeps each name once, at the place of the last
+    segment that holds it ("the later one wins"); ``device_src``/``device_dst`` and
+    ``host_src``/``host_dst`` map raw columns onto ``keys``: the device segments concatenated, then the
+    batched segments' reduced columns, and the host floats in order. ``identity`` marks a layout whose
+    raw device values already are the row.
     """
 
-    __slots__ = ("device_dst", "device_src", "host_dst", "host_src", "identity", "keys", "n_device", "n_host",
-                 "pieces")
+    __slots__ = ("device_dst", "device_src", "host_dst", "host_src", "identity", "keys", "n_batched", "n_device",
+                 "n_host", "n_plain", "pieces", "reducers")
 
-    def __init__(self, layout: tuple[tuple[str, ...], ...], on_host: tuple[bool, ...]) -> None:
+    def __init__(self, layout: tuple[tuple[str, ...], ...], kinds: tuple[int, ...],
+                 reducers: tuple[Reducer | None, ...] | None = None) -> None:
+        reducers = reducers if reducers is not None else (None,) * len(layout)
+        #: The batched segments' reductions, in segment order.
+        self.reducers: tuple[Reducer, ...] = tuple(r for r, kind in zip(reducers, kinds, strict=True)
+                                                   if kind == BATCHED and r is not None)
+        n_plain = sum(len(names) for names, kind in zip(layout, kinds, strict=True) if kind == DEVICE)
         last: dict[str, tuple[int, int]] = {}
         for i, names in enumerate(layout):
             for j, name in enumerate(names):
@@ -168,12 +190,14 @@ class RowPlan:
         host_dst: list[int] = []
         #: Per segment, the (start, stop) runs of its entries that survive, for :meth:`StepRow.values`.
         pieces: list[list[tuple[int, int]]] = []
-        n_device = n_host = 0
-        for i, (names, host) in enumerate(zip(layout, on_host, strict=True)):
+        n_plain_seen = n_batched = n_host = 0
+        for i, (names, kind) in enumerate(zip(layout, kinds, strict=True)):
+            host = kind == HOST
+            start = n_host if host else (n_plain_seen if kind == DEVICE else n_plain + n_batched)
             kept = [j for j, name in enumerate(names) if last[name] == (i, j)]
             for j in kept:
                 (host_dst if host else device_dst).append(len(keys))
-                (host_src if host else device_src).append((n_host if host else n_device) + j)
+                (host_src if host else device_src).append(start + j)
                 keys.append(names[j])
             runs: list[tuple[int, int]] = []
             for j in kept:
@@ -184,13 +208,18 @@ class RowPlan:
             pieces.append(runs)
             if host:
                 n_host += len(names)
+            elif kind == DEVICE:
+                n_plain_seen += len(names)
             else:
-                n_device += len(names)
+                n_batched += len(names)
         self.keys = tuple(keys)
-        self.n_device, self.n_host = n_device, n_host
+        self.n_plain, self.n_batched, self.n_host = n_plain, n_batched, n_host
+        self.n_device = n_plain + n_batched
         self.device_src, self.device_dst = np.array(device_src, dtype=np.intp), np.array(device_dst, dtype=np.intp)
         self.host_src, self.host_dst = np.array(host_src, dtype=np.intp), np.array(host_dst, dtype=np.intp)
-        self.identity = n_host == 0 and len(keys) == n_device
+        in_order = np.arange(len(keys))
+        self.identity = (n_host == 0 and len(keys) == self.n_device and np.array_equal(self.device_src, in_order)
+                         and np.array_equal(self.device_dst, in_order))
         self.pieces = pieces
 
     def assemble(self, device: np.ndarray, host: np.ndarray) -> np.ndarray:
@@ -206,8 +235,29 @@ class RowPlan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _row_plan(layout: tuple[tuple[str, ...], ...], on_host: tuple[bool, ...]) -> RowPlan:
-    return RowPlan(layout, on_host)
+def _row_plan(layout: tuple[tuple[str, ...], ...], kinds: tuple[int, ...],
+              reducers: tuple[Reducer | None, ...]) -> RowPlan:
+    return RowPlan(layout, kinds, reducers)
+
+
+def _kind(segment: Tensor | float | Batched) -> int:
+    if type(segment) is float:
+        return HOST
+    return BATCHED if isinstance(segment, Batched) else DEVICE
+
+
+def reduce_batched(segment: Batched, steps: list[tuple[Tensor, ...]] | None = None) -> Tensor:
+    """A batched segment's values for ``steps`` (each one step's inputs; default: the segment's own), (N, names).
+
+    Inputs of the same shape at every step are stacked and reduced in one go (a handful of kernels for the
+    whole buffer); a step whose inputs differ in shape (a script's last, smaller batch) is reduced on its own.
+    """
+    rows = steps if steps is not None else [segment.inputs]
+    first = rows[0]
+    if all(all(a.shape == b.shape for a, b in zip(row, first, strict=True)) for row in rows):
+        stacked = [torch.stack([row[i] for row in rows]) for i in range(len(first))]
+        return segment.reduce(*stacked).float()
+    return torch.cat([segment.reduce(*(t.unsqueeze(0) for t in row)).float() for row in rows])
 
 
 class StepRow:
@@ -221,12 +271,17 @@ class StepRow:
     segment of its own) and joins the device values only on the host at the flush, so logging one
     never launches a kernel or waits for the device. Adding the same names again replaces the
     earlier segment; a name present in two segments takes the later one's value.
+
+    A *batched* segment (:meth:`add_batched`) keeps the step's inputs (say a batch's logits) and a
+    reduction (their mean sigmoid, ...), and the buffer reduces the inputs of every buffered step
+    together at the flush: a probe's always-on statistics then cost a few kernels per flush instead of
+    a few per step. Its inputs are kept by reference until then, so they must not be changed in place.
     """
 
     __slots__ = ("_plan", "_segments")
 
     def __init__(self) -> None:
-        self._segments: dict[tuple[str, ...], Tensor | float] = {}
+        self._segments: dict[tuple[str, ...], Tensor | float | Batched] = {}
         self._plan: RowPlan | None = None
 
     def add(self, names: Sequence[str], values: Tensor) -> None:
@@ -245,7 +300,12 @@ class StepRow:
         else:
             self._put((name,), float(value))
 
-    def _put(self, names: tuple[str, ...], segment: Tensor | float) -> None:
+    def add_batched(self, names: Sequence[str], reduce: Reducer, *inputs: Tensor) -> None:
+        """A segment computed at the flush: ``reduce`` of the inputs of all buffered steps, stacked (see
+        :data:`Reducer`); ``reduce`` must be the same object at every step (it names the layout)."""
+        self._put(tuple(names), Batched(reduce, tuple(t.detach() for t in inputs)))
+
+    def _put(self, names: tuple[str, ...], segment: Tensor | float | Batched) -> None:
         segments = self._segments
         if names in segments:
             del segments[names]  # re-inserted last: it is now the later segment
@@ -260,7 +320,8 @@ class StepRow:
         """The cached :class:`RowPlan` of this row's layout (the same object for every row laid out alike)."""
         if self._plan is None:
             segments = self._segments
-            self._plan = _row_plan(tuple(segments), tuple(type(v) is float for v in segments.values()))
+            self._plan = _row_plan(tuple(segments), tuple(_kind(v) for v in segments.values()),
+                                   tuple(v.reduce if isinstance(v, Batched) else None for v in segments.values()))
         return self._plan
 
     def keys(self) -> tuple[str, ...]:
@@ -273,10 +334,11 @@ class StepRow:
         travels as a kernel argument, never as a host→device copy, so this does not synchronise.
         """
         plan = self.plan()
-        tensors = [v for v in self._segments.values() if isinstance(v, Tensor)]
+        segments = [reduce_batched(v)[0] if isinstance(v, Batched) else v for v in self._segments.values()]
+        tensors = [v for v in segments if isinstance(v, Tensor)]
         device = tensors[0].device if tensors else torch.device("cpu")
         parts: list[Tensor] = []
-        for segment, runs in zip(self._segments.values(), plan.pieces, strict=True):
+        for segment, runs in zip(segments, plan.pieces, strict=True):
             if not isinstance(segment, Tensor):
                 if runs:
                     parts.append(torch.full((1,), segment, dtype=torch.float32, device=device))
@@ -299,6 +361,10 @@ class StepRow:
             return None
         return torch.cat(tensors).float()
 
+    def batched_inputs(self) -> tuple[tuple[Tensor, ...], ...]:
+        """Each batched segment's inputs, in segment order."""
+        return tuple(v.inputs for v in self._segments.values() if isinstance(v, Batched))
+
     def host_values(self) -> tuple[float, ...]:
         """The raw host floats, in segment order."""
         return tuple(v for v in self._segments.values() if type(v) is float)
@@ -316,7 +382,7 @@ class MetricGroup(NamedTuple):
 class _Pending:
     """The rows of one layout waiting for a flush."""
 
-    __slots__ = ("device", "host", "order", "plan", "steps", "times")
+    __slots__ = ("batched", "device", "host", "order", "plan", "steps", "times")
 
     def __init__(self, plan: RowPlan) -> None:
         self.plan = plan
@@ -324,7 +390,22 @@ class _Pending:
         self.times: list[float] = []
         self.order: list[int] = []
         self.device: list[Tensor] = []
+        self.batched: list[tuple[tuple[Tensor, ...], ...]] = []
         self.host: list[tuple[float, ...]] = []
+
+    def device_table(self) -> Tensor:
+        """The rows' raw device values as one flat row-major (rows × ``n_device``) tensor: the device segments,
+        then every batched segment reduced over all the rows at once."""
+        n = len(self.steps)
+        columns: list[Tensor] = []
+        if self.plan.n_plain:
+            columns.append(torch.stack(self.device))
+        for i, reduce in enumerate(self.plan.reducers):
+            columns.append(reduce_batched(Batched(reduce, ()), [row[i] for row in self.batched]).reshape(n, -1))
+        if len(columns) > 1:
+            device = columns[-1].device
+            columns = [c.to(device) for c in columns]
+        return torch.cat(columns, dim=1).reshape(-1)
 
 
 class MetricBuffer:
@@ -377,7 +458,8 @@ class MetricBuffer:
         if row.empty:
             return
         plan = row.plan()
-        device = row.device_values() if plan.n_device else None
+        device = row.device_values() if plan.n_plain else None
+        batched = row.batched_inputs() if plan.n_batched else None
         host = row.host_values() if plan.n_host else None
         now = time.time()
         with self._lock:
@@ -391,6 +473,8 @@ class MetricBuffer:
             pending.order.append(self._rows)
             if device is not None:
                 pending.device.append(device)
+            if batched is not None:
+                pending.batched.append(batched)
             if host is not None:
                 pending.host.append(host)
             self._rows += 1
@@ -469,7 +553,8 @@ class MetricBuffer:
             self._groups, self._hists, self._rows, self._oldest = {}, [], 0, None
         if not pending and not hists:
             return [], []
-        tensors = [t for p in pending for t in p.device] + [h for _, h in hists]
+        tensors = [t for p in pending for t in (p.device if not p.plan.n_batched else [p.device_table()])]
+        tensors += [h for _, h in hists]
         self._on_cuda = any(t.is_cuda for t in tensors)
         flat = _to_host(tensors)
         offset = 0
