@@ -448,7 +448,7 @@ class Channel:
             wake_in = self._wake()  # outside the lock: the producer's frames come in through send_frame
             with self._cond:
                 if self.outbox.last_seq() < self._send_from and not self._closing and receiver.is_alive():
-                    self._cond.wait(0.1 if wake_in is None else min(0.1, max(wake_in, 0.0005)))
+                    self._cond.wait(0.1 if wake_in is None else min(0.1, max(wake_in, 0.0002)))
                 if self._closing:
                     return
                 pending = (self.outbox.read(self._send_from, MAX_BATCH_FRAMES, MAX_BATCH_BYTES)

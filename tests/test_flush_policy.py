@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import telemetry
 from trainer.telemetry import (
     FrameEmitter,
     MetricBuffer,
@@ -133,7 +134,7 @@ def test_another_thread_flushes_and_the_training_thread_runs_the_checks() -> Non
     buf = MetricBuffer(flush_steps=1000, flush_ms=LONG_MS, idle=lambda: True)
     buf.append(1, _row(1))
     buf.append(2, _row(2, "a", "b", "c"))  # another key set: a second group
-    assert flush_when_due(buf, emitter.emit) is None
+    flush_when_due(buf, emitter.emit)
     assert [(f["type"], f["seq"], f["step"]) for f in frames] == [("metrics", 1, [1]), ("metrics", 2, [2])]
     assert buf.due()  # the checks are owed
     groups = flush_to_frames(buf, emitter.emit)  # the training thread's flush: nothing new to send
@@ -141,21 +142,54 @@ def test_another_thread_flushes_and_the_training_thread_runs_the_checks() -> Non
     assert not buf.due() and buf.due_in() == float("inf")
 
 
-def test_off_thread_flushes_wait_while_a_frame_is_in_flight_and_name_the_deadline() -> None:
+def test_off_thread_flushes_wait_while_a_frame_is_in_flight_and_never_sleep_past_a_deadline() -> None:
+    """The other thread is not told when a step is appended: with nothing buffered it asks to be called again
+    within half of flush_ms, so it finds any new step with at least half its time left; with a step buffered,
+    by that step's deadline."""
     consumer = Consumer()
     consumer.in_flight = True
     frames: list[dict[str, Any]] = []
+    emit = FrameEmitter("r", frames.append).emit
     buf = MetricBuffer(flush_steps=1000, flush_ms=5000, idle=consumer.idle)
-    assert flush_when_due(buf, FrameEmitter("r", frames.append).emit) is None  # nothing buffered: no wish
+    assert flush_when_due(buf, emit) == 2.5  # nothing buffered
     buf.append(1, _row(1))
-    wait = flush_when_due(buf, FrameEmitter("r", frames.append).emit)
-    assert wait is not None and 0 < wait <= 5.0 and not frames  # ask again by the deadline
+    assert buf._oldest is not None
+    buf._oldest -= 4.0  # 1 s left
+    assert 0 < flush_when_due(buf, emit) <= 1.0 and not frames  # in flight: wait, at most until the deadline
+    buf._oldest -= 1.0
+    assert flush_when_due(buf, emit) == 2.5 and len(frames) == 1  # the deadline: flushed, however busy
 
 
-def test_concurrent_appends_and_flushes_lose_duplicate_and_reorder_nothing() -> None:
+def test_early_flushes_stop_while_the_training_thread_waits_for_a_cpu() -> None:
+    """On an oversubscribed machine a frame's cost comes out of training: while the thread that appends got under
+    UNCONTENDED_CPU_SHARE of the wall time on a CPU between two flushes, steps wait for the deadline."""
+    buf = MetricBuffer(flush_steps=1000, flush_ms=LONG_MS, idle=lambda: True)
+    buf.append(1, _row(1))
+    assert buf.due()
+    flush_to_frames(buf, lambda kind, **fields: None)  # the first reading of the thread's CPU clock
+    assert buf._cpu_at is not None
+    cpu, wall = buf._cpu_at
+    buf._cpu_at = (cpu, wall - 10.0)  # as if 10 s had passed since, with hardly any CPU for the thread
+    buf.cost(0.0)
+    buf.append(2, _row(2))
+    assert not buf.due() and buf.due_in() > 0  # idle, but contended: no early flush
+    assert buf._oldest is not None
+    buf._oldest -= LONG_MS  # the deadline still holds
+    assert buf.due() and buf.due_in() == 0.0
+    flush_to_frames(buf, lambda kind, **fields: None)
+    assert buf._cpu_at is not None
+    cpu, wall = buf._cpu_at
+    buf._cpu_at = (cpu - 0.5, wall - 0.5)  # the last half second, all of it on a CPU: free again
+    buf.cost(0.0)
+    buf.append(3, _row(3))
+    assert buf.due()
+
+
+def test_concurrent_appends_and_flushes_lose_duplicate_and_reorder_nothing(monkeypatch: Any) -> None:
     """A training thread appends rows (two layouts) and histograms and flushes when due, while another thread
     flushes whenever it may, the consumer flipping between busy and idle: every step arrives once, with its
     values, steps in order within each key set, and the seqs the sink sees are 1, 2, 3, ..."""
+    monkeypatch.setattr(telemetry, "UNCONTENDED_CPU_SHARE", 0.0)  # this thread sleeps on purpose: never contended
     rng = random.Random(15)
     gen = torch.Generator().manual_seed(15)
     n_steps = 2000

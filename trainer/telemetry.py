@@ -46,7 +46,11 @@ DLDH_SAMPLES = 64
 #: A flush made early, because the channel was idle, must follow the previous one by at least what a flush costs
 #: per buffered entry (the price of one more frame, measured) divided by this: the frames early flushes add take
 #: about this share of the training thread at most. A flush on the deadline is never held back.
-IDLE_FLUSH_SHARE = 0.01
+IDLE_FLUSH_SHARE = 0.002
+#: Early flushes only while the training thread gets at least this share of the wall time on a CPU: below it the
+#: machine is oversubscribed (eight runs on two cores), a frame's cost (mostly the server's: storing it, fanning
+#: it out) comes out of training, and steps wait for the deadline instead.
+UNCONTENDED_CPU_SHARE = 0.8
 
 
 def frame_to_json(frame: Frame) -> str:
@@ -423,7 +427,9 @@ class MetricBuffer:
     (Nagle's rule), until the oldest would wait more than ``flush_ms``: a deadline counted from the oldest
     buffered step, not a period. The producer pays for a flush (a device→host copy, a GPU sync on CUDA,
     and the frames' encoding), so an early flush must also follow the previous one by at least what a
-    flush costs per entry over :data:`IDLE_FLUSH_SHARE`.
+    flush costs per entry over :data:`IDLE_FLUSH_SHARE`, and only while the training thread has a CPU when it
+    wants one (:data:`UNCONTENDED_CPU_SHARE`, its CPU time over the wall time between two flushes, read at
+    the flush): on an oversubscribed machine a frame's cost comes out of training, and the deadline rules.
 
     A training thread starved of CPU (eight runs on two cores, at nice 10) checks after each of its
     steps only, and a step can then take tens of milliseconds: another thread may keep the deadline and
@@ -450,6 +456,9 @@ class MetricBuffer:
         self._last_check = self._last_flush  # when due() was last asked: the gap is one step
         self._step_s = 0.0  # the last gap between two due() calls, the length of the step to come
         self._flushed = 0  # entries (rows and histograms) the last flush took
+        self._producer: int | None = None  # the thread that appends (threading.get_ident()), found at its first
+        self._cpu_at: tuple[float, float] | None = None  # its CPU time and the wall time at the last flush
+        self._contended = False  # whether it got under UNCONTENDED_CPU_SHARE of a CPU between the last two flushes
         self._on_cuda = False  # whether they were on a CUDA device (the copy then waits for it)
         self._cost_s = 0.0  # what the last flush cost its thread per entry, the frames' encoding included
 
@@ -462,6 +471,8 @@ class MetricBuffer:
         batched = row.batched_inputs() if plan.n_batched else None
         host = row.host_values() if plan.n_host else None
         now = time.time()
+        if self._producer is None:
+            self._producer = threading.get_ident()
         with self._lock:
             pending = self._groups.get(plan)
             if pending is None:
@@ -524,11 +535,31 @@ class MetricBuffer:
         return min(left, self._early(now))
 
     def _early(self, now: float) -> float:
-        """Seconds until an early flush may go: 0 when the consumer is idle and the last flush's cost allows one."""
+        """Seconds until an early flush may go: 0 when the consumer is idle, the CPU not contended and the last
+        flush's cost allows one."""
         idle = self.idle
-        if idle is None or not idle():
+        if idle is None or self._contended or not idle():
             return math.inf
         return max(0.0, self._last_flush + self._cost_s / IDLE_FLUSH_SHARE - now)
+
+    def _measure_contention(self) -> None:
+        """The producer's CPU time over the wall time since the last flush: under UNCONTENDED_CPU_SHARE, contended.
+
+        Read at a flush, on whichever thread makes it (Linux and most Unixes: ``pthread_getcpuclockid``); where a
+        thread's CPU clock cannot be read, the CPU counts as free.
+        """
+        producer = self._producer
+        if producer is None or not hasattr(time, "pthread_getcpuclockid"):
+            return
+        try:
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(producer))
+        except (OSError, OverflowError):  # the thread has ended
+            self._contended, self._cpu_at = False, None
+            return
+        wall = time.perf_counter()
+        if self._cpu_at is not None and wall > self._cpu_at[1]:
+            self._contended = (cpu - self._cpu_at[0]) / (wall - self._cpu_at[1]) < UNCONTENDED_CPU_SHARE
+        self._cpu_at = (cpu, wall)
 
     def cost(self, seconds: float) -> None:
         """What the flush that just ended cost its thread, the frames' encoding included (:func:`flush_to_frames`).
@@ -538,6 +569,8 @@ class MetricBuffer:
         """
         self._cost_s = seconds / max(1, self._flushed)
         self._last_flush = time.monotonic()
+        if self.idle is not None:
+            self._measure_contention()
 
     def take_unchecked(self) -> list[MetricGroup]:
         """The groups another thread flushed since the last call, for the host-side checks."""
@@ -647,17 +680,19 @@ def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object], *,
     return buffer.take_unchecked() + groups
 
 
-def flush_when_due(buffer: MetricBuffer, emit: Callable[..., object]) -> float | None:
+def flush_when_due(buffer: MetricBuffer, emit: Callable[..., object]) -> float:
     """Flush ``buffer`` from a thread other than the training thread if a flush is due (:meth:`MetricBuffer.due_in`).
 
-    Returns the seconds after which to ask again if nothing else happens (None: nothing is buffered). The
-    groups' host-side checks wait for the training thread's next flush, which :meth:`MetricBuffer.due` asks for.
+    Returns the seconds after which to ask again if nothing else happens: until the deadline of what is buffered,
+    or, with nothing buffered, half of ``flush_ms`` (a step appended meanwhile does not call this thread, so it is
+    found with at least half its time left, and the next answer is its exact deadline). The groups' host-side
+    checks wait for the training thread's next flush, which :meth:`MetricBuffer.due` asks for.
     """
     wait = buffer.due_in()
     if wait > 0:
-        return None if math.isinf(wait) else wait
+        return min(wait, buffer.flush_ms / 2000.0)
     flush_to_frames(buffer, emit, defer_checks=True)
-    return None
+    return buffer.flush_ms / 2000.0
 
 
 def metrics_frame_fields(
