@@ -94,7 +94,7 @@ def summary_rows(names: list[str]) -> list[list[str]]:
             if cell["workers"] != "as launched":
                 label += f", {cell['workers']}"
             p99 = cell["per_step_ms"]["p99"]
-            rows.append(["freshness", f"{label}: p99 per step", _fmt(p99, " ms"), "≤ 100 ms",
+            rows.append(["freshness", f"{label}: p99 per step", _fmt(p99, " ms"), "≤ 50 ms",
                          "yes" if p99 is not None and p99 <= d["target_p99_ms"] else "NO"])
         tb = d.get("tensorboard", {})
         if tb.get("available"):

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bench import freshness
+from trainer.config import RunConfig
 
 
 def test_worst_by_setup_counts_one_run_cells_for_the_launch_before_the_fix_only() -> None:
@@ -93,7 +94,7 @@ def test_freshness_runs_end_to_end_and_writes_its_json(tmp_path: Path) -> None:
     assert by["flushed"]["p50"] <= by["sent"]["p50"] <= by["acked"]["p50"]
     assert payload["tensorboard"] == {"available": False, "reason": "--no-peers"}
     assert payload["trackio"] == {"available": False, "reason": "--no-peers"}
-    assert payload["meta"]["config"]["intervals"]["flush_ms"] == 50
+    assert payload["meta"]["config"]["intervals"]["flush_ms"] == RunConfig().intervals.flush_ms == 25
 
 
 def test_every_variant_is_measured_on_workers_that_run_as_named(tmp_path: Path) -> None:
