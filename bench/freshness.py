@@ -487,6 +487,16 @@ def tb_writer(log_dir: Path, keys: list[str], rate: float, seconds: float) -> in
     return 0
 
 
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a peer's dashboard process: politely, then for good."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def tensorboard_cell(args: argparse.Namespace, keys: list[str], rate: float) -> dict[str, Any]:
     """TensorBoard serving what a writer process logs, polled over HTTP; latencies as for gradwatch."""
     exe = Path(sys.executable).parent / "tensorboard"
@@ -553,12 +563,7 @@ def tensorboard_cell(args: argparse.Namespace, keys: list[str], rate: float) -> 
                     writer.wait(30)
                 if writer.poll() is None:
                     writer.kill()
-            tb.terminate()
-            try:
-                tb.wait(10)
-            except subprocess.TimeoutExpired:
-                tb.kill()
-                tb.wait(5)
+            _end(tb)
     return {"available": True, "reason": None, "reload_interval_s": args.tb_reload, "poll_ms": args.tb_poll_ms,
             "steps_per_s": rate, "keys": len(keys), "polls": polls, "tag": tag,
             "per_step_ms": percentiles(per_step), "per_poll_ms": percentiles(per_poll)}
@@ -672,12 +677,7 @@ def trackio_cell(args: argparse.Namespace, keys: list[str], rate: float) -> dict
         finally:
             if writer is not None and writer.poll() is None:
                 writer.kill()
-            dashboard.terminate()
-            try:
-                dashboard.wait(10)
-            except subprocess.TimeoutExpired:
-                dashboard.kill()
-                dashboard.wait(5)
+            _end(dashboard)
         if not times_path.exists():
             return {"available": False, "reason": "the trackio writer did not finish"}
         written = {int(step): t for step, t in json.loads(times_path.read_text()).items()}

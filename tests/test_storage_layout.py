@@ -31,6 +31,7 @@ from app.main import create_app
 from app.settings import Settings
 from app.store import COMPACT_AFTER, RunRecord, Store
 from tests.live_server import TINY_GAN, LiveServer, config, wait_for
+from tests.test_store import raw_count as count
 from trainer.telemetry import frame_to_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +48,6 @@ def wire(run: str, seq: int, kind: str, **fields: Any) -> Frame:
 
 def metrics(run: str, seq: int, steps: list[int], data: dict[str, list[float | None]]) -> Frame:
     return wire(run, seq, "metrics", step=steps, time=[round(T0 + s / 100, 6) for s in steps], data=data)
-
-
-def count(path: Path, sql: str, *params: Any) -> int:
-    """Through a connection of our own: what another process sees."""
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute(sql, params).fetchone()[0])
-    finally:
-        conn.close()
 
 
 def metrics_frames(path: Path, run: str) -> int:
