@@ -136,11 +136,20 @@ def summary_rows(names: list[str]) -> list[list[str]]:
                          f"< {d['target_ms']:.0f} ms", "yes" if r["p95_ms"] < d["target_ms"] else "NO"])
     if "storage" in names and (d := _load("storage")) is not None:
         scale = d["scale"]
+        size = f"{scale['steps']:,} steps × {scale['keys']} keys"
         for part, r in d["results"].items():
-            size = f"{scale['steps']:,} steps × {scale['keys']} keys"
             rows.append(["storage", f"{part}: bytes per step per key (→ {size})",
                          f"{r['bytes_per_step_per_key']:.1f} B (→ {r['scaled_bytes'] / 2**30:.2f} GiB)",
                          "(issue 15: file ≤ ¼ of today's)", "—"])
+        # Before and after side by side, both measured in this run: the old store (its file from git) and the new.
+        before = next((v["ended"]["total"] for k, v in d.get("layouts", {}).items() if k.startswith("before")), None)
+        after = d["results"].get("total")
+        if before is not None and after is not None:
+            share = after["bytes_per_step_per_key"] / before["bytes_per_step_per_key"]
+            rows.append(["storage", f"ended run, before → after: bytes per step per key (→ {size})",
+                         f"{before['bytes_per_step_per_key']:.1f} → {after['bytes_per_step_per_key']:.1f} B "
+                         f"({before['scaled_bytes'] / 2**30:.2f} → {after['scaled_bytes'] / 2**30:.2f} GiB)",
+                         "≤ ¼ of before", "yes" if share <= 0.25 else "NO"])
     return rows
 
 

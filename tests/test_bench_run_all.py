@@ -32,7 +32,9 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
         "http": {"first page": {"p95_ms": 8.7}, "search, none": {"p95_ms": 130.2}}}))
     (tmp_path / "storage.json").write_text(json.dumps({
         "scale": {"steps": 1_000_000, "keys": 60},
-        "results": {"file": {"bytes_per_step_per_key": 44.84, "scaled_bytes": 2_690_000_000}}}))
+        "results": {"total": {"bytes_per_step_per_key": 9.36, "scaled_bytes": 561_600_000}},
+        "layouts": {"before (866cb2a)": {"ended": {"total": {"bytes_per_step_per_key": 44.84,
+                                                             "scaled_bytes": 2_690_400_000}}}}}))
     rows = run_all.summary_rows(["overhead", "history", "browser", "throughput", "submit",  # no throughput.json
                                  "runs_table", "storage"])
     assert rows == [
@@ -47,8 +49,10 @@ def test_summary_reads_each_benchmarks_json_and_judges_the_target(tmp_path: Path
         ["submit", "64-run sweep, 1,280 queued / none queued", "1.10×", "≤ 2×", "yes"],
         ["runs_table", "10,000 runs, GET /ui/runs-table first page: p95", "8.7 ms", "< 100 ms", "yes"],
         ["runs_table", "10,000 runs, GET /ui/runs-table search, none: p95", "130.2 ms", "< 100 ms", "NO"],
-        ["storage", "file: bytes per step per key (→ 1,000,000 steps × 60 keys)", "44.8 B (→ 2.51 GiB)",
+        ["storage", "total: bytes per step per key (→ 1,000,000 steps × 60 keys)", "9.4 B (→ 0.52 GiB)",
          "(issue 15: file ≤ ¼ of today's)", "—"],
+        ["storage", "ended run, before → after: bytes per step per key (→ 1,000,000 steps × 60 keys)",
+         "44.8 → 9.4 B (2.51 → 0.52 GiB)", "≤ ¼ of before", "yes"],
     ]
 
 
