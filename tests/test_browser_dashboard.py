@@ -158,12 +158,15 @@ def test_twin_preset_from_the_form_opens_compare_where_only_the_saturating_run_c
         assert chip_nonsat.get_attribute("data-kind") is None and chip_nonsat.is_hidden()
         assert api_get(server, f"/api/runs/{nonsat}")["last_alert"] is None
 
-        # The saturating run's shadow (what non_saturating would give) dwarfs its collapsed applied norm.
+        # The saturating run's shadow (what non_saturating would give) dwarfs its collapsed applied norm. The
+        # default telemetry budget samples the shadow: compare it with the applied norm at the steps it was taken.
         applied = trace(page, "gnorm", f"{sat}:applied")
         shadow = trace(page, "gnorm", f"{sat}:shadow")
         assert applied is not None and shadow is not None
-        ratios = [s / a for a, s in zip(applied["y"][-200:], shadow["y"][-200:], strict=True) if a and s]
-        assert len(ratios) > 100 and statistics.median(ratios) > 100, statistics.median(ratios)
+        applied_at = dict(zip(applied["x"], applied["y"], strict=True))
+        ratios = [s / applied_at[x] for x, s in zip(shadow["x"], shadow["y"], strict=True)
+                  if x > 1000 and applied_at.get(x) and s]
+        assert len(ratios) >= 3 and statistics.median(ratios) > 100, ratios
         # Both streams were closed by the server once their runs ended.
         page.locator("#conn").filter(has_text="ended").wait_for(timeout=30_000)
 
@@ -373,7 +376,9 @@ def test_the_downloads_list_catches_up_with_a_runs_final_artifacts(
 
 def test_reload_mid_run_restores_every_step_with_no_gap(chromium_browser: Browser, server: LiveServer) -> None:
     # 2000 logged steps stay within the page's 2000-point history limit: no downsampling may excuse a gap.
-    run_id = launch(server, config(TINY_GAN, train__steps=2000))
+    # A wider model and a larger batch make each step ~15–30 ms instead of TINY_GAN's ~3: the run must outlast a
+    # reload and 300 more live steps however fast the worker's telemetry is.
+    run_id = launch(server, config(TINY_GAN, train__steps=2000, model__width=512, train__batch_size=512))
     try:
         with new_page(chromium_browser, server.url) as page:
             seen = watch(page)

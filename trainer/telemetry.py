@@ -626,23 +626,46 @@ def _to_host(tensors: list[Tensor]) -> np.ndarray:
 
 
 def _merge(tables: list[tuple[_Pending, np.ndarray]]) -> list[MetricGroup]:
-    """One group per key tuple, rows in arrival order; layouts that name the same keys are merged."""
-    by_keys: dict[tuple[str, ...], list[tuple[_Pending, np.ndarray]]] = {}
-    for p, table in tables:
-        by_keys.setdefault(p.plan.keys, []).append((p, table))
-    groups = []
-    for keys, parts in by_keys.items():
-        if len(parts) == 1:
-            p, table = parts[0]
-            groups.append((p.order[0], MetricGroup(keys, p.steps, p.times, table)))
-            continue
-        order = np.concatenate([np.array(p.order) for p, _ in parts])
-        at = np.argsort(order, kind="stable")
-        steps = [s for p, _ in parts for s in p.steps]
-        times = [t for p, _ in parts for t in p.times]
-        table = np.concatenate([t.astype(np.float64) for _, t in parts])[at]
-        groups.append((int(order[at[0]]), MetricGroup(keys, [steps[i] for i in at], [times[i] for i in at], table)))
-    return [group for _, group in sorted(groups, key=lambda g: g[0])]
+    """One group per key tuple, rows in arrival order; layouts that name the same keys are merged.
+
+    Unless two key tuples share a key and their rows interleave in time (a sampled piece every few steps
+    beside the always-on keys): one group per tuple would then send that key's steps out of order across
+    frames (steps 1–14 and 16–20 in one frame, 15 in the next), and a consumer that appends a key's points
+    in step order would drop the late ones. The rows are then cut into runs of consecutive rows with one key
+    tuple, so every key's steps go out in increasing order.
+    """
+    by_keys: dict[tuple[str, ...], list[int]] = {}
+    for k, (p, _) in enumerate(tables):
+        by_keys.setdefault(p.plan.keys, []).append(k)
+    spans = {keys: (min(tables[k][0].order[0] for k in ks), max(tables[k][0].order[-1] for k in ks))
+             for keys, ks in by_keys.items()}
+    listed = list(spans)
+    interleaved = any(set(a) & set(b) and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+                      for i, a in enumerate(listed) for b in listed[i + 1:])
+    rows = sorted((order, k, i) for k, (p, _) in enumerate(tables) for i, order in enumerate(p.order))
+    runs: list[list[tuple[int, int]]] = []
+    if interleaved:
+        for _, k, i in rows:
+            if not runs or tables[runs[-1][-1][0]][0].plan.keys != tables[k][0].plan.keys:
+                runs.append([])
+            runs[-1].append((k, i))
+    else:
+        first: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+        for _, k, i in rows:
+            first.setdefault(tables[k][0].plan.keys, []).append((k, i))
+        runs = list(first.values())
+    if len(runs) == 1 and len(tables) == 1:
+        p, table = tables[0]
+        return [MetricGroup(p.plan.keys, p.steps, p.times, table)]
+    return [_group(tables, run) for run in runs]
+
+
+def _group(tables: list[tuple[_Pending, np.ndarray]], run: list[tuple[int, int]]) -> MetricGroup:
+    keys = tables[run[0][0]][0].plan.keys
+    steps = [tables[k][0].steps[i] for k, i in run]
+    times = [tables[k][0].times[i] for k, i in run]
+    table = np.stack([tables[k][1][i].astype(np.float64) for k, i in run])
+    return MetricGroup(keys, steps, times, table)
 
 
 def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object], *,
