@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +85,7 @@ class TelemetryBudget:
         self.step_s: float | None = None  # average wall time of a step, telemetry included
         self.core_s: float | None = None  # average always-on telemetry per step, flushes included
         self._core_now = 0.0
-        self._flush_now = 0.0
+        self._timers: dict[str, _Timer] = {}
 
     @property
     def every_step(self) -> bool:
@@ -119,19 +118,26 @@ class TelemetryBudget:
         return piece.cost_s is None or piece.requests % piece.interval == 0
 
     # -- measuring --------------------------------------------------------------------------------
-    @contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        """Measure what the block costs, as piece ``name`` (or ``"core"``, the always-on telemetry)."""
-        if self.every_step:
-            yield
-            return
-        start_event = None
-        if self._cuda and name != "core" and not self.pieces[name].pending:
-            start_event = torch.cuda.Event(enable_timing=True)
-            start_event.record()
-        start = time.perf_counter()
-        yield
-        host_s = time.perf_counter() - start
+    def timed(self, name: str) -> _Timer:
+        """Measure what the block costs, as piece ``name`` (or ``"core"``, the always-on telemetry).
+
+        A ``with`` block on a timer kept per name: this runs several times on every logged step, where a
+        generator-based context manager's own cost (a few microseconds) would be a visible part of the budget.
+        """
+        timer = self._timers.get(name)
+        if timer is None:
+            if name != "core" and name not in self.pieces:
+                raise KeyError(name)
+            timer = self._timers[name] = _Timer(self, name)
+        return timer
+
+    def charge(self, seconds: float) -> None:
+        """Always-on telemetry measured by the caller between steps (a flush): counted in the current step."""
+        if not self.every_step:
+            self._core_now += seconds
+
+    def _timed(self, name: str, host_s: float, start_event: torch.cuda.Event | None) -> None:
+        """A timed block of ``name`` took ``host_s`` on the host (and on CUDA began at ``start_event``)."""
         if name == "core":
             self._core_now += host_s
             return
@@ -143,11 +149,6 @@ class TelemetryBudget:
             piece.pending.append((start_event, end_event, host_s))
         else:
             self._measured(piece, host_s)
-
-    def charge(self, seconds: float) -> None:
-        """Always-on telemetry measured by the caller between steps (a flush): counted in the current step."""
-        if not self.every_step:
-            self._core_now += seconds
 
     def _measured(self, piece: Piece, seconds: float) -> None:
         if piece.runs <= WARMUP_RUNS:
@@ -193,3 +194,29 @@ class TelemetryBudget:
             return None
         pieces = sum(p.cost_s / (p.interval * p.period) for p in self.pieces.values() if p.cost_s is not None)
         return ((self.core_s or 0.0) + pieces) / self.step_s
+
+
+class _Timer:
+    """The ``with`` block of :meth:`TelemetryBudget.timed` for one name (blocks of one name never nest)."""
+
+    __slots__ = ("_budget", "_event", "_name", "_start")
+
+    def __init__(self, budget: TelemetryBudget, name: str) -> None:
+        self._budget, self._name = budget, name
+        self._start = 0.0
+        self._event: torch.cuda.Event | None = None
+
+    def __enter__(self) -> None:
+        budget = self._budget
+        if budget.every_step:
+            return
+        self._event = None
+        if budget._cuda and self._name != "core" and not budget.pieces[self._name].pending:
+            self._event = torch.cuda.Event(enable_timing=True)
+            self._event.record()
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        budget = self._budget
+        if not budget.every_step:
+            budget._timed(self._name, time.perf_counter() - self._start, self._event)
