@@ -1,6 +1,6 @@
-"""The telemetry budget seen in a real browser on a real server: the run page says in words which keys are sampled
-and how often, the sampled shadow line is drawn joined (no gaps between its points) on the run and compare pages,
-and the ``telemetry/*`` keys that carry the schedule are never charted."""
+"""The telemetry budget seen in a real browser on a real server: the run and compare pages say in words which keys
+are sampled and how often, the sampled shadow line is drawn joined (no gaps between its points) on both pages, and
+the ``telemetry/*`` keys that carry the schedule are never charted."""
 
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def test_the_run_page_says_what_is_sampled_and_joins_the_sampled_line(chromium_b
             page.wait_for_function(f"window.gradwatch.charts.gnorm.ids.has('{run['id']}:shadow')")
             line = page.evaluate(LINE_JS, ["gnorm", f"{run['id']}:shadow"])
             assert len(line["x"]) >= 3 and None not in line["y"], line  # joined, not broken into gaps
+            # The same sentence as on the run page, under the run's name in the list of runs.
+            compared = page.locator(f"[data-sampling-for=\"{run['id']}\"]")
+            compared.wait_for(state="visible", timeout=30_000)
+            assert compared.inner_text() == text
             assert page.locator("text=telemetry/").count() == 0
             screenshot(page, "budget-compare-page")
             seen.assert_clean(server.url)

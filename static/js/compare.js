@@ -14,6 +14,7 @@ import { drawParcoords } from "./parcoords.js";
 import { mountToolbar, runStyles } from "./chartview.js";
 import { zoomDetail } from "./zoom.js";
 import { PlaneStrip } from "./twin.js";
+import { samplingNote } from "./sampling.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -155,11 +156,25 @@ function plot(run, index, steps, data, times = null) {
     if (data[key]) add(charts.eval, `${run.id}:${key}`, key, data[key], { ...style(), mode: "lines+markers", name: `${name} · ${key.slice(5)}` });
   }
   for (const [key, values] of Object.entries(data)) {
-    if (specFamily(key) === null) {
+    if (specFamily(key) === "telemetry") noteSampling(run, index, key, values);
+    else if (specFamily(key) === null) {
       source(`${run.id}:${key}`, run.id, [key]);
       extra.append(key, `${run.id}:${key}`, steps, values, style(), times);
     }
   }
+}
+
+/** Each run's newest ``telemetry/*`` values, told in words under its name (sampling.js, as on its run page). */
+const sampling = boot.map(() => ({}));
+function noteSampling(run, index, key, values) {
+  const last = values[values.length - 1];
+  if (last === null || last === undefined) return;
+  sampling[index][key] = last;
+  const note = document.querySelector(`[data-sampling-for="${run.id}"]`);
+  if (!note) return;
+  const text = samplingNote(sampling[index], run.kind);
+  note.textContent = text;
+  note.hidden = !text;
 }
 
 let planes = null; // the side-by-side data planes / sample grids (twin.js), where the page has them
