@@ -60,9 +60,15 @@ def read_frames(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    """A real SQLite store in the test's folder, writer thread running, closed afterwards."""
-    store = Store(tmp_path / "gradwatch.db")
+def db_path(tmp_path: Path) -> Path:
+    """Where :func:`store` keeps its database (a test module may override it)."""
+    return tmp_path / "gradwatch.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    """A real SQLite store at ``db_path``, writer thread running, closed afterwards."""
+    store = Store(db_path)
     store.start()
     try:
         yield store

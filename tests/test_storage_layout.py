@@ -109,16 +109,9 @@ def a_real_run(store: Store, run: str = "r", status: str = "running") -> list[Fr
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "gradwatch.db"
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[Store]:
-    s = Store(db)
-    s.start()
-    yield s
-    s.close()
+def db(db_path: Path) -> Path:
+    """The database of conftest's ``store`` fixture, which these tests also open and read directly."""
+    return db_path
 
 
 # ---------------------------------------------------------------------------- the drop, in the store

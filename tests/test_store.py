@@ -9,7 +9,6 @@ import math
 import random
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +56,6 @@ def raw_count(path: Path, sql: str, *params: Any) -> int:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "nested" / "dir" / "gradwatch.sqlite"  # the store creates the parent folders
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    s = Store(db_path)
-    s.start()
-    yield s
-    s.close()
 
 
 # ---------------------------------------------------------------------------- runs
