@@ -44,7 +44,7 @@ from trainer.alerts import Alert, GanAlerts, VaeAlerts
 from trainer.config import ControlRequest, GanConfig
 from trainer.files import atomic_write
 from trainer.probes import DEFAULT_TELEMETRY_BUDGET
-from trainer.telemetry import MetricBuffer, MetricGroup, StepRow, flush_to_frames
+from trainer.telemetry import MetricBuffer, MetricGroup, StepRow, flush_to_frames, flush_when_due
 
 log = logging.getLogger("gradwatch")
 
@@ -166,6 +166,12 @@ class Run:
         channel.on_control = self._on_control
         channel.on_stop = self._stop.set
         channel.on_refused = self._refused
+        # As a built-in run's worker does (app/worker.py): steps leave at once while the channel has nothing in
+        # flight, and no later than flush_ms after the oldest, even while the script's thread is inside a long
+        # step: the channel thread keeps that deadline. The alert checks of what it sends wait for the script's
+        # next log() (MetricBuffer.due asks for it), on the script's thread.
+        self.buffer.idle = channel.idle
+        channel.on_wake = lambda: flush_when_due(self.buffer, self.folder.emit)
         uploader.start()
         return uploader
 
@@ -310,6 +316,8 @@ class Run:
         """End the run: last values flushed, final status sent, and the upload drained (bounded wait)."""
         if self._finished:
             return
+        if self.uploader is not None:
+            self.uploader.channel.on_wake = None  # from here the script's thread sends the rest, then the status
         with self._lock:
             self._commit_unclaimed_rows()
             if status is None:

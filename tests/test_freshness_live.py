@@ -9,6 +9,7 @@ in flight" is what the server acknowledged.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from gradwatch.channel import Channel, MemoryOutbox
+from gradwatch.client import Run
 from tests.live_server import TINY_GAN, LiveServer, config, read_frames, wait_for
 from trainer.loop import GAN_KEYS
 
@@ -85,6 +87,31 @@ def test_the_channel_is_idle_only_when_the_server_has_acknowledged_everything(se
     with server.client() as http:
         stored = http.get(f"/api/runs/{run_id}/metrics", params={"keys": "x", "max_points": 1000}).json()
     assert stored["metrics"]["x"]["step"] == list(range(1, 201))
+
+
+def test_a_scripts_steps_reach_the_server_while_its_thread_is_inside_a_long_step(server: LiveServer,
+                                                                                   tmp_path: Path) -> None:
+    """A script logs three steps, then spends a long time in its next one (here: this thread polls the server and
+    never calls the client). The steps reach the server anyway, within flush_ms (2 s): the client's channel thread keeps
+    the deadline, as a worker's does. The consumer is made never idle, so that only the deadline sends them, and
+    the script's own thread, which checks it only inside ``log()``, cannot."""
+    run = Run(name="long step", server=server.url, token=server.token, mode="online", out=tmp_path / "run",
+              quiet=True, flush_ms=2000, flush_steps=10_000)
+    try:
+        run.buffer.idle = lambda: False
+        for step in (1, 2, 3):  # the first due() counts the time since init as a step; the third sees short ones
+            run.log({"x": float(step)}, step=step)
+        assert math.isfinite(run.buffer.due_in())  # step 3 at least is still buffered; nothing here flushes it
+
+        def stored() -> list[int]:
+            with server.client() as http:
+                body = http.get(f"/api/runs/{run.id}/metrics", params={"keys": "x"}).json()
+            return list(body["metrics"].get("x", {}).get("step", []))
+
+        wait_for(lambda: stored() == [1, 2, 3], timeout=30, what="the buffered steps, sent by the channel thread")
+    finally:
+        run.finish()
+    assert stored() == [1, 2, 3]
 
 
 def test_a_worker_leaves_a_trace_of_each_frames_way_when_asked(tmp_path: Path) -> None:
