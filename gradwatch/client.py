@@ -166,11 +166,11 @@ class Run:
         channel.on_control = self._on_control
         channel.on_stop = self._stop.set
         channel.on_refused = self._refused
-        # As a built-in run's worker does (app/worker.py): steps leave at once while the channel has nothing in
-        # flight, and no later than flush_ms after the oldest, even while the script's thread is inside a long
-        # step: the channel thread keeps that deadline. The alert checks of what it sends wait for the script's
-        # next log() (MetricBuffer.due asks for it), on the script's thread.
-        self.buffer.idle = channel.idle
+        # As a built-in run's worker does (app/worker.py), the channel thread keeps flush_ms: logged steps leave
+        # no later than that after the oldest, even while the script's thread is inside a long step. (No early
+        # flush when the channel is idle: a script's frames go to its folder first, cut the same way online and
+        # offline, so that a run synced later is the same run.) The alert checks of what it sends wait for the
+        # script's next log() (MetricBuffer.due asks for it), on the script's thread.
         channel.on_wake = lambda: flush_when_due(self.buffer, self.folder.emit)
         uploader.start()
         return uploader

@@ -93,12 +93,11 @@ def test_a_scripts_steps_reach_the_server_while_its_thread_is_inside_a_long_step
                                                                                    tmp_path: Path) -> None:
     """A script logs three steps, then spends a long time in its next one (here: this thread polls the server and
     never calls the client). The steps reach the server anyway, within flush_ms (2 s): the client's channel thread keeps
-    the deadline, as a worker's does. The consumer is made never idle, so that only the deadline sends them, and
-    the script's own thread, which checks it only inside ``log()``, cannot."""
+    the deadline, as a worker's does. Only the deadline sends them (a script's run has no idle flush), and the
+    script's own thread, which checks it only inside ``log()``, cannot."""
     run = Run(name="long step", server=server.url, token=server.token, mode="online", out=tmp_path / "run",
               quiet=True, flush_ms=2000, flush_steps=10_000)
     try:
-        run.buffer.idle = lambda: False
         for step in (1, 2, 3):  # the first due() counts the time since init as a step; the third sees short ones
             run.log({"x": float(step)}, step=step)
         assert math.isfinite(run.buffer.due_in())  # step 3 at least is still buffered; nothing here flushes it
