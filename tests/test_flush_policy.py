@@ -133,12 +133,12 @@ def test_another_thread_flushes_and_the_training_thread_runs_the_checks() -> Non
     emitter = FrameEmitter("r", frames.append)
     buf = MetricBuffer(flush_steps=1000, flush_ms=LONG_MS, idle=lambda: True)
     buf.append(1, _row(1))
-    buf.append(2, _row(2, "a", "b", "c"))  # one more key: "c" alone is a second group
+    buf.append(2, _row(2, "a", "b", "c"))  # another key set: a second group
     flush_when_due(buf, emitter.emit)
-    assert [(f["type"], f["seq"], f["step"]) for f in frames] == [("metrics", 1, [1, 2]), ("metrics", 2, [2])]
+    assert [(f["type"], f["seq"], f["step"]) for f in frames] == [("metrics", 1, [1]), ("metrics", 2, [2])]
     assert buf.due()  # the checks are owed
     groups = flush_to_frames(buf, emitter.emit)  # the training thread's flush: nothing new to send
-    assert [g.steps for g in groups] == [[1, 2], [2]] and len(frames) == 2
+    assert [g.steps for g in groups] == [[1], [2]] and len(frames) == 2
     assert not buf.due() and buf.due_in() == float("inf")
 
 
@@ -188,7 +188,7 @@ def test_early_flushes_stop_while_the_training_thread_waits_for_a_cpu() -> None:
 def test_concurrent_appends_and_flushes_lose_duplicate_and_reorder_nothing(monkeypatch: Any) -> None:
     """A training thread appends rows (two layouts) and histograms and flushes when due, while another thread
     flushes whenever it may, the consumer flipping between busy and idle: every step arrives once, with its
-    values, each key's steps in order, and the seqs the sink sees are 1, 2, 3, ..."""
+    values, steps in order within each key set, and the seqs the sink sees are 1, 2, 3, ..."""
     monkeypatch.setattr(telemetry, "UNCONTENDED_CPU_SHARE", 0.0)  # this thread sleeps on purpose: never contended
     rng = random.Random(15)
     gen = torch.Generator().manual_seed(15)
@@ -205,7 +205,7 @@ def test_concurrent_appends_and_flushes_lose_duplicate_and_reorder_nothing(monke
 
     emitter = FrameEmitter("r", sink)
     buf = MetricBuffer(flush_steps=64, flush_ms=LONG_MS, idle=consumer.idle)
-    checked: list[tuple[int, str]] = []  # (step, key) of every value whose group the training thread checked
+    checked: list[int] = []
     done = threading.Event()
     failures: list[BaseException] = []
 
@@ -229,7 +229,7 @@ def test_concurrent_appends_and_flushes_lose_duplicate_and_reorder_nothing(monke
                 buf.append_hist(step, logit_packet(expected[step], -expected[step]))
             consumer.in_flight = rng.random() < 0.5
             if buf.due():
-                checked.extend((s, k) for g in flush_to_frames(buf, emitter.emit) for s in g.steps for k in g.keys)
+                checked.extend(s for g in flush_to_frames(buf, emitter.emit) for s in g.steps)
             if step % 100 == 0:
                 time.sleep(0.002)  # a slow step: the other thread gets its turn
         # However the scheduler interleaved the loop, one last step is left to the channel thread (idle consumer):
@@ -242,25 +242,21 @@ def test_concurrent_appends_and_flushes_lose_duplicate_and_reorder_nothing(monke
         done.set()
         other.join()
     assert not failures
-    checked.extend((s, k) for g in flush_to_frames(buf, emitter.emit) for s in g.steps for k in g.keys)
+    checked.extend(s for g in flush_to_frames(buf, emitter.emit) for s in g.steps)
 
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     got: dict[int, dict[str, float]] = {}
-    last_by_key: dict[str, int] = {}
+    last_by_keys: dict[tuple[str, ...], int] = {}
     for frame in (f for f in frames if f["type"] == "metrics"):
-        assert frame["step"] == sorted(frame["step"])
-        for key in frame["data"]:  # every key's steps leave in increasing order
-            assert frame["step"][0] > last_by_key.get(key, 0)
-            last_by_key[key] = frame["step"][-1]
+        keys = tuple(frame["data"])
+        assert frame["step"][0] > last_by_keys.get(keys, 0) and frame["step"] == sorted(frame["step"])
+        last_by_keys[keys] = frame["step"][-1]
         for i, step in enumerate(frame["step"]):
-            values = got.setdefault(step, {})
-            for key, column in frame["data"].items():
-                assert key not in values  # each value once
-                values[key] = column[i]
+            assert step not in got
+            got[step] = {key: column[i] for key, column in frame["data"].items()}
     assert sorted(got) == list(range(1, n_steps + 2))
     for step, values in got.items():
         assert values["a"] == float(expected[step][0]) and values["b"] == float(expected[step][1])
         assert ("extra" in values) == (step % 7 == 0)
     assert sorted(f["step"] for f in frames if f["type"] == "dldh") == list(range(50, n_steps + 1, 50))
-    # Every value's group checked once, on this thread.
-    assert sorted(checked) == sorted((step, key) for step, values in got.items() for key in values)
+    assert sorted(checked) == list(range(1, n_steps + 2))  # every group checked once, on this thread

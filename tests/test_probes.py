@@ -471,15 +471,15 @@ def test_rows_with_different_keys_flush_into_groups_in_order_with_one_copy(monke
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
     groups, hists = buf.flush()
     assert copies == 1
-    # The two layouts share "a" and "b": those go out over every step in one group, in order, and the keys of
-    # step 3 alone in another.
-    assert [g.keys for g in groups] == [("a", "b"), ("val/acc", "val/loss")]
-    shared, sometimes = groups
-    assert shared.steps == [1, 2, 3, 4, 5]
-    np.testing.assert_array_equal(shared.table, [[1, -1], [2, -2], [3, -3], [4, -4], [5, -5]])
-    assert sometimes.steps == [3]
-    assert sometimes.table.tolist() == [[3.1, 0.25]]  # the host float keeps its full precision
-    assert len(shared.times) == 5 and shared.times == sorted(shared.times) and sometimes.times == shared.times[2:3]
+    # The two key sets share "a" and "b" and interleave: cut into runs, every key's steps go out in order.
+    assert [g.keys for g in groups] == [("a", "b"), ("a", "b", "val/acc", "val/loss"), ("a", "b")]
+    first, second, third = groups
+    assert first.steps == [1, 2] and third.steps == [4, 5]
+    np.testing.assert_array_equal(np.concatenate([first.table, third.table]), [[1, -1], [2, -2], [4, -4], [5, -5]])
+    assert second.steps == [3]
+    assert second.table.tolist() == [[3.0, -3.0, 3.1, 0.25]]  # the host float keeps its full precision
+    times = first.times + second.times + third.times
+    assert len(times) == 5 and times == sorted(times)
     ((step, packed),) = hists
     assert step == 4 and packed.tolist() == [0, 1, 2, 3, 4]
     assert buf.flush() == ([], []) and not buf.due()

@@ -8,8 +8,8 @@ with a single ``torch.cat(...).cpu()`` when it is due (:meth:`MetricBuffer.due`)
 at once when whoever takes the frames is idle (a worker's channel with nothing
 unacknowledged), else when its oldest step would otherwise wait more than
 ``flush_ms``, or after ``flush_steps`` buffered steps. Rows may name different
-keys from step to step; the flush returns one group per set of keys logged at
-the same steps, each one ``metrics`` frame. Checks that need host values (non-finite losses, gradient
+keys from step to step; the flush returns one group per key tuple, each one
+``metrics`` frame. Checks that need host values (non-finite losses, gradient
 collapse) run at flush time on the copied numbers.
 
 Frames follow SPEC §4: JSON objects with ``type``, ``run`` and a per-run
@@ -173,8 +173,8 @@ class RowPlan:
     raw device values already are the row.
     """
 
-    __slots__ = ("column", "device_dst", "device_src", "host_dst", "host_src", "identity", "keys", "n_batched",
-                 "n_device", "n_host", "n_plain", "pieces", "reducers")
+    __slots__ = ("device_dst", "device_src", "host_dst", "host_src", "identity", "keys", "n_batched", "n_device",
+                 "n_host", "n_plain", "pieces", "reducers")
 
     def __init__(self, layout: tuple[tuple[str, ...], ...], kinds: tuple[int, ...],
                  reducers: tuple[Reducer | None, ...] | None = None) -> None:
@@ -217,8 +217,6 @@ class RowPlan:
             else:
                 n_batched += len(names)
         self.keys = tuple(keys)
-        #: Each key's column in the named table.
-        self.column = {key: i for i, key in enumerate(keys)}
         self.n_plain, self.n_batched, self.n_host = n_plain, n_batched, n_host
         self.n_device = n_plain + n_batched
         self.device_src, self.device_dst = np.array(device_src, dtype=np.intp), np.array(device_dst, dtype=np.intp)
@@ -377,7 +375,7 @@ class StepRow:
 
 
 class MetricGroup(NamedTuple):
-    """The values of one set of keys at the buffered steps that hold them: one SPEC §4 ``metrics`` frame."""
+    """Buffered rows that share one key tuple: the content of one SPEC §4 ``metrics`` frame."""
 
     keys: tuple[str, ...]
     steps: list[int]
@@ -420,8 +418,8 @@ class MetricBuffer:
     Rows are grouped by layout as they arrive (a dict lookup on a cached plan), so a run that logs
     ``val/acc`` every hundred steps beside its per-step keys costs nothing extra on the other
     steps. :meth:`flush` moves every buffered device value, histogram packets included, to the host
-    with a single ``torch.cat(...).cpu()`` and returns one :class:`MetricGroup` per set of keys logged at
-    the same steps (:func:`_merge`), in the order of each group's first row.
+    with a single ``torch.cat(...).cpu()`` and returns one :class:`MetricGroup` per key tuple, in
+    the order of each group's first row.
 
     When to flush is :meth:`due`'s answer, asked by the training thread once per step. ``idle``
     (optional) says whether the frames' consumer has nothing in flight: a worker's channel with every
@@ -628,42 +626,46 @@ def _to_host(tensors: list[Tensor]) -> np.ndarray:
 
 
 def _merge(tables: list[tuple[_Pending, np.ndarray]]) -> list[MetricGroup]:
-    """One group per set of keys that the flushed rows hold at the same steps, each key in exactly one group.
+    """One group per key tuple, rows in arrival order; layouts that name the same keys are merged.
 
-    Layouts that share keys (a sampled piece every few steps beside the always-on keys, a user's ``val/acc``
-    every hundred steps beside the per-step loss) then go out as one group of the shared keys over all their
-    rows, in arrival order, and one group of each layout's own keys over its rows: a key's steps leave in
-    increasing order in a single frame (a consumer that appends a key's points in step order drops none), and a
-    run's frames keep a few stable key sets, which the metric store lays out once (app/metricstore.py). Groups
-    come in the order of their first row.
+    Unless two key tuples share a key and their rows interleave in time (a sampled piece every few steps
+    beside the always-on keys): one group per tuple would then send that key's steps out of order across
+    frames (steps 1–14 and 16–20 in one frame, 15 in the next), and a consumer that appends a key's points
+    in step order would drop the late ones. The rows are then cut into runs of consecutive rows with one key
+    tuple, so every key's steps go out in increasing order.
     """
-    if len(tables) == 1:
+    by_keys: dict[tuple[str, ...], list[int]] = {}
+    for k, (p, _) in enumerate(tables):
+        by_keys.setdefault(p.plan.keys, []).append(k)
+    spans = {keys: (min(tables[k][0].order[0] for k in ks), max(tables[k][0].order[-1] for k in ks))
+             for keys, ks in by_keys.items()}
+    listed = list(spans)
+    interleaved = any(set(a) & set(b) and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+                      for i, a in enumerate(listed) for b in listed[i + 1:])
+    rows = sorted((order, k, i) for k, (p, _) in enumerate(tables) for i, order in enumerate(p.order))
+    runs: list[list[tuple[int, int]]] = []
+    if interleaved:
+        for _, k, i in rows:
+            if not runs or tables[runs[-1][-1][0]][0].plan.keys != tables[k][0].plan.keys:
+                runs.append([])
+            runs[-1].append((k, i))
+    else:
+        first: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+        for _, k, i in rows:
+            first.setdefault(tables[k][0].plan.keys, []).append((k, i))
+        runs = list(first.values())
+    if len(runs) == 1 and len(tables) == 1:
         p, table = tables[0]
         return [MetricGroup(p.plan.keys, p.steps, p.times, table)]
-    holders: dict[str, list[int]] = {}  # key -> the tables (layouts) that hold it, in table order
-    for k, (p, _) in enumerate(tables):
-        for key in p.plan.keys:
-            holders.setdefault(key, []).append(k)
-    by_holders: dict[tuple[int, ...], list[str]] = {}
-    for key, ks in holders.items():
-        by_holders.setdefault(tuple(ks), []).append(key)
-    first = {ks: min(tables[k][0].order[0] for k in ks) for ks in by_holders}
-    return [_group(tables, ks, tuple(keys)) for ks, keys in sorted(by_holders.items(), key=lambda kv: first[kv[0]])]
+    return [_group(tables, run) for run in runs]
 
 
-def _group(tables: list[tuple[_Pending, np.ndarray]], ks: tuple[int, ...], keys: tuple[str, ...]) -> MetricGroup:
-    """Columns ``keys`` of the rows of tables ``ks``, rows in arrival order."""
-    if len(ks) == 1:
-        p, table = tables[ks[0]]
-        if keys == p.plan.keys:
-            return MetricGroup(keys, p.steps, p.times, table)
-        return MetricGroup(keys, p.steps, p.times, table[:, [p.plan.column[key] for key in keys]])
-    order = np.argsort(np.concatenate([np.asarray(tables[k][0].order) for k in ks]), kind="stable")
-    table = np.concatenate([tables[k][1][:, [tables[k][0].plan.column[key] for key in keys]].astype(np.float64)
-                            for k in ks])[order]
-    steps = [s for k in ks for s in tables[k][0].steps]
-    times = [t for k in ks for t in tables[k][0].times]
-    return MetricGroup(keys, [steps[i] for i in order], [times[i] for i in order], table)
+def _group(tables: list[tuple[_Pending, np.ndarray]], run: list[tuple[int, int]]) -> MetricGroup:
+    keys = tables[run[0][0]][0].plan.keys
+    steps = [tables[k][0].steps[i] for k, i in run]
+    times = [tables[k][0].times[i] for k, i in run]
+    table = np.stack([tables[k][1][i].astype(np.float64) for k, i in run])
+    return MetricGroup(keys, steps, times, table)
 
 
 def flush_to_frames(buffer: MetricBuffer, emit: Callable[..., object], *,
