@@ -108,46 +108,40 @@ def a_real_run(store: Store, run: str = "r", status: str = "running") -> list[Fr
     return sent
 
 
-@pytest.fixture
-def db(db_path: Path) -> Path:
-    """The database of conftest's ``store`` fixture, which these tests also open and read directly."""
-    return db_path
-
-
 # ---------------------------------------------------------------------------- the drop, in the store
 
 
-def test_an_ended_run_keeps_its_metrics_frames_once_and_every_other_frame(store: Store, db: Path) -> None:
+def test_an_ended_run_keeps_its_metrics_frames_once_and_every_other_frame(store: Store, db_path: Path) -> None:
     sent = a_real_run(store)
     n_metrics = sum(1 for frame, _ in sent if frame["type"] == "metrics")
     others = {kind: sum(1 for frame, _ in sent if frame["type"] == kind) for kind in OTHER_TYPES}
     assert store.wait_dropped()
-    assert metrics_frames(db, "r") == n_metrics  # while it runs: the text, for backfill, and the metric store
+    assert metrics_frames(db_path, "r") == n_metrics  # while it runs: the text, for backfill, and the metric store
     store.update_run("r", status="completed", ended_at=T0 + 10)
     assert store.wait_dropped()
-    assert metrics_frames(db, "r") == 0
-    assert count(db, "SELECT COUNT(*) FROM metric_frames WHERE run_id = 'r'") == n_metrics
+    assert metrics_frames(db_path, "r") == 0
+    assert count(db_path, "SELECT COUNT(*) FROM metric_frames WHERE run_id = 'r'") == n_metrics
     for kind, n in others.items():
-        assert count(db, "SELECT COUNT(*) FROM frames WHERE run_id = 'r' AND type = ?", kind) == n, kind
+        assert count(db_path, "SELECT COUNT(*) FROM frames WHERE run_id = 'r' AND type = ?", kind) == n, kind
 
 
-def test_an_ended_runs_backfill_history_and_csv_are_the_same_bytes_after_the_drop(store: Store, db: Path) -> None:
+def test_an_ended_runs_backfill_history_and_csv_are_the_same_bytes_after_the_drop(store: Store, db_path: Path) -> None:
     sent = a_real_run(store)
     before = every_view(store, "r")
     assert before["all"] == [(frame["seq"], text) for frame, text in sent]
     store.update_run("r", status="stopped", ended_at=T0 + 10)
     assert store.wait_dropped()
-    assert metrics_frames(db, "r") == 0
+    assert metrics_frames(db_path, "r") == 0
     assert every_view(store, "r") == before
     store.close()
-    reopened = Store(db)  # and from the file alone, by a fresh server
+    reopened = Store(db_path)  # and from the file alone, by a fresh server
     try:
         assert every_view(reopened, "r") == before
     finally:
         reopened.close()
 
 
-def test_frames_the_metric_store_cannot_give_back_keep_their_text(store: Store, db: Path) -> None:
+def test_frames_the_metric_store_cannot_give_back_keep_their_text(store: Store, db_path: Path) -> None:
     store.insert_run(RunRecord(id="r", name="r", kind="gan", status="running", config={}, created_at=T0))
     odd = [
         metrics("r", 1, [1, 2], {"a": [0.5, 0.25]}),  # fine: dropped
@@ -168,17 +162,17 @@ def test_frames_the_metric_store_cannot_give_back_keep_their_text(store: Store, 
     before = every_view(store, "r")
     store.update_run("r", status="completed")
     assert store.wait_dropped()
-    dropped = [int(row[0]) for row in sqlite3.connect(db).execute("SELECT seq FROM metric_frames ORDER BY seq")]
+    dropped = [int(row[0]) for row in sqlite3.connect(db_path).execute("SELECT seq FROM metric_frames ORDER BY seq")]
     assert dropped == [1, 10]
     assert every_view(store, "r") == before
 
 
-def test_a_run_that_comes_back_after_its_drop_continues_exactly(store: Store, db: Path) -> None:
+def test_a_run_that_comes_back_after_its_drop_continues_exactly(store: Store, db_path: Path) -> None:
     """A script's interrupted run may come back, and a script restarted from a checkpoint logs steps again."""
     sent = a_real_run(store, "r")
     store.update_run("r", status="interrupted")
     assert store.wait_dropped()
-    assert metrics_frames(db, "r") == 0
+    assert metrics_frames(db_path, "r") == 0
     store.update_run("r", status="running")
     last = store.last_seq("r")
     later = [metrics("r", last + 1, [193, 194], {"loss/d": [0.1, 0.2], "loss/g": [0.3, None]}),  # after: no clash
@@ -188,17 +182,17 @@ def test_a_run_that_comes_back_after_its_drop_continues_exactly(store: Store, db
     expected = [(frame["seq"], text) for frame, text in sent + later]
     assert store.frames_after("r", 0, limit=10_000) == expected
     # The frames whose steps now have two points each got their text back; the others stay dropped.
-    assert 0 < metrics_frames(db, "r") < 10
+    assert 0 < metrics_frames(db_path, "r") < 10
     history = store.metric_history("r", ["loss/d"], 10_000)["loss/d"]
     assert history["step"].count(150) == 2 and history["step"][-1] == 194
     store.update_run("r", status="completed")
     assert store.wait_dropped()
     assert store.frames_after("r", 0, limit=10_000) == expected
     assert all(json.loads(text)["step"][0] in range(145, 153)
-               for _, text in sqlite3.connect(db).execute("SELECT seq, body FROM frames WHERE type = 'metrics'"))
+               for _, text in sqlite3.connect(db_path).execute("SELECT seq, body FROM frames WHERE type = 'metrics'"))
 
 
-def test_a_resent_frame_of_a_dropped_seq_is_not_stored_again(store: Store, db: Path) -> None:
+def test_a_resent_frame_of_a_dropped_seq_is_not_stored_again(store: Store, db_path: Path) -> None:
     sent = a_real_run(store)
     store.update_run("r", status="completed")
     assert store.wait_dropped()
@@ -207,12 +201,12 @@ def test_a_resent_frame_of_a_dropped_seq_is_not_stored_again(store: Store, db: P
     store.append("r", sent[:5], on_commit=acked.append)
     assert store.wait_flushed()
     assert acked == [max(frame["seq"] for frame, _ in sent[:5])]  # acknowledged: it is stored
-    assert metrics_frames(db, "r") == 0
+    assert metrics_frames(db_path, "r") == 0
     assert store.metric_history("r", None, 10_000) == history
     assert store.frames_after("r", 0, limit=10_000) == [(frame["seq"], text) for frame, text in sent]
 
 
-def test_a_deleted_run_leaves_nothing_of_its_drop(store: Store, db: Path) -> None:
+def test_a_deleted_run_leaves_nothing_of_its_drop(store: Store, db_path: Path) -> None:
     a_real_run(store, "gone")
     kept = a_real_run(store, "kept")
     for run in ("gone", "kept"):
@@ -220,13 +214,13 @@ def test_a_deleted_run_leaves_nothing_of_its_drop(store: Store, db: Path) -> Non
     assert store.wait_dropped()
     store.delete_run("gone")
     for table in ("frames", "metric_frames", "metric_layouts", "frames_compacted", "metric_chunks", "metric_keys"):
-        assert count(db, f"SELECT COUNT(*) FROM {table} WHERE run_id = 'gone'") == 0, table
-    assert count(db, "SELECT COUNT(*) FROM metric_axes WHERE id NOT IN (SELECT axis_id FROM metric_chunks"
+        assert count(db_path, f"SELECT COUNT(*) FROM {table} WHERE run_id = 'gone'") == 0, table
+    assert count(db_path, "SELECT COUNT(*) FROM metric_axes WHERE id NOT IN (SELECT axis_id FROM metric_chunks"
                      " WHERE axis_id IS NOT NULL)") == 0
     assert store.frames_after("kept", 0, limit=10_000) == [(frame["seq"], text) for frame, text in kept]
 
 
-def test_keys_logged_together_share_one_copy_of_steps_and_times(store: Store, db: Path) -> None:
+def test_keys_logged_together_share_one_copy_of_steps_and_times(store: Store, db_path: Path) -> None:
     store.insert_run(RunRecord(id="r", name="r", kind="gan", status="running", config={}, created_at=T0))
     rng = np.random.default_rng(0)
     keys = [f"k{i}" for i in range(20)]
@@ -234,17 +228,17 @@ def test_keys_logged_together_share_one_copy_of_steps_and_times(store: Store, db
         steps = [2 * seq - 1, 2 * seq]
         store.append("r", [metrics("r", seq, steps, {k: rng.normal(size=2).tolist() for k in keys})])
         assert store.wait_flushed()
-    chunks = count(db, "SELECT COUNT(*) FROM metric_chunks")
-    assert count(db, "SELECT COUNT(*) FROM metric_axes") * len(keys) == chunks  # one axis per chunk of all keys
-    assert count(db, "SELECT SUM(length(steps) + length(times)) FROM metric_chunks") == 0
+    chunks = count(db_path, "SELECT COUNT(*) FROM metric_chunks")
+    assert count(db_path, "SELECT COUNT(*) FROM metric_axes") * len(keys) == chunks  # one axis per chunk of all keys
+    assert count(db_path, "SELECT SUM(length(steps) + length(times)) FROM metric_chunks") == 0
     assert chunks < COMPACT_AFTER * len(keys)
 
 
 def test_the_pages_an_ended_runs_frames_freed_go_back_to_the_file_system(
-        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "KEEP_FREE_BYTES", 0)  # hand back every free page (a server keeps 16 MiB)
     rng = np.random.default_rng(3)
-    store = Store(db)
+    store = Store(db_path)
     store.start()
     try:
         store.insert_run(RunRecord(id="r", name="r", kind="gan", status="running", config={}, created_at=T0))
@@ -253,16 +247,16 @@ def test_the_pages_an_ended_runs_frames_freed_go_back_to_the_file_system(
             steps = list(range(32 * seq - 31, 32 * seq + 1))
             store.append("r", [metrics("r", seq, steps, {k: rng.normal(size=32).tolist() for k in keys})])
         assert store.wait_flushed()
-        conn = sqlite3.connect(db)
+        conn = sqlite3.connect(db_path)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         text = int(conn.execute("SELECT SUM(pgsize) FROM dbstat WHERE name = 'frames'").fetchone()[0])
-        live = db.stat().st_size
+        live = db_path.stat().st_size
         store.update_run("r", status="completed")
         assert store.wait_dropped()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert int(conn.execute("PRAGMA freelist_count").fetchone()[0]) == 0
         conn.close()
-        assert live - db.stat().st_size >= 0.9 * text > 2 << 20
+        assert live - db_path.stat().st_size >= 0.9 * text > 2 << 20
     finally:
         store.close()
 
@@ -287,35 +281,35 @@ store.wait_dropped(600)
 """
 
 
-def test_a_server_killed_while_dropping_loses_nothing(db: Path) -> None:
-    first = Store(db)
+def test_a_server_killed_while_dropping_loses_nothing(db_path: Path) -> None:
+    first = Store(db_path)
     first.start()
     sent = a_real_run(first)
     before = every_view(first, "r")
     first.close()
     # The run's end recorded, and the server gone before its writer got to the drop: the next one finds it to do.
-    conn = sqlite3.connect(db)
+    conn = sqlite3.connect(db_path)
     conn.execute("UPDATE runs SET status = 'completed' WHERE id = 'r'")
     conn.commit()
     conn.close()
-    assert metrics_frames(db, "r") > 40
-    child = subprocess.Popen([sys.executable, "-c", _DROP_SLOWLY, str(db)], cwd=ROOT,
+    assert metrics_frames(db_path, "r") > 40
+    child = subprocess.Popen([sys.executable, "-c", _DROP_SLOWLY, str(db_path)], cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        wait_for(lambda: count(db, "SELECT COUNT(*) FROM metric_frames") >= 5, 60, 0.01, what="dropping to start")
+        wait_for(lambda: count(db_path, "SELECT COUNT(*) FROM metric_frames") >= 5, 60, 0.01, what="dropping to start")
         os.kill(child.pid, signal.SIGKILL)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
         child.wait(30)
     assert child.returncode == -signal.SIGKILL
-    assert metrics_frames(db, "r") > 0  # killed half way
-    second = Store(db)
+    assert metrics_frames(db_path, "r") > 0  # killed half way
+    second = Store(db_path)
     try:
         assert every_view(second, "r") == before
         second.start()
         assert second.wait_dropped()
-        assert metrics_frames(db, "r") == 0
+        assert metrics_frames(db_path, "r") == 0
         assert every_view(second, "r") == before
         assert before["all"] == [(frame["seq"], text) for frame, text in sent]
     finally:
@@ -409,18 +403,18 @@ def expected_csv(frames: list[Frame]) -> str:
     return out.getvalue()
 
 
-def test_a_file_of_schema_2_opens_reads_and_drops_and_continues_in_schema_3(db: Path) -> None:
-    scratch = Store(db.with_name("scratch.db"))  # only to make the frames the way a server would
+def test_a_file_of_schema_2_opens_reads_and_drops_and_continues_in_schema_3(db_path: Path) -> None:
+    scratch = Store(db_path.with_name("scratch.db_path"))  # only to make the frames the way a server would
     scratch.start()
     ended = a_real_run(scratch, "old-ended")
     live = a_real_run(scratch, "old-live")
     scratch.close()
-    write_schema_2(db, {"old-ended": ("completed", ended), "old-live": ("running", live)})
+    write_schema_2(db_path, {"old-ended": ("completed", ended), "old-live": ("running", live)})
 
-    store = Store(db)  # not started yet: upgraded, nothing dropped
+    store = Store(db_path)  # not started yet: upgraded, nothing dropped
     try:
-        assert count(db, "PRAGMA user_version") == 3
-        assert count(db, "SELECT COUNT(*) FROM pragma_table_info('metric_chunks') WHERE name = 'axis_id'") == 1
+        assert count(db_path, "PRAGMA user_version") == 3
+        assert count(db_path, "SELECT COUNT(*) FROM pragma_table_info('metric_chunks') WHERE name = 'axis_id'") == 1
         for run_id, frames in (("old-ended", ended), ("old-live", live)):
             assert store.frames_after(run_id, 0, limit=10_000) == [(f["seq"], text) for f, text in frames]
             assert "".join(store.export_csv(run_id)) == expected_csv(frames)
@@ -433,7 +427,7 @@ def test_a_file_of_schema_2_opens_reads_and_drops_and_continues_in_schema_3(db: 
         # Started, it drops the ended run's frames, rebuilding them from chunks of schema 2.
         store.start()
         assert store.wait_dropped()
-        assert metrics_frames(db, "old-ended") == 0 and metrics_frames(db, "old-live") > 0
+        assert metrics_frames(db_path, "old-ended") == 0 and metrics_frames(db_path, "old-live") > 0
         assert every_view(store, "old-ended") == before
 
         # The live run goes on in schema 3: small frames after old chunks, merged with them on the way.
@@ -442,12 +436,12 @@ def test_a_file_of_schema_2_opens_reads_and_drops_and_continues_in_schema_3(db: 
         for frame in more:
             store.append("old-live", [frame])
             assert store.wait_flushed()
-        assert count(db, "SELECT COUNT(*) FROM metric_chunks WHERE run_id = 'old-live' AND key = 'loss/d'") < 8
+        assert count(db_path, "SELECT COUNT(*) FROM metric_chunks WHERE run_id = 'old-live' AND key = 'loss/d'") < 8
         assert "".join(store.export_csv("old-live")) == expected_csv(live + more)
         before_live = every_view(store, "old-live")
         store.update_run("old-live", status="completed")
         assert store.wait_dropped()
-        assert metrics_frames(db, "old-live") == 0
+        assert metrics_frames(db_path, "old-live") == 0
         assert every_view(store, "old-live") == before_live
     finally:
         store.close()
