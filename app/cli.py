@@ -88,6 +88,42 @@ def _sync(args: argparse.Namespace) -> int:
     return status
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    import shlex
+
+    from trainer.loop import TrainingError
+    from trainer.reproduce import default_jobs, reproduce
+
+    out = Path(args.out) if args.out else Path("reproductions") / args.name
+    command = "gradwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
+        else f"gradwatch reproduce {args.name}"
+    try:
+        report = reproduce(args.name, trials=args.trials, steps=args.steps, device=args.device, out=out,
+                           workers=args.jobs or default_jobs(), command=command)
+    except ValidationError as exc:
+        raise SystemExit(_format_validation_error(exc)) from exc
+    except TrainingError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the trials that ended are in their run folders; no table written\n")
+        return 130
+    sys.stdout.write(report.markdown())
+    sys.stderr.write(f"results: {out / 'results.json'} and {out / 'table.md'}; every trial's run folder is under {out} "
+                     f"(show one in the dashboard with `gradwatch sync <folder>`)\n")
+    return 0
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _presets(_args: argparse.Namespace) -> int:
     from trainer.presets import all_presets
 
@@ -242,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--token", help="the server's access token (default: $GRADWATCH_TOKEN)")
     sync.add_argument("--no-progress", action="store_true", help="no progress bar")
     sync.set_defaults(func=_sync)
+
+    from trainer.reproduce import EXPERIMENTS
+
+    repro = sub.add_parser("reproduce", help="rerun a published experiment on its protocol; our figures beside the "
+                           "paper's (docs/reproductions.md)")
+    repro.add_argument("name", choices=EXPERIMENTS, help="the experiment")
+    repro.add_argument("--trials", type=_at_least_one, help="trials per row (default: the paper's, 10 for "
+                       "pacgan-table1; 5 seeds for arjovsky-bottou)")
+    repro.add_argument("--steps", type=_at_least_one, help="training steps per trial (default: a CPU budget, "
+                       "said in the output)")
+    repro.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    repro.add_argument("--out", help="output folder (default ./reproductions/NAME)")
+    repro.add_argument("--jobs", type=_at_least_one, help="trials at a time (default: this machine's cores)")
+    repro.set_defaults(func=_reproduce)
 
     presets = sub.add_parser("presets", help="print the shipped presets as JSON")
     presets.set_defaults(func=_presets)

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.command import gradwatch
 from tests.conftest import read_frames
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def gradwatch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    # Prepend, not replace: an environment that finds its packages via PYTHONPATH keeps them.
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_train_preset_writes_frames_samples_and_checkpoints(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ _SHAPES = [
     (kind, arch, data, width)
     for kind, arch, width in itertools.product(("gan", "vae"), ("mlp", "conv"), (4, 48))
     for data in ([{"name": "ring8"}] if arch == "mlp" else []) + _IMAGE_DATA
-]
+] + [("gan", "pacgan", data, width) for width in (4, 48) for data in ({"name": "ring8"}, {"name": "digits"})]
 
 
 @pytest.mark.parametrize(("kind", "arch", "data", "width"), _SHAPES)

@@ -104,10 +104,13 @@ def test_high_quality_sample_counts_for_its_nearest_mode_only() -> None:
     assert m["eval/modes"] == 1.0
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])  # 1.0: PacGAN's own layout (gradwatch reproduce); 2.0: the presets'
 @pytest.mark.parametrize("name", ["ring8", "grid25"])
-def test_true_data_scores_as_expected(name: str) -> None:
-    # A perfect generator: every mode, and P(‖N(0, σ²I₂)‖ < 3σ) = 1 − e^{−9/2} ≈ 0.9889 in 2-D.
-    data = load_dataset(DataConfig(name=name, scale=2.0), torch.device("cpu"))
+def test_true_data_scores_as_expected(name: str, scale: float) -> None:
+    # A perfect generator (samples of the true mixture): every mode, a reverse KL near 0, and high quality for
+    # P(‖N(0, σ²I₂)‖ < 3σ) = P(χ²₂ < 9) = 1 − e^{−9/2} ≈ 0.9889 of samples. Not 99.7 %: that is the one-dimensional
+    # three-sigma rule, and the protocol measures the distance in the plane.
+    data = load_dataset(DataConfig(name=name, scale=scale), torch.device("cpu"))
     assert data.modes is not None
     x = data.sample(MODE_EVAL_SAMPLES, torch.Generator().manual_seed(0))
     m = mode_metrics(x, data.modes)

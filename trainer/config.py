@@ -91,7 +91,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["mlp", "conv"] = Field("mlp", description="Multi-layer perceptron or DCGAN-style convnet.")
+    arch: Literal["mlp", "conv", "pacgan"] = Field(
+        "mlp",
+        description="Multi-layer perceptron, DCGAN-style convnet, or PacGAN's synthetic-data nets (a batch-norm "
+        "MLP generator, a maxout discriminator of width/2 units; GAN only).",
+    )
     width: int = Field(128, ge=4, le=1024, description="Hidden units per layer (mlp) or base channels (conv).")
     depth: int = Field(3, ge=1, le=8, description="Hidden layers (mlp); ignored by conv.")
     latent_dim: int = Field(16, ge=1, le=512, description="Dimension of z.")
@@ -255,6 +259,8 @@ class RunConfig(_Section):
     def _check_combination(self) -> RunConfig:
         if self.model.arch == "conv" and self.data.is_2d:
             raise ValueError("model.arch 'conv' needs image data; use 'mlp' for 2-D datasets")
+        if self.model.arch == "pacgan" and self.kind != "gan":
+            raise ValueError("model.arch 'pacgan' is PacGAN's generator and discriminator: kind must be 'gan'")
         return self
 
     @model_validator(mode="after")

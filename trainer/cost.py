@@ -124,6 +124,27 @@ def _conv_discriminator(width: int, channels: int, side: int, out: int) -> Tenso
             + _linear(2 * width * start * start, out))
 
 
+def _pacgan_generator(latent: int, width: int, depth: int, flat: int, squash: bool) -> Tensors:
+    total = Tensors()
+    fan_in = latent
+    for _ in range(depth):
+        total += _linear(fan_in, width, bias=False) + _batch_norm(width, width) + _act(width)
+        fan_in = width
+    return total + _linear(fan_in, flat) + (_act(flat) if squash else Tensors())
+
+
+def _pacgan_discriminator(width: int, depth: int, flat: int, out: int, pieces: int = 5) -> Tensors:
+    """Maxout layers (trainer.models.Maxout, ``PACGAN_MAXOUT_PIECES`` = 5): a linear map to units × pieces, then the
+    max over the pieces."""
+    units = max(1, width // 2)
+    total = Tensors()
+    fan_in = flat
+    for _ in range(max(1, depth - 1)):
+        total += _linear(fan_in, units * pieces) + _act(units)
+        fan_in = units
+    return total + _linear(fan_in, out)
+
+
 def data_shape(cfg: RunConfig) -> tuple[int, ...]:
     """Per-sample shape of the training data: (2,) for points, (C, S, S) for images."""
     if cfg.data.is_2d:
@@ -143,6 +164,9 @@ def networks(cfg: RunConfig) -> dict[str, Tensors]:
         if m.arch == "conv":
             g = _conv_generator(m.latent_dim, m.width, shape[0], shape[-1])
             d = _conv_discriminator(m.width, shape[0], shape[-1], out)
+        elif m.arch == "pacgan":
+            g = _pacgan_generator(m.latent_dim, m.width, m.depth, flat, squash)
+            d = _pacgan_discriminator(m.width, m.depth, flat, out)
         else:
             g = _mlp([m.latent_dim] + [m.width] * m.depth + [flat]) + (_act(flat) if squash else Tensors())
             d = _mlp([flat] + [m.width] * m.depth + [out])

@@ -1,4 +1,4 @@
-"""Networks: MLP and DCGAN-style conv generators, discriminators and VAEs.
+"""Networks: MLP, DCGAN-style conv and PacGAN generators and discriminators, and VAEs.
 
 Shapes are uniform so the loop needs no special cases: a generator maps
 z (B, k) → x (B, *data_shape); a discriminator maps x → logits h (B,); a VAE
@@ -57,6 +57,85 @@ class MLPDiscriminator(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], out: int = 1) -> None:
         super().__init__()
         self.net = _mlp([math.prod(shape)] + [cfg.width] * cfg.depth + [out], nn.LeakyReLU, negative_slope=0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1)).squeeze(-1)
+
+
+#: PacGAN's (Lin et al. 2018, after ALI) batch-norm momentum: the weight of each batch in the running statistics.
+PACGAN_BN_MOMENTUM = 0.05
+#: Affine pieces per maxout unit in PacGAN's discriminator.
+PACGAN_MAXOUT_PIECES = 5
+#: Std of the normal initialisation of PacGAN's weights (biases start at 0).
+PACGAN_INIT_STD = 0.02
+
+
+def _pacgan_init(module: nn.Module) -> None:
+    """PacGAN's initialisation (from ALI): linear weights ~ N(0, 0.02²), biases 0; batch norm keeps PyTorch's."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=PACGAN_INIT_STD)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class Maxout(nn.Module):
+    """A maxout layer (Goodfellow et al. 2013): each of ``units`` outputs is the largest of ``pieces`` affine maps."""
+
+    def __init__(self, fan_in: int, units: int, pieces: int = PACGAN_MAXOUT_PIECES) -> None:
+        super().__init__()
+        self.units, self.pieces = units, pieces
+        self.linear = nn.Linear(fan_in, units * pieces)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).view(x.shape[0], self.units, self.pieces).amax(-1)
+
+
+class PacGanGenerator(nn.Module):
+    """PacGAN's synthetic-data generator: ``depth`` hidden layers of ``width`` units, each linear (no bias, batch norm
+    follows) → batch norm → ReLU, then a linear output. 2,400,400,400,400,2 in the paper (width 400, depth 4).
+
+    Batch norm makes a sample depend on its batch while training; samples and evaluations run in eval mode
+    (trainer/loop.py ``evaluating``), on the running statistics, as PacGAN's own evaluation does.
+    """
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+        layers: list[nn.Module] = []
+        fan_in = cfg.latent_dim
+        for _ in range(cfg.depth):
+            layers += [nn.Linear(fan_in, cfg.width, bias=False), nn.BatchNorm1d(cfg.width, momentum=PACGAN_BN_MOMENTUM),
+                       nn.ReLU()]
+            fan_in = cfg.width
+        layers.append(nn.Linear(fan_in, math.prod(shape)))
+        self.net = nn.Sequential(*layers)
+        self.squash = len(shape) > 1
+        _pacgan_init(self)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.net(z)
+        if self.squash:
+            x = torch.tanh(x)
+        return x.view(z.shape[0], *self.shape)
+
+
+class PacGanDiscriminator(nn.Module):
+    """PacGAN's synthetic-data discriminator (packing degree 1, the plain GAN's): ``depth − 1`` maxout layers (at
+    least one) of ``width // 2`` units × 5 pieces, then a linear logit; three of 200 in the paper. No batch norm
+    (the module docstring says why)."""
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], out: int = 1) -> None:
+        super().__init__()
+        units = max(1, cfg.width // 2)
+        layers: list[nn.Module] = []
+        fan_in = math.prod(shape)
+        for _ in range(max(1, cfg.depth - 1)):
+            layers.append(Maxout(fan_in, units))
+            fan_in = units
+        layers.append(nn.Linear(fan_in, out))
+        self.net = nn.Sequential(*layers)
+        _pacgan_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1)).squeeze(-1)
@@ -144,6 +223,8 @@ def build_gan(cfg: ModelConfig, shape: tuple[int, ...]) -> tuple[nn.Module, nn.M
     """Generator and discriminator for data of the given per-sample shape."""
     if cfg.arch == "conv":
         return ConvGenerator(cfg, shape), ConvDiscriminator(cfg, shape)
+    if cfg.arch == "pacgan":
+        return PacGanGenerator(cfg, shape), PacGanDiscriminator(cfg, shape)
     return MLPGenerator(cfg, shape), MLPDiscriminator(cfg, shape)
 
 
