@@ -25,7 +25,7 @@ from trainer.config import RunConfig
 from trainer.models import build_gan
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Locator, Page
 
 pytestmark = pytest.mark.xdist_group("browser")
 
@@ -100,18 +100,36 @@ def fresh_form(page: Page) -> None:
     page.evaluate("document.getElementById('launch-form').dataset.stale = '1'")
 
 
+def load_preset(page: Page, key: str) -> Locator:
+    """Click preset ``key`` on the launch page (opened on another preset first, so its values must really load) and
+    return the launch form once htmx has swapped it in."""
+    page.goto("/?preset=digits-gan")
+    assert page.input_value('#launch-form input[name="twin"]') == "0"
+    fresh_form(page)
+    page.click(f'.preset[data-preset="{key}"]')
+    page.wait_for_selector("#launch-form:not([data-stale])")
+    return page.locator("#launch-form")
+
+
+def test_grid_twin_preset_loads_the_grid_at_pacgans_scale_as_a_twin(chromium_browser: Browser,
+                                                                     server: LiveServer) -> None:
+    with new_page(chromium_browser, server.url) as page:
+        form = load_preset(page, "grid-saturation-twin")
+        assert form.locator('input[name="twin"]').input_value() == "1"
+        assert form.locator('select[name="data.name"]').input_value() == "grid25"
+        assert float(form.locator('input[name="data.scale"]').input_value()) == 1.0
+        assert form.locator('select[name="gan.g_loss"]').input_value() == "saturating"
+        assert form.locator('input[name="gan.d_head_start"]').input_value() == "500"
+        assert "twin" in form.locator("#launch-button").inner_text().lower()
+        assert "supports overlap" in page.locator('.preset[data-preset="grid-saturation-twin"]').inner_text()
+
+
 def test_twin_preset_from_the_form_opens_compare_where_only_the_saturating_run_collapses(
         chromium_browser: Browser, server: LiveServer) -> None:
     before = run_ids(server)
     with new_page(chromium_browser, server.url) as page:
         seen = watch(page)
-        # Start from another preset, so clicking the twin really has to load its values into the form.
-        page.goto("/?preset=digits-gan")
-        assert page.input_value('#launch-form input[name="twin"]') == "0"
-        fresh_form(page)
-        page.click('.preset[data-preset="saturation-twin"]')
-        page.wait_for_selector("#launch-form:not([data-stale])")
-        form = page.locator("#launch-form")
+        form = load_preset(page, "saturation-twin")
         assert form.locator('input[name="twin"]').input_value() == "1"
         assert form.locator('select[name="kind"]').input_value() == "gan"
         assert form.locator('select[name="data.name"]').input_value() == "ring8"

@@ -56,6 +56,10 @@ def test_pacgan_table1_quick_run_prints_four_rows_beside_the_papers_figures(tmp_
     assert (out / "table.md").read_text() == done.stdout
     assert results["steps"] == 300 and results["trials"] == 1 and results["paper_steps"] == 400_000
     assert results["differences"] == list(PACGAN_DIFFERENCES)
+    # Each trial's time is its own run, not its wait for a free process: with 2 at a time they add up to at most
+    # twice the whole command's time.
+    trial_times = [t["wall_s"] for row in results["rows"] for t in row["trials"]]
+    assert all(t > 0 for t in trial_times) and sum(trial_times) <= 2 * results["wall_s"] + 1
     for row, cells in zip(results["rows"], rows, strict=True):
         (trial,) = row["trials"]
         folder = Path(trial["folder"])

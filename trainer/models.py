@@ -37,13 +37,15 @@ def _start_side(side: int) -> int:
     return side // 4
 
 
-class MLPGenerator(nn.Module):
-    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]) -> None:
+class _ShapedGenerator(nn.Module):
+    """A generator whose ``net`` maps z to a flat sample: tanh-squashed for images (they live in [-1, 1]), left
+    unbounded for 2-D points, then shaped like the data."""
+
+    net: nn.Module
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
         self.shape = shape
-        out = math.prod(shape)
-        self.net = _mlp([cfg.latent_dim] + [cfg.width] * cfg.depth + [out], nn.ReLU)
-        # Images live in [-1, 1]; 2-D points are unbounded.
         self.squash = len(shape) > 1
 
     def forward(self, z: Tensor) -> Tensor:
@@ -51,6 +53,12 @@ class MLPGenerator(nn.Module):
         if self.squash:
             x = torch.tanh(x)
         return x.view(z.shape[0], *self.shape)
+
+
+class MLPGenerator(_ShapedGenerator):
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]) -> None:
+        super().__init__(shape)
+        self.net = _mlp([cfg.latent_dim] + [cfg.width] * cfg.depth + [math.prod(shape)], nn.ReLU)
 
 
 class MLPDiscriminator(nn.Module):
@@ -91,7 +99,7 @@ class Maxout(nn.Module):
         return self.linear(x).view(x.shape[0], self.units, self.pieces).amax(-1)
 
 
-class PacGanGenerator(nn.Module):
+class PacGanGenerator(_ShapedGenerator):
     """PacGAN's synthetic-data generator: ``depth`` hidden layers of ``width`` units, each linear (no bias, batch norm
     follows) → batch norm → ReLU, then a linear output. 2,400,400,400,400,2 in the paper (width 400, depth 4).
 
@@ -100,8 +108,7 @@ class PacGanGenerator(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape = shape
+        super().__init__(shape)
         layers: list[nn.Module] = []
         fan_in = cfg.latent_dim
         for _ in range(cfg.depth):
@@ -110,14 +117,7 @@ class PacGanGenerator(nn.Module):
             fan_in = cfg.width
         layers.append(nn.Linear(fan_in, math.prod(shape)))
         self.net = nn.Sequential(*layers)
-        self.squash = len(shape) > 1
         _pacgan_init(self)
-
-    def forward(self, z: Tensor) -> Tensor:
-        x = self.net(z)
-        if self.squash:
-            x = torch.tanh(x)
-        return x.view(z.shape[0], *self.shape)
 
 
 class PacGanDiscriminator(nn.Module):

@@ -192,6 +192,12 @@ def default_jobs() -> int:
 TrialFn = Callable[..., tuple[str, dict[str, float]]]
 
 
+def _timed(fn: TrialFn, *args: Any) -> tuple[tuple[str, dict[str, float]], float]:
+    """``fn(*args)`` and the seconds it took, measured in the trial's process (not counting its wait in the queue)."""
+    began = time.monotonic()
+    return fn(*args), time.monotonic() - began
+
+
 def run_trials(jobs: list[tuple[Trial, TrialFn, tuple[Any, ...]]], workers: int, log: TextIO) -> None:
     """Run every trial in a pool of ``workers`` processes, printing one line per trial as it ends.
 
@@ -201,21 +207,20 @@ def run_trials(jobs: list[tuple[Trial, TrialFn, tuple[Any, ...]]], workers: int,
     total = len(jobs)
     pool = ProcessPoolExecutor(max_workers=max(1, min(workers, total)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init)
-    pending: dict[Future[tuple[str, dict[str, float]]], tuple[Trial, float]] = {}
+    pending: dict[Future[tuple[tuple[str, dict[str, float]], float]], Trial] = {}
     try:
         for trial, fn, args in jobs:
-            pending[pool.submit(fn, *args)] = (trial, time.monotonic())
+            pending[pool.submit(_timed, fn, *args)] = trial
         done = 0
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                trial, began = pending.pop(future)
+                trial = pending.pop(future)
                 done += 1
                 try:
-                    trial.status, trial.figures = future.result()
+                    (trial.status, trial.figures), trial.wall_s = future.result()
                 except Exception as exc:  # one failed trial is reported, the others go on
                     trial.status, trial.figures = f"failed: {type(exc).__name__}: {exc}", {}
-                trial.wall_s = time.monotonic() - began
                 log.write(f"[{done:>{len(str(total))}}/{total}] {trial.row} · seed {trial.seed}: {trial.status}"
                           f"{_figures_text(trial.figures)} · {time.monotonic() - started:.0f} s elapsed\n")
                 log.flush()
