@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install serve test check lint typecheck pytest demo bench soak clean
+.PHONY: install serve test check lint typecheck pytest demo bench soak reproduce clean
 
 # Python packages into the venv (editable, with the test tools and Ray), and the browser libraries the app
 # serves itself (htmx, pinned in package-lock.json) into node_modules/: needs Node 18+ and npm.
@@ -56,6 +56,13 @@ bench: $(STAMP) $(BENCH_STAMP)
 # A shorter one: make soak SOAK_ARGS='--minutes 2 --runs 4 --clients 8'
 soak: $(STAMP)
 	$(PY) -m bench.soak $(SOAK_ARGS)
+
+# Issue 16's published experiments on their protocol, not part of `make test` (about 40 minutes on 2 cores):
+# PacGAN Table 1 at the default CPU budget and the Arjovsky-Bottou study, into reproductions/. Figures:
+# docs/reproductions.md. Larger budgets: make reproduce REPRO_ARGS='--steps 20000'
+reproduce: $(STAMP)
+	$(VENV)/bin/gradwatch reproduce pacgan-table1 $(REPRO_ARGS)
+	$(VENV)/bin/gradwatch reproduce arjovsky-bottou
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache build dist
