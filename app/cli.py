@@ -92,7 +92,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     import shlex
 
     from trainer.loop import TrainingError
-    from trainer.reproduce import default_jobs, reproduce
+    from trainer.reproduce import ReproduceError, default_jobs, reproduce
 
     out = Path(args.out) if args.out else Path("reproductions") / args.name
     command = "gradwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
@@ -102,7 +102,7 @@ def _reproduce(args: argparse.Namespace) -> int:
                            workers=args.jobs or default_jobs(), command=command)
     except ValidationError as exc:
         raise SystemExit(_format_validation_error(exc)) from exc
-    except TrainingError as exc:
+    except (TrainingError, ReproduceError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -172,3 +172,13 @@ def test_bad_arguments_are_refused_naming_them() -> None:
     assert "invalid choice" in gradwatch("reproduce", "pacgan-table2").stderr
     refused = gradwatch("reproduce", "pacgan-table1", "--device", "tpu", "--trials", "1", "--steps", "1")
     assert refused.returncode != 0 and "device" in refused.stderr
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_the_first_kept(tmp_path: Path) -> None:
+    out = tmp_path / "ab"
+    args = ("reproduce", "arjovsky-bottou", "--trials", "1", "--steps", "40", "--out", str(out), "--device", "cpu")
+    assert gradwatch(*args).returncode == 0
+    before = (out / "trial-0" / "events.jsonl").read_bytes(), (out / "results.json").read_bytes()
+    again = gradwatch(*args)
+    assert again.returncode == 2 and "already holds trials" in again.stderr and "--out" in again.stderr
+    assert ((out / "trial-0" / "events.jsonl").read_bytes(), (out / "results.json").read_bytes()) == before

@@ -41,6 +41,11 @@ from trainer.files import atomic_write
 
 EXPERIMENTS = ("pacgan-table1", "arjovsky-bottou")
 
+
+class ReproduceError(Exception):
+    """The experiment cannot start as asked; the message says why."""
+
+
 # -- PacGAN Table 1 -------------------------------------------------------------------------------------------
 #: The paper's training length: 400 epochs of 1,000 batches of 100 (a fixed set of 100,000 points).
 PACGAN_PAPER_STEPS = 400_000
@@ -424,6 +429,9 @@ def reproduce(name: str, *, trials: int | None, steps: int | None, device: str, 
     from trainer.loop import resolve_device
 
     device = str(resolve_device(TrainConfig.model_validate({"device": device}).device))
+    if out.exists() and any(out.rglob("events.jsonl")):
+        # A trial's events.jsonl is appended to: a second run into it would mix two runs' frames in one folder.
+        raise ReproduceError(f"{out} already holds trials of an earlier run; choose another --out or remove it")
     if name == "pacgan-table1":
         report = pacgan_table1(trials=PACGAN_TRIALS if trials is None else trials,
                                steps=PACGAN_DEFAULT_STEPS if steps is None else steps, device=device, out=out,
