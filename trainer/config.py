@@ -96,8 +96,10 @@ class ModelConfig(_Section):
         description="Multi-layer perceptron, DCGAN-style convnet, or PacGAN's synthetic-data nets (a batch-norm "
         "MLP generator, a maxout discriminator of width/2 units; GAN only).",
     )
-    width: int = Field(128, ge=4, le=1024, description="Hidden units per layer (mlp) or base channels (conv).")
-    depth: int = Field(3, ge=1, le=8, description="Hidden layers (mlp); ignored by conv.")
+    width: int = Field(128, ge=4, le=1024, description="Hidden units per layer (mlp; pacgan's generator, its "
+                       "discriminator width/2) or base channels (conv).")
+    depth: int = Field(3, ge=1, le=8, description="Hidden layers (mlp; pacgan's generator, its discriminator "
+                       "depth − 1 maxout layers); ignored by conv.")
     latent_dim: int = Field(16, ge=1, le=512, description="Dimension of z.")
 
 
